@@ -1,0 +1,1 @@
+"""Live Chat server: a warm, realtime inbox for WhatsApp conversations."""

@@ -1,0 +1,207 @@
+"""Demo data: customers with Arabic and English names, and believable conversations."""
+
+from __future__ import annotations
+
+import random
+from typing import Final
+
+from server.models import Conversation, LastMessage, Media, Message, now_ms
+from server.store.base import ChatStore, message_id_for_wamid
+
+FIRST_NAMES: Final = (
+    "Sara",
+    "Omar",
+    "Layla",
+    "Yousef",
+    "Noura",
+    "Khalid",
+    "Mona",
+    "Ahmed",
+    "Hana",
+    "Fahad",
+    "Emily",
+    "James",
+    "Olivia",
+    "Daniel",
+    "Sophia",
+    "Michael",
+    "Amelia",
+    "David",
+    "Grace",
+    "سارة",
+    "محمد",
+    "فاطمة",
+    "عبدالله",
+    "نورة",
+    "خالد",
+    "ريم",
+    "يوسف",
+    "لمى",
+    "سلطان",
+)
+LAST_NAMES: Final = (
+    "Al-Harbi",
+    "Al-Qahtani",
+    "Haddad",
+    "Mansour",
+    "Nasser",
+    "Smith",
+    "Johnson",
+    "Brown",
+    "Taylor",
+    "Wilson",
+    "Rahman",
+    "Saleh",
+    "العتيبي",
+    "الشمري",
+    "الدوسري",
+    "الغامدي",
+    "الزهراني",
+)
+CUSTOMER_LINES: Final = (
+    "Hi, where is my order? It was supposed to arrive yesterday.",
+    "Do you deliver to Jeddah on weekends?",
+    "I want to return the shoes I bought, they are too small.",
+    "What are your opening hours today?",
+    "Can I change the delivery address for order 48213?",
+    "Is the blue one back in stock?",
+    "Thanks, that solved it!",
+    "The payment went through twice, can you check?",
+    "مرحبا، متى يوصل طلبي؟",
+    "هل يوجد توصيل مجاني للرياض؟",
+    "أبغى أغير المقاس لو سمحت",
+    "كم سعر الشحن إلى الدمام؟",
+    "شكراً لكم، الخدمة ممتازة",
+    "الدفع عند الاستلام متاح؟",
+    "عندي مشكلة في الفاتورة",
+)
+AI_LINES: Final = (
+    "Thanks for reaching out! Your order is on its way and should arrive within 2 days.",
+    "We deliver every day, weekends included, between 9 am and 10 pm.",
+    "Returns are free within 14 days. I have started a return for you.",
+    "أهلاً بك! طلبك في الطريق وسيصل خلال يومين.",
+    "نعم، التوصيل مجاني للطلبات فوق 200 ريال.",
+    "يسعدنا خدمتك، تم تحويل طلبك إلى أحد موظفينا.",
+)
+AGENT_LINES: Final = (
+    "Hi, this is Reem from the support team. I have refunded the duplicate payment.",
+    "I checked with the warehouse: your parcel leaves today.",
+    "مرحباً، معك نوف من خدمة العملاء. تم تعديل العنوان.",
+    "تم استرجاع المبلغ، يظهر في حسابك خلال ٣ أيام عمل.",
+)
+MEDIA_TYPES: Final = (
+    ("image", "image/jpeg"),
+    ("audio", "audio/ogg"),
+    ("document", "application/pdf"),
+)
+# Activity spreads over two weeks, like a real inbox on a Monday morning.
+SPREAD_MS: Final = 14 * 24 * 3600 * 1000
+
+
+def build_demo(count: int, seed: int = 7) -> tuple[list[Conversation], list[Message]]:
+    """`count` conversations (one customer each) with 2 to 8 messages apiece."""
+    rng = random.Random(seed)
+    now = now_ms()
+    conversations: list[Conversation] = []
+    messages: list[Message] = []
+    for n in range(count):
+        phone = f"9665{rng.randrange(10_000_000, 99_999_999)}{n % 10}"
+        name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+        start = now - rng.randrange(SPREAD_MS)
+        conversation_id = f"c_demo{n:07d}"
+        at = start
+        thread: list[Message] = []
+        for i in range(rng.randrange(2, 9)):
+            at += rng.randrange(20_000, 900_000)
+            if i == 0 or rng.random() < 0.45:
+                kind = "user"
+            else:
+                kind = "ai" if rng.random() < 0.7 else "agent"
+            thread.append(_message(rng, conversation_id, kind, at, n, i))
+        last = thread[-1]
+        unread = 0
+        for m in reversed(thread):
+            if m.direction != "in":
+                break
+            unread += 1
+        status = "resolved" if rng.random() < 0.3 else "open"
+        last_in = max((m.at for m in thread if m.direction == "in"), default=None)
+        conversations.append(
+            Conversation(
+                id=conversation_id,
+                user_id=phone,
+                user_name=name,
+                phone="+" + phone,
+                channel="whatsapp",
+                status=status,
+                unread_count=0 if status == "resolved" else unread,
+                ai_enabled=not any(m.sender == "agent" for m in thread),
+                assignee=None,
+                created_at=start,
+                last_activity=last.at,
+                last_message=LastMessage.of(last),
+                updated_at=last.at,
+                last_inbound_at=last_in,
+            )
+        )
+        messages.extend(thread)
+    return conversations, messages
+
+
+def _message(
+    rng: random.Random, conversation_id: str, kind: str, at: int, n: int, i: int
+) -> Message:
+    if kind == "user":
+        wamid = f"wamid.demo{n:07d}{i:02d}"
+        if rng.random() < 0.08:
+            mtype, mime = rng.choice(MEDIA_TYPES)
+            return Message(
+                id=message_id_for_wamid(wamid),
+                conversation_id=conversation_id,
+                direction="in",
+                sender="user",
+                type=mtype,
+                text=None,
+                at=at,
+                status="received",
+                media=Media(id=f"media{n}{i}", mime_type=mime, caption=None),
+                wa_message_id=wamid,
+            )
+        return Message(
+            id=message_id_for_wamid(wamid),
+            conversation_id=conversation_id,
+            direction="in",
+            sender="user",
+            type="text",
+            text=rng.choice(CUSTOMER_LINES),
+            at=at,
+            status="received",
+            wa_message_id=wamid,
+        )
+    lines = AI_LINES if kind == "ai" else AGENT_LINES
+    return Message(
+        id=f"m_demo{n:07d}{i:02d}",
+        conversation_id=conversation_id,
+        direction="out",
+        sender=kind,  # type: ignore[arg-type]
+        type="text",
+        text=rng.choice(lines),
+        at=at,
+        status=rng.choice(("delivered", "read", "read")),
+        agent_id="reem" if kind == "agent" else None,
+        wa_message_id=f"wamid.demo-out{n:07d}{i:02d}",
+    )
+
+
+async def seed_demo(store: ChatStore, count: int, batch: int = 5000) -> int:
+    """Load `count` demo conversations into an empty store; returns how many it added."""
+    if await store.count(None):
+        return 0
+    conversations, messages = build_demo(count)
+    by_conversation: dict[str, list[Message]] = {}
+    for m in messages:
+        by_conversation.setdefault(m.conversation_id, []).append(m)
+    for start in range(0, len(conversations), batch):
+        chunk = conversations[start : start + batch]
+        await store.import_conversations(chunk, [m for c in chunk for m in by_conversation[c.id]])
+    return len(conversations)

@@ -1,0 +1,1 @@
+"""Thin aiohttp handlers: validate, call one domain function, map its errors."""

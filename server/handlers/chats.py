@@ -1,0 +1,147 @@
+"""The live-chat API: the unified chat list, one conversation, its messages, agent actions."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any, Final
+
+from aiohttp import web
+
+from server import keys
+from server.chatlist import NotReady
+from server.handlers.errors import BadRequest, json_error, read_json
+from server.models import CONVERSATION_STATUSES, dumps
+from server.store.base import UNSET, Unset
+
+LIST_LIMIT: Final = (1, 100, 30)
+MESSAGES_LIMIT: Final = (1, 200, 50)
+MAX_QUERY: Final = 100
+# WhatsApp refuses a text body longer than this.
+MAX_TEXT: Final = 4096
+
+
+def parse_limit(request: web.Request, bounds: tuple[int, int, int]) -> int:
+    """The `limit` query parameter within its bounds, or BadRequest."""
+    low, high, default = bounds
+    raw = request.query.get("limit")
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise BadRequest(f"limit must be an integer from {low} to {high}", "invalid_limit")
+    return int(raw)
+
+
+def json_bytes(body: bytes, status: int = HTTPStatus.OK) -> web.Response:
+    """A response from JSON prepared in advance."""
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+async def unified_chats(request: web.Request) -> web.Response:
+    """GET the unified chat list: newest activity first, keyset paginated."""
+    limit = parse_limit(request, LIST_LIMIT)
+    status = request.query.get("status") or "all"
+    if status not in (*CONVERSATION_STATUSES, "all"):
+        raise BadRequest("status must be open, resolved or all", "invalid_status")
+    q = request.query.get("q", "").strip()
+    if len(q) > MAX_QUERY:
+        raise BadRequest(f"q must be at most {MAX_QUERY} characters", "invalid_query")
+    try:
+        page = await request.app[keys.CHATLIST].page(
+            limit=limit,
+            cursor=request.query.get("cursor") or None,
+            status=None if status == "all" else status,
+            q=q or None,
+        )
+    except NotReady:
+        return json_error(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "warming_up",
+            "the chat list is loading; try again in a moment",
+            headers={"Retry-After": "1"},
+        )
+    return json_bytes(page.body)
+
+
+async def get_conversation(request: web.Request) -> web.Response:
+    """GET one conversation summary (from the snapshot when it holds it)."""
+    conversation_id = request.match_info["id"]
+    row = request.app[keys.SNAPSHOT].get(conversation_id)
+    if row is not None:
+        return json_bytes(row.body)
+    conversation = await request.app[keys.STORE].get_conversation(conversation_id)
+    return json_bytes(dumps(conversation.to_json()))
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    """GET a page of a conversation's messages: oldest first, `before` pages back in time."""
+    conversation_id = request.match_info["id"]
+    limit = parse_limit(request, MESSAGES_LIMIT)
+    kind = f"messages:{conversation_id}"
+    cursors = request.app[keys.CURSORS]
+    before_raw = request.query.get("before") or request.query.get("cursor")
+    before = cursors.decode(kind, before_raw) if before_raw else None
+    messages, has_more = await request.app[keys.STORE].list_messages(conversation_id, limit, before)
+    next_cursor = (
+        cursors.encode(kind, (messages[0].at, messages[0].id)) if has_more and messages else None
+    )
+    return json_bytes(
+        dumps(
+            {
+                "messages": [m.to_json() for m in messages],
+                "next_cursor": next_cursor,
+                "has_more": has_more,
+            }
+        )
+    )
+
+
+async def post_message(request: web.Request) -> web.Response:
+    """POST an agent's reply: saved, broadcast, sent to WhatsApp; turns the AI off."""
+    conversation_id = request.match_info["id"]
+    body = await read_json(request)
+    text = body.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise BadRequest("text must be a non-empty string", "invalid_text")
+    if len(text) > MAX_TEXT:
+        raise BadRequest(f"text must be at most {MAX_TEXT} characters", "invalid_text")
+    agent_id = body.get("agent_id")
+    if agent_id is not None and not isinstance(agent_id, str):
+        raise BadRequest("agent_id must be a string", "invalid_agent")
+    saved = await request.app[keys.INBOX].reply(
+        conversation_id, text, sender="agent", agent_id=agent_id
+    )
+    return json_bytes(dumps(saved.message.to_json()), status=HTTPStatus.CREATED)
+
+
+async def mark_read(request: web.Request) -> web.Response:
+    """POST read: the unread count goes to 0 on every dashboard."""
+    conversation = await request.app[keys.INBOX].update(request.match_info["id"], mark_read=True)
+    return json_bytes(dumps(conversation.to_json()))
+
+
+async def patch_conversation(request: web.Request) -> web.Response:
+    """PATCH status, ai_enabled or assignee."""
+    body = await read_json(request)
+    unknown = set(body) - {"status", "ai_enabled", "assignee"}
+    if unknown:
+        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}", "invalid_field")
+    if not body:
+        raise BadRequest("nothing to change: send status, ai_enabled or assignee", "empty_patch")
+    changes: dict[str, Any] = {}
+    if "status" in body:
+        if body["status"] not in CONVERSATION_STATUSES:
+            raise BadRequest("status must be open or resolved", "invalid_status")
+        changes["status"] = body["status"]
+    if "ai_enabled" in body:
+        if not isinstance(body["ai_enabled"], bool):
+            raise BadRequest("ai_enabled must be true or false", "invalid_ai_enabled")
+        changes["ai_enabled"] = body["ai_enabled"]
+    assignee: str | Unset | None = UNSET
+    if "assignee" in body:
+        if body["assignee"] is not None and not isinstance(body["assignee"], str):
+            raise BadRequest("assignee must be a string or null", "invalid_assignee")
+        assignee = body["assignee"]
+    conversation = await request.app[keys.INBOX].update(
+        request.match_info["id"], assignee=assignee, **changes
+    )
+    return json_bytes(dumps(conversation.to_json()))

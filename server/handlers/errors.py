@@ -1,0 +1,93 @@
+"""JSON errors and the middleware that maps domain errors to HTTP answers."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from server.cursor import InvalidCursor
+from server.store.base import NotFound, StoreUnavailable
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(ValueError):
+    """The request is malformed; the message says what to fix."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def json_error(
+    status: HTTPStatus, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """`{"error": {"code", "message"}}` with the status."""
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give each request an id for its log lines, and answer every failure in JSON."""
+    request_id = request.headers.get("X-Request-ID") or secrets.token_hex(8)
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    try:
+        return await handler(request)
+    except BadRequest as e:
+        return json_error(HTTPStatus.BAD_REQUEST, e.code, str(e))
+    except InvalidCursor as e:
+        return json_error(HTTPStatus.BAD_REQUEST, "invalid_cursor", str(e))
+    except NotFound as e:
+        return json_error(HTTPStatus.NOT_FOUND, "not_found", str(e))
+    except StoreUnavailable as e:
+        log.warning("store.unavailable", path=request.path, error=str(e))
+        return json_error(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the store cannot be reached; try again shortly",
+            headers={"Retry-After": "2"},
+        )
+    except web.HTTPException as e:
+        if e.status >= 400 and e.content_type != "application/json":
+            return json_error(HTTPStatus(e.status), _code(e.status), e.reason)
+        raise
+    finally:
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        if duration_ms > 1000 and request.path != "/api/live-chat/events":
+            log.warning("request.slow", path=request.path, duration_ms=duration_ms)
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _code(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_")
+    except ValueError:
+        return "error"
+
+
+async def read_json(request: web.Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
+    """The body as a JSON object, or BadRequest saying what is wrong with it."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise BadRequest(f"body is larger than {max_bytes} bytes", "body_too_large")
+    raw = await request.read()
+    if len(raw) > max_bytes:
+        raise BadRequest(f"body is larger than {max_bytes} bytes", "body_too_large")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"body is not valid JSON: {e}", "invalid_json") from e
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object", "invalid_json")
+    return body

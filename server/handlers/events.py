@@ -1,0 +1,105 @@
+"""GET /api/live-chat/events: the SSE stream every open dashboard listens to."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Final
+
+import structlog
+from aiohttp import web
+from aiohttp_sse import sse_response
+
+from server import keys
+from server.hub import RETRY_MS, Event
+
+log = structlog.get_logger(__name__)
+
+# Proxies and browsers must neither cache nor buffer the stream.
+SSE_HEADERS: Final = {
+    "Cache-Control": "no-cache, no-store, must-revalidate",
+    "Pragma": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+# A comment line this often keeps idle proxies and load balancers from closing the stream.
+HEARTBEAT_S: Final = 15.0
+# Frames written in one go when a client has several waiting (fewer syscalls under load).
+MAX_BATCH: Final = 64
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Stream events: replay what the client missed, then everything new, until it leaves."""
+    started = time.perf_counter()
+    hub = request.app[keys.HUB]
+    last_event_id = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    transport = request.transport
+
+    def abort() -> None:
+        # A stalled client: close its socket so its writer wakes up and the handler ends.
+        if transport is not None:
+            transport.abort()
+
+    async with sse_response(request, headers=SSE_HEADERS, ping_interval=HEARTBEAT_S) as resp:
+        client, backlog = hub.connect(last_event_id, abort)
+        streams = request.app[keys.STREAMS]
+        streams.add(resp)
+
+        def gone(_: object) -> None:
+            # The heartbeat failed (client left) or shutdown stopped the stream: wake the loop.
+            if client.reason == "closed":
+                client.reason = "shutdown" if hub.closed else "client_gone"
+            with contextlib.suppress(asyncio.QueueFull):
+                client.queue.put_nowait(None)
+
+        watcher = asyncio.ensure_future(resp.wait())
+        watcher.add_done_callback(gone)
+        try:
+            preamble = [b"retry: %d\n\n" % RETRY_MS]
+            if backlog is None:
+                preamble.append(b"id: %s\nevent: resync\ndata: {}\n\n" % hub.last_event_id.encode())
+            else:
+                preamble += [e.frame for e in backlog]
+            await resp.write(b"".join(preamble))
+            log.info(
+                "sse.connected",
+                client_id=client.id,
+                clients=hub.clients,
+                last_event_id=last_event_id,
+                replayed=-1 if backlog is None else len(backlog),
+                resync=backlog is None,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+            await _pump(client.queue, resp)
+        except ConnectionResetError:
+            if client.reason == "closed":
+                client.reason = "client_gone"
+        finally:
+            watcher.remove_done_callback(gone)
+            watcher.cancel()
+            hub.disconnect(client)
+            streams.discard(resp)
+            log.info(
+                "sse.disconnected",
+                client_id=client.id,
+                clients=hub.clients,
+                reason=client.reason,
+                connected_s=round(time.monotonic() - client.connected_at, 3),
+            )
+    return resp
+
+
+async def _pump(queue: asyncio.Queue[Event | None], resp: web.StreamResponse) -> None:
+    """Write queued frames until the sentinel; several waiting frames go in one write."""
+    while True:
+        event = await queue.get()
+        if event is None:
+            return
+        frames = [event.frame]
+        while not queue.empty() and len(frames) < MAX_BATCH:
+            nxt = queue.get_nowait()
+            if nxt is None:
+                await resp.write(b"".join(frames))
+                return
+            frames.append(nxt.frame)
+        await resp.write(b"".join(frames))

@@ -1,0 +1,181 @@
+"""The SSE event hub: one entry point for publishing, ids, replay, bounded client queues.
+
+Every event gets an id `<instance>-<seq>`, ordered within this instance. A reconnecting
+client names the last id it saw; the hub replays what followed from a bounded ring buffer,
+or tells it to `resync` when it cannot. Loss is never silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+
+from server.models import dumps
+
+log = structlog.get_logger(__name__)
+
+# Events kept for replay. At a busy 100 messages/s this covers the 20 s a browser needs
+# to notice a dropped connection and come back (retry: 3000 ms plus a slow network).
+REPLAY_BUFFER: Final = 2048
+# Events a client may have waiting. A dashboard reads far faster than any inbox grows;
+# one that falls this far behind is stalled, and holding more would only grow memory.
+CLIENT_QUEUE: Final = 512
+# Message ids remembered to publish each message once, though it arrives both from the
+# webhook and again from the store's change feed (Firestore: about 150 ms later).
+DEDUPE_KEYS: Final = 20_000
+RETRY_MS: Final = 3000
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    """One published event, encoded once as its SSE frame."""
+
+    seq: int
+    id: str
+    name: str
+    frame: bytes
+
+
+class Client:
+    """One connected SSE stream and its bounded queue."""
+
+    __slots__ = ("abort", "connected_at", "id", "queue", "reason")
+
+    def __init__(self, client_id: str, abort: Callable[[], None], maxsize: int) -> None:
+        self.id = client_id
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=maxsize)
+        self.connected_at = time.monotonic()
+        self.abort = abort
+        self.reason = "closed"
+
+
+def encode_frame(event_id: str, name: str, data: dict[str, Any]) -> bytes:
+    """An SSE frame; compact JSON has no raw newlines, so one data line always suffices."""
+    return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), name.encode(), dumps(data))
+
+
+class Hub:
+    """Fans events out to every connected client of this instance."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        *,
+        replay_buffer: int = REPLAY_BUFFER,
+        client_queue: int = CLIENT_QUEUE,
+    ) -> None:
+        self.instance_id = instance_id
+        self._seq = 0
+        self._buffer: deque[Event] = deque(maxlen=replay_buffer)
+        self._clients: dict[str, Client] = {}
+        self._client_queue = client_queue
+        self._client_ids = itertools.count(1)
+        self._published: OrderedDict[str, None] = OrderedDict()
+        self.closed = False
+
+    @property
+    def clients(self) -> int:
+        """How many clients are connected."""
+        return len(self._clients)
+
+    @property
+    def last_event_id(self) -> str:
+        """The id of the newest event (what a client that saw everything would send)."""
+        return f"{self.instance_id}-{self._seq}"
+
+    def seen(self, dedupe_key: str) -> bool:
+        """True when an event with this key was already published here."""
+        return dedupe_key in self._published
+
+    def publish(
+        self,
+        name: str,
+        data: dict[str, Any],
+        *,
+        dedupe_key: str | None = None,
+        conversation_id: str | None = None,
+        user_id: str | None = None,
+    ) -> Event | None:
+        """Publish one event to every client; None when `dedupe_key` was published before."""
+        started = time.perf_counter()
+        if dedupe_key is not None:
+            if dedupe_key in self._published:
+                return None
+            self._published[dedupe_key] = None
+            if len(self._published) > DEDUPE_KEYS:
+                self._published.popitem(last=False)
+        self._seq += 1
+        event_id = f"{self.instance_id}-{self._seq}"
+        event = Event(self._seq, event_id, name, encode_frame(event_id, name, data))
+        self._buffer.append(event)
+        stalled = []
+        for client in self._clients.values():
+            try:
+                client.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                stalled.append(client)
+        for client in stalled:
+            self.drop(client, "slow_client")
+        log.info(
+            "sse.broadcast",
+            type=name,
+            event_id=event_id,
+            conversation_id=conversation_id,
+            user_id=user_id,
+            clients=len(self._clients),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return event
+
+    def connect(
+        self, last_event_id: str | None, abort: Callable[[], None]
+    ) -> tuple[Client, list[Event] | None]:
+        """Register a client; returns it and the events it missed (None: it must resync)."""
+        client_id = f"{self.instance_id}-c{next(self._client_ids)}"
+        client = Client(client_id, abort, self._client_queue)
+        backlog = self._replay(last_event_id) if last_event_id else []
+        self._clients[client.id] = client
+        return client, backlog
+
+    def _replay(self, last_event_id: str) -> list[Event] | None:
+        instance, dash, seq_text = last_event_id.rpartition("-")
+        if not dash or instance != self.instance_id or not seq_text.isdigit():
+            return None  # another instance, or a server that restarted: cannot replay
+        seq = int(seq_text)
+        if seq > self._seq:
+            return None
+        if seq == self._seq:
+            return []
+        oldest = self._buffer[0].seq if self._buffer else self._seq + 1
+        if seq + 1 < oldest:
+            return None  # pruned from the ring buffer
+        return [e for e in self._buffer if e.seq > seq]
+
+    def disconnect(self, client: Client) -> None:
+        """Forget a client whose stream ended."""
+        self._clients.pop(client.id, None)
+
+    def drop(self, client: Client, reason: str) -> None:
+        """Disconnect a client now (it reconnects with its last id and resumes)."""
+        if self._clients.pop(client.id, None) is None:
+            return
+        client.reason = reason
+        client.abort()
+
+    def close(self) -> None:
+        """Shutdown: end every stream promptly; no event is published after this."""
+        self.closed = True
+        for client in list(self._clients.values()):
+            client.reason = "shutdown"
+            self._clients.pop(client.id, None)
+            try:
+                client.queue.put_nowait(None)
+            except asyncio.QueueFull:
+                client.abort()

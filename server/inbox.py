@@ -1,0 +1,196 @@
+"""The inbox: the domain operations handlers call, in the order the product promises.
+
+Save first (durable), publish at once (every open dashboard sees it), then the slow work
+(the AI reply, the WhatsApp send) as background jobs that never hold up the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from server.hub import Hub
+from server.models import Conversation, Message, MessageError
+from server.store.base import UNSET, ChatStore, InboundMessage, Saved, StatusChange, Unset
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class SendResult:
+    """What WhatsApp said to an outbound message."""
+
+    status: str  # "sent", or "failed" / "not_sent" with an error
+    wa_message_id: str | None = None
+    error: MessageError | None = None
+
+
+class Sender(Protocol):
+    """Sends a text message to a WhatsApp user."""
+
+    async def send_text(self, to: str, text: str) -> SendResult:
+        """Send `text` to the phone number `to`."""
+
+
+class Responder(Protocol):
+    """Writes the AI's reply to a conversation."""
+
+    async def reply(self, conversation: Conversation, history: list[Message]) -> str | None:
+        """The reply to send, or None to stay silent."""
+
+
+Spawn = Callable[[Coroutine[Any, Any, Any]], Coroutine[Any, Any, Any]]
+
+
+def message_event(saved: Saved) -> tuple[str, dict[str, Any]]:
+    """The SSE event a stored message produces."""
+    name = "new_conversation" if saved.new_conversation else "new_message"
+    return name, {"conversation": saved.conversation.to_json(), "message": saved.message.to_json()}
+
+
+class Inbox:
+    """Receives, replies and updates: store, then hub, then background work."""
+
+    def __init__(
+        self,
+        store: ChatStore,
+        hub: Hub,
+        spawn: Spawn,
+        sender: Sender,
+        ai_reply: Callable[[str, str], Coroutine[Any, Any, None]] | None = None,
+    ) -> None:
+        self.store = store
+        self.hub = hub
+        self._spawn = spawn
+        self.sender = sender
+        self.ai_reply = ai_reply
+
+    def publish_message(self, saved: Saved) -> None:
+        """Broadcast a stored message once (its id dedupes the change feed's copy)."""
+        name, data = message_event(saved)
+        self.hub.publish(
+            name,
+            data,
+            dedupe_key=f"msg:{saved.message.id}",
+            conversation_id=saved.conversation.id,
+            user_id=saved.conversation.user_id,
+        )
+
+    def publish_feed_message(self, conversation: Conversation, *, is_new: bool) -> None:
+        """Broadcast a message another instance stored, as its summary on the feed shows it."""
+        last = conversation.last_message
+        if last is None:
+            return
+        message = Message(
+            id=last.id,
+            conversation_id=conversation.id,
+            direction=last.direction,
+            sender=last.sender,
+            type=last.type,
+            text=last.text,
+            at=last.at,
+            status=last.status,
+        )
+        self.publish_message(Saved(conversation, message, new_conversation=is_new))
+
+    def publish_conversation(self, conversation: Conversation) -> None:
+        """Broadcast a changed conversation summary (read, status, AI switch, assignee)."""
+        self.hub.publish(
+            "conversation_updated",
+            {"conversation": conversation.to_json()},
+            dedupe_key=f"conv:{conversation.id}:{conversation.updated_at}",
+            conversation_id=conversation.id,
+            user_id=conversation.user_id,
+        )
+
+    def publish_status(self, change: StatusChange) -> None:
+        """Broadcast a message's new delivery status."""
+        message = change.message
+        self.hub.publish(
+            "message_status",
+            {
+                "conversation_id": message.conversation_id,
+                "message_id": message.id,
+                "status": message.status,
+                "error": message.error.to_json() if message.error else None,
+            },
+            dedupe_key=f"status:{message.id}:{message.status}",
+            conversation_id=message.conversation_id,
+            user_id=change.conversation.user_id,
+        )
+
+    async def receive(self, inbound: InboundMessage) -> Saved | None:
+        """A customer's message: save, broadcast, then ask the AI. None for a duplicate."""
+        saved = await self.store.save_inbound(inbound)
+        if saved is None:
+            return None
+        self.publish_message(saved)
+        if saved.conversation.ai_enabled and self.ai_reply is not None:
+            await self._spawn(self.ai_reply(saved.conversation.id, saved.message.id))
+        return saved
+
+    async def apply_status(
+        self, wa_message_id: str, status: str, error: MessageError | None
+    ) -> StatusChange | None:
+        """A WhatsApp delivery status; broadcast when it moved the message forward."""
+        change = await self.store.apply_status(wa_message_id, status, error)
+        if change is not None:
+            self.publish_status(change)
+        return change
+
+    async def reply(
+        self, conversation_id: str, text: str, *, sender: str, agent_id: str | None = None
+    ) -> Saved:
+        """An outbound reply: save as queued, broadcast, then send it in the background."""
+        saved = await self.store.save_outbound(
+            conversation_id,
+            sender=sender,
+            text=text,
+            agent_id=agent_id,
+            take_over=sender == "agent",
+        )
+        self.publish_message(saved)
+        await self._spawn(self.deliver(saved.conversation, saved.message))
+        return saved
+
+    async def deliver(self, conversation: Conversation, message: Message) -> None:
+        """Send a stored outbound message through WhatsApp and record the outcome."""
+        result = await self.sender.send_text(conversation.phone, message.text or "")
+        change = await self.store.set_delivery(
+            message.id,
+            status=result.status,
+            wa_message_id=result.wa_message_id,
+            error=result.error,
+        )
+        log.info(
+            "whatsapp.sent" if result.status == "sent" else "whatsapp.not_sent",
+            conversation_id=conversation.id,
+            message_id=message.id,
+            status=result.status,
+            error_code=result.error.code if result.error else None,
+        )
+        if change is not None:
+            self.publish_status(change)
+
+    async def update(
+        self,
+        conversation_id: str,
+        *,
+        status: str | None = None,
+        ai_enabled: bool | None = None,
+        assignee: str | Unset | None = UNSET,
+        mark_read: bool = False,
+    ) -> Conversation:
+        """Change a conversation and broadcast the new summary."""
+        conversation = await self.store.update_conversation(
+            conversation_id,
+            status=status,
+            ai_enabled=ai_enabled,
+            assignee=assignee,
+            mark_read=mark_read,
+        )
+        self.publish_conversation(conversation)
+        return conversation

@@ -1,0 +1,1 @@
+"""Outside services: the WhatsApp Cloud API and AI responders."""

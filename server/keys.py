@@ -1,0 +1,29 @@
+"""Every web.AppKey of the application, in one place."""
+
+from __future__ import annotations
+
+import weakref
+
+import aiohttp
+from aiohttp import web
+
+from server.chatlist import ChatList
+from server.config import Settings
+from server.cursor import CursorCodec
+from server.hub import Hub
+from server.inbox import Inbox
+from server.snapshot import Snapshot
+from server.store.base import ChatStore
+from server.workers.warmer import Warmer
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", ChatStore)
+SNAPSHOT = web.AppKey("snapshot", Snapshot)
+HUB = web.AppKey("hub", Hub)
+CURSORS = web.AppKey("cursors", CursorCodec)
+INBOX = web.AppKey("inbox", Inbox)
+WARMER = web.AppKey("warmer", Warmer)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+CHATLIST = web.AppKey("chatlist", ChatList)
+# Open SSE responses, so shutdown can stop each one (aiohttp-sse's graceful-shutdown pattern).
+STREAMS = web.AppKey("streams", weakref.WeakSet[web.StreamResponse])

@@ -1,0 +1,228 @@
+"""Conversation and Message: the domain records and their JSON shapes (DESIGN.md)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+Direction = Literal["in", "out"]
+Sender = Literal["user", "ai", "agent", "system"]
+Status = Literal["open", "resolved"]
+
+CONVERSATION_STATUSES: Final = ("open", "resolved")
+MESSAGE_TYPES: Final = frozenset(
+    {
+        "text",
+        "image",
+        "audio",
+        "video",
+        "document",
+        "location",
+        "interactive",
+        "reaction",
+        "unsupported",
+    }
+)
+# Delivery states, ranked so a late status never moves a message backwards.
+# "failed" outranks everything: WhatsApp sends it last, after any "sent".
+STATUS_RANK: Final = {
+    "received": 0,
+    "queued": 1,
+    "not_sent": 2,
+    "sent": 3,
+    "delivered": 4,
+    "read": 5,
+    "played": 6,
+    "failed": 7,
+}
+# The list shows a preview, not the whole text: it keeps the snapshot within its memory
+# budget (1 KiB a conversation) and the page small; the full text is one click away.
+PREVIEW_CHARS: Final = 140
+
+
+def now_ms() -> int:
+    """The current time in milliseconds since the epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def iso(ms: int) -> str:
+    """ISO 8601 UTC with milliseconds and Z, the one time format of the API."""
+    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def parse_iso(value: str) -> int:
+    """Milliseconds since the epoch from an ISO 8601 string (what iso() writes)."""
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def preview(text: str | None) -> str | None:
+    """The start of a message text, as the chat list shows it."""
+    if text is None or len(text) <= PREVIEW_CHARS:
+        return text
+    return text[: PREVIEW_CHARS - 1] + "…"
+
+
+@dataclass(slots=True, frozen=True)
+class Media:
+    """A WhatsApp media reference; the bytes stay at Meta until someone downloads them."""
+
+    id: str | None = None
+    mime_type: str | None = None
+    caption: str | None = None
+    filename: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The API shape."""
+        return {
+            "id": self.id,
+            "mime_type": self.mime_type,
+            "caption": self.caption,
+            "filename": self.filename,
+        }
+
+
+@dataclass(slots=True, frozen=True)
+class MessageError:
+    """Why WhatsApp (or the AI) could not deliver a message."""
+
+    code: int | str
+    title: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The API shape."""
+        return {"code": self.code, "title": self.title}
+
+
+@dataclass(slots=True, frozen=True)
+class Message:
+    """One message of a conversation, inbound or outbound."""
+
+    id: str
+    conversation_id: str
+    direction: Direction
+    sender: Sender
+    type: str
+    text: str | None
+    at: int
+    status: str
+    agent_id: str | None = None
+    media: Media | None = None
+    error: MessageError | None = None
+    wa_message_id: str | None = None
+    # Type-specific extras (location coordinates, reply ids, reaction target, raw type).
+    extra: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The API shape."""
+        return {
+            "id": self.id,
+            "conversation_id": self.conversation_id,
+            "direction": self.direction,
+            "sender": self.sender,
+            "agent_id": self.agent_id,
+            "type": self.type,
+            "text": self.text,
+            "media": self.media.to_json() if self.media else None,
+            "at": iso(self.at),
+            "status": self.status,
+            "error": self.error.to_json() if self.error else None,
+            "wa_message_id": self.wa_message_id,
+            "extra": self.extra,
+        }
+
+
+@dataclass(slots=True, frozen=True)
+class LastMessage:
+    """The summary of a conversation's latest message, as the chat list shows it."""
+
+    id: str
+    type: str
+    text: str | None
+    direction: Direction
+    sender: Sender
+    at: int
+    status: str = "received"
+
+    @classmethod
+    def of(cls, message: Message) -> LastMessage:
+        """The summary of a message."""
+        text = message.text
+        if text is None and message.media is not None:
+            text = message.media.caption
+        return cls(
+            id=message.id,
+            type=message.type,
+            text=preview(text),
+            direction=message.direction,
+            sender=message.sender,
+            at=message.at,
+            status=message.status,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The API shape."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "text": self.text,
+            "direction": self.direction,
+            "sender": self.sender,
+            "at": iso(self.at),
+            "status": self.status,
+        }
+
+
+@dataclass(slots=True, frozen=True)
+class Conversation:
+    """A conversation summary: what the unified chat list shows for one conversation."""
+
+    id: str
+    user_id: str
+    user_name: str
+    phone: str
+    channel: str
+    status: str
+    unread_count: int
+    ai_enabled: bool
+    assignee: str | None
+    created_at: int
+    last_activity: int
+    last_message: LastMessage | None
+    # Milliseconds of the last write; orders changes of one conversation across instances.
+    updated_at: int = field(default=0)
+    # When the customer last wrote: WhatsApp's 24-hour window for free text starts here.
+    last_inbound_at: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The API shape."""
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "user_name": self.user_name,
+            "phone": self.phone,
+            "channel": self.channel,
+            "status": self.status,
+            "unread_count": self.unread_count,
+            "ai_enabled": self.ai_enabled,
+            "assignee": self.assignee,
+            "created_at": iso(self.created_at),
+            "last_activity": iso(self.last_activity),
+            "last_inbound_at": iso(self.last_inbound_at) if self.last_inbound_at else None,
+            "last_message": self.last_message.to_json() if self.last_message else None,
+        }
+
+    def with_changes(self, **changes: Any) -> Conversation:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON, the one encoding of every response body and event."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()

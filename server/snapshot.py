@@ -1,0 +1,208 @@
+"""The unified chat list in memory: conversation summaries kept in list order.
+
+Order is `(last_activity desc, id asc)`. Each row holds its summary already encoded as
+JSON, so serving a page is a bisect, a slice and a join of bytes: no per-request encoding.
+Rows use slots and keep only what ordering, filtering and serving need (the memory budget
+is 1 KiB a conversation, measured in bench/).
+"""
+
+from __future__ import annotations
+
+import sys
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from server.models import CONVERSATION_STATUSES, Conversation, dumps
+from server.store.base import Change
+
+ALL: Final = "all"
+
+
+def sort_key(last_activity: int, conversation_id: str) -> tuple[int, str]:
+    """The ascending sort key of the list order (newest activity first, then id)."""
+    return (-last_activity, conversation_id)
+
+
+class Row:
+    """One conversation in the snapshot."""
+
+    __slots__ = ("body", "id", "key", "search", "status", "updated_at")
+
+    def __init__(self, conversation: Conversation) -> None:
+        self.id = conversation.id
+        self.key = sort_key(conversation.last_activity, conversation.id)
+        self.status = sys.intern(conversation.status)
+        self.updated_at = conversation.updated_at
+        # Agents search by customer name or phone number; casefold once, here.
+        self.search = f"{conversation.user_name}\n{conversation.phone}".casefold()
+        self.body = dumps(conversation.to_json())
+
+    def __lt__(self, other: Row) -> bool:
+        return self.key < other.key
+
+    @property
+    def last_activity(self) -> int:
+        """Milliseconds of the conversation's latest activity."""
+        return -self.key[0]
+
+    @property
+    def cursor_key(self) -> tuple[int, str]:
+        """The `(last_activity, id)` a cursor after this row encodes."""
+        return (-self.key[0], self.key[1])
+
+
+@dataclass(slots=True, frozen=True)
+class Page:
+    """One page of the list and where it stands in it."""
+
+    rows: Sequence[Row]
+    has_more: bool
+    total: int
+    # True when the page ran past the rows held in memory of a snapshot that holds only
+    # the newest conversations (a bounded listener window): the rest comes from the store.
+    past_window: bool = False
+
+
+class _Index:
+    """Rows sorted by key: a bisect finds a row, a memmove inserts or removes it."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+
+    def add(self, row: Row) -> None:
+        insort(self.rows, row)
+
+    def remove(self, row: Row) -> None:
+        i = bisect_left(self.rows, row)
+        if i < len(self.rows) and self.rows[i] is row:
+            del self.rows[i]
+            return
+        # Not where its key says: only possible after a bug; fall back to a scan.
+        self.rows.remove(row)  # pragma: no cover
+
+    def start_after(self, key: tuple[int, str] | None) -> int:
+        if key is None:
+            return 0
+        return bisect_right(self.rows, key, key=lambda r: r.key)
+
+
+class Snapshot:
+    """The in-memory read model of the unified chat list."""
+
+    def __init__(self, *, complete: bool = True) -> None:
+        self._by_id: dict[str, Row] = {}
+        self._all = _Index()
+        self._by_status = {status: _Index() for status in CONVERSATION_STATUSES}
+        self.ready = False
+        # False while the store is unreachable: pages are served, marked stale.
+        self.fresh = True
+        # False when the snapshot holds only a window of the newest conversations.
+        self.complete = complete
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, conversation_id: str) -> Row | None:
+        """The row of one conversation, if the snapshot holds it."""
+        return self._by_id.get(conversation_id)
+
+    def rows(self) -> Sequence[Row]:
+        """Every row in list order (read only)."""
+        return self._all.rows
+
+    def load(self, conversations: Iterable[Conversation], *, complete: bool = True) -> None:
+        """Replace the whole content (the first load, or a resync) and mark it ready."""
+        rows = sorted(Row(c) for c in conversations)
+        self._by_id = {r.id: r for r in rows}
+        self._all.rows = rows
+        for status, index in self._by_status.items():
+            index.rows = [r for r in rows if r.status == status]
+        self.complete = complete
+        self.ready = True
+        self.fresh = True
+
+    def apply(self, changes: Sequence[Change]) -> int:
+        """Apply committed changes in order; returns how many changed the snapshot."""
+        applied = 0
+        for change in changes:
+            if change.removed:
+                applied += self._remove(change.conversation.id)
+            else:
+                applied += self._upsert(change.conversation)
+        return applied
+
+    def _index(self, status: str) -> _Index | None:
+        return self._by_status.get(status)
+
+    def _remove(self, conversation_id: str) -> int:
+        row = self._by_id.pop(conversation_id, None)
+        if row is None:
+            return 0
+        self._all.remove(row)
+        index = self._index(row.status)
+        if index is not None:
+            index.remove(row)
+        return 1
+
+    def _upsert(self, conversation: Conversation) -> int:
+        old = self._by_id.get(conversation.id)
+        if old is not None and conversation.updated_at < old.updated_at:
+            return 0  # an older version than what we hold: changes can cross on the wire
+        if old is not None:
+            self._remove(old.id)
+        row = Row(conversation)
+        self._by_id[row.id] = row
+        self._all.add(row)
+        index = self._index(row.status)
+        if index is not None:
+            index.add(row)
+        return 1
+
+    def page(
+        self,
+        *,
+        limit: int,
+        after: tuple[int, str] | None = None,
+        status: str | None = None,
+        q: str | None = None,
+    ) -> Page:
+        """Up to `limit` rows after the cursor key `(last_activity, id)`, in list order."""
+        index = self._all if status is None or status == ALL else self._by_status[status]
+        rows = index.rows
+        key = sort_key(after[0], after[1]) if after is not None else None
+        if q:
+            needle = q.casefold()
+            rows = [r for r in rows if needle in r.search]
+            start = 0 if key is None else bisect_right(rows, key, key=lambda r: r.key)
+        else:
+            start = index.start_after(key)
+        chosen = rows[start : start + limit]
+        has_more = start + limit < len(rows)
+        past_window = not self.complete and not has_more and len(chosen) < limit
+        return Page(rows=chosen, has_more=has_more, total=len(rows), past_window=past_window)
+
+
+def render_page(
+    rows: Sequence[Row], next_cursor: str | None, has_more: bool, total: int, stale: bool
+) -> bytes:
+    """The JSON body of a list page, joined from the rows' prepared bytes."""
+    cursor = b"null" if next_cursor is None else b'"' + next_cursor.encode() + b'"'
+    return b"".join(
+        (
+            b'{"chats":[',
+            b",".join(r.body for r in rows),
+            b'],"next_cursor":',
+            cursor,
+            b',"has_more":',
+            b"true" if has_more else b"false",
+            b',"total":',
+            str(total).encode(),
+            b',"stale":',
+            b"true" if stale else b"false",
+            b"}",
+        )
+    )

@@ -1,0 +1,236 @@
+"""The domain rules every store applies the same way: pure functions over the records.
+
+Keeping them here means SQLite and Firestore cannot disagree about what a message does to
+its conversation summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from server.models import (
+    STATUS_RANK,
+    Conversation,
+    LastMessage,
+    Media,
+    Message,
+    MessageError,
+)
+from server.store.base import InboundMessage, message_id_for_wamid, new_id
+
+
+def is_forward(current: str, new: str) -> bool:
+    """True when a delivery status moves a message forward (statuses arrive out of order)."""
+    return STATUS_RANK.get(new, -1) > STATUS_RANK.get(current, -1)
+
+
+def inbound_message(inbound: InboundMessage, conversation_id: str) -> Message:
+    """The stored form of a customer's message."""
+    return Message(
+        id=message_id_for_wamid(inbound.wa_message_id),
+        conversation_id=conversation_id,
+        direction="in",
+        sender="user",
+        type=inbound.type,
+        text=inbound.text,
+        at=inbound.at,
+        status="received",
+        media=inbound.media,
+        wa_message_id=inbound.wa_message_id,
+        extra=inbound.extra,
+    )
+
+
+def open_conversation(inbound: InboundMessage, now: int) -> Conversation:
+    """A new open conversation for a customer who has none open."""
+    return Conversation(
+        id=new_id("c", now),
+        user_id=inbound.user_id,
+        user_name=inbound.user_name,
+        phone=inbound.phone,
+        channel=inbound.channel,
+        status="open",
+        unread_count=0,
+        ai_enabled=True,
+        assignee=None,
+        created_at=min(now, inbound.at),
+        last_activity=inbound.at,
+        last_message=None,
+        updated_at=now,
+    )
+
+
+def needs_new_conversation(latest: Conversation | None) -> bool:
+    """A customer has at most one open conversation; writing after it is resolved opens one."""
+    return latest is None or latest.status != "open"
+
+
+def after_message(conversation: Conversation, message: Message, now: int) -> Conversation:
+    """The summary after a message was added to the conversation."""
+    newer = conversation.last_message is None or (message.at, message.id) >= (
+        conversation.last_message.at,
+        conversation.last_message.id,
+    )
+    changes: dict[str, Any] = {
+        "last_activity": max(conversation.last_activity, message.at),
+        "updated_at": max(now, conversation.updated_at + 1),
+    }
+    if newer:
+        changes["last_message"] = LastMessage.of(message)
+    if message.direction == "in":
+        changes["unread_count"] = conversation.unread_count + 1
+        changes["last_inbound_at"] = max(conversation.last_inbound_at or 0, message.at)
+    elif message.sender == "agent":
+        # An agent who answers has read the conversation and taken it over from the AI.
+        changes["unread_count"] = 0
+        changes["ai_enabled"] = False
+    return conversation.with_changes(**changes)
+
+
+def outbound_message(
+    conversation_id: str, sender: str, text: str, agent_id: str | None, now: int
+) -> Message:
+    """The stored form of an AI or agent reply, queued for WhatsApp."""
+    return Message(
+        id=new_id("m", now),
+        conversation_id=conversation_id,
+        direction="out",
+        sender=sender,  # type: ignore[arg-type]
+        type="text",
+        text=text,
+        at=now,
+        status="queued",
+        agent_id=agent_id,
+    )
+
+
+def after_status(conversation: Conversation, message: Message, now: int) -> Conversation:
+    """The summary after a message's delivery status changed (its list tick)."""
+    last = conversation.last_message
+    if last is None or last.id != message.id:
+        return conversation
+    return conversation.with_changes(
+        last_message=LastMessage.of(message), updated_at=max(now, conversation.updated_at + 1)
+    )
+
+
+def with_delivery(
+    message: Message, status: str, wa_message_id: str | None, error: MessageError | None
+) -> Message | None:
+    """The message with a new delivery outcome, or None when that would move it backwards."""
+    if not is_forward(message.status, status):
+        return None
+    return replace(
+        message,
+        status=status,
+        wa_message_id=wa_message_id or message.wa_message_id,
+        error=error if error is not None else message.error,
+    )
+
+
+# The flat document form shared by both stores: plain JSON types, times as integer ms.
+
+
+def conversation_to_doc(c: Conversation) -> dict[str, Any]:
+    """A conversation summary as a flat document."""
+    return {
+        "id": c.id,
+        "user_id": c.user_id,
+        "user_name": c.user_name,
+        "phone": c.phone,
+        "channel": c.channel,
+        "status": c.status,
+        "unread_count": c.unread_count,
+        "ai_enabled": c.ai_enabled,
+        "assignee": c.assignee,
+        "created_at": c.created_at,
+        "last_activity": c.last_activity,
+        "updated_at": c.updated_at,
+        "last_inbound_at": c.last_inbound_at,
+        "last_message": last_message_to_doc(c.last_message) if c.last_message else None,
+    }
+
+
+def last_message_to_doc(m: LastMessage) -> dict[str, Any]:
+    """A last-message summary as a plain dict."""
+    return {
+        "id": m.id,
+        "type": m.type,
+        "text": m.text,
+        "direction": m.direction,
+        "sender": m.sender,
+        "at": m.at,
+        "status": m.status,
+    }
+
+
+def conversation_from_doc(d: dict[str, Any]) -> Conversation:
+    """A conversation summary from its flat document."""
+    lm = d.get("last_message")
+    return Conversation(
+        id=d["id"],
+        user_id=d["user_id"],
+        user_name=d.get("user_name") or "",
+        phone=d.get("phone") or "",
+        channel=d.get("channel") or "whatsapp",
+        status=d.get("status") or "open",
+        unread_count=int(d.get("unread_count") or 0),
+        ai_enabled=bool(d.get("ai_enabled", True)),
+        assignee=d.get("assignee"),
+        created_at=int(d["created_at"]),
+        last_activity=int(d["last_activity"]),
+        updated_at=int(d.get("updated_at") or 0),
+        last_inbound_at=int(d["last_inbound_at"]) if d.get("last_inbound_at") else None,
+        last_message=LastMessage(
+            id=lm["id"],
+            type=lm["type"],
+            text=lm.get("text"),
+            direction=lm["direction"],
+            sender=lm["sender"],
+            at=int(lm["at"]),
+            status=lm.get("status") or "received",
+        )
+        if lm
+        else None,
+    )
+
+
+def message_to_doc(m: Message) -> dict[str, Any]:
+    """A message as a flat document."""
+    return {
+        "id": m.id,
+        "conversation_id": m.conversation_id,
+        "direction": m.direction,
+        "sender": m.sender,
+        "agent_id": m.agent_id,
+        "type": m.type,
+        "text": m.text,
+        "media": m.media.to_json() if m.media else None,
+        "at": m.at,
+        "status": m.status,
+        "error": m.error.to_json() if m.error else None,
+        "wa_message_id": m.wa_message_id,
+        "extra": m.extra,
+    }
+
+
+def message_from_doc(d: dict[str, Any]) -> Message:
+    """A message from its flat document."""
+    media = d.get("media")
+    error = d.get("error")
+    return Message(
+        id=d["id"],
+        conversation_id=d["conversation_id"],
+        direction=d["direction"],
+        sender=d["sender"],
+        agent_id=d.get("agent_id"),
+        type=d["type"],
+        text=d.get("text"),
+        media=Media(**media) if media else None,
+        at=int(d["at"]),
+        status=d["status"],
+        error=MessageError(code=error["code"], title=error["title"]) if error else None,
+        wa_message_id=d.get("wa_message_id"),
+        extra=d.get("extra"),
+    )

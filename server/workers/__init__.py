@@ -1,0 +1,1 @@
+"""Long-running background work: the snapshot warmer and AI replies."""

@@ -1,0 +1,115 @@
+"""The warmer: loads the snapshot from the store and keeps it current from the change feed.
+
+The change feed is the only way the snapshot changes. Changes made by another instance
+(seen on the feed but never published here) are published to this instance's clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import structlog
+
+from server.hub import Hub
+from server.inbox import Inbox
+from server.snapshot import Snapshot
+from server.store.base import Change, ChatStore, StoreError
+
+log = structlog.get_logger(__name__)
+
+# First load retries: quick at first (a store still starting), then at most every 30 s.
+BACKOFF_START_S: Final = 0.5
+BACKOFF_MAX_S: Final = 30.0
+
+
+class Warmer:
+    """Owns the snapshot's lifecycle: first load, incremental changes, resync."""
+
+    def __init__(
+        self,
+        store: ChatStore,
+        snapshot: Snapshot,
+        inbox: Inbox,
+        *,
+        window: int | None = None,
+    ) -> None:
+        self.store = store
+        self.snapshot = snapshot
+        self.inbox = inbox
+        self.hub: Hub = inbox.hub
+        self.window = window
+        self._unsubscribe: Callable[[], None] | None = None
+        self._buffer: list[Change] | None = None
+        self.loaded = asyncio.Event()
+
+    async def run(self) -> None:
+        """Subscribe, load, then let the feed apply every later change (until cancelled)."""
+        self._unsubscribe = self.store.subscribe(self._on_changes)
+        try:
+            await self.load()
+            await asyncio.Event().wait()  # the feed does the rest; we stay to be cancelled
+        finally:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+
+    async def load(self) -> None:
+        """(Re)load the whole snapshot, retrying with backoff while the store is down."""
+        delay = BACKOFF_START_S
+        while True:
+            self._buffer = []
+            started = time.perf_counter()
+            try:
+                conversations = await self.store.load_window(self.window)
+            except StoreError as e:
+                log.warning("snapshot.load_failed", error=str(e), retry_in_s=round(delay, 2))
+                self._buffer = None
+                await asyncio.sleep(delay)
+                delay = min(BACKOFF_MAX_S, delay * 2) * random.uniform(0.8, 1.2)
+                continue
+            complete = self.window is None or len(conversations) < self.window
+            self.snapshot.load(conversations, complete=complete)
+            buffered, self._buffer = self._buffer, None
+            self.snapshot.apply(buffered)
+            self.loaded.set()
+            log.info(
+                "snapshot.loaded",
+                conversations=len(self.snapshot),
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                store=self.store.name,
+                complete=complete,
+            )
+            return
+
+    def _on_changes(self, changes: Sequence[Change]) -> None:
+        """The feed's callback, on the event loop: apply at once so reads see every write."""
+        if self._buffer is not None:
+            self._buffer.extend(changes)  # a load is running; applied right after it
+            return
+        started = time.perf_counter()
+        foreign = [
+            (c, self.snapshot.get(c.conversation.id) is None) for c in changes if not c.local
+        ]
+        applied = self.snapshot.apply(changes)
+        for change, is_new in foreign:
+            self._publish_foreign(change, is_new)
+        log.info(
+            "snapshot.applied",
+            changes=len(changes),
+            applied=applied,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    def _publish_foreign(self, change: Change, is_new: bool) -> None:
+        """Publish a change another instance made (the hub drops what was published here)."""
+        conversation = change.conversation
+        if change.removed:
+            return
+        last = conversation.last_message
+        if last is not None and not self.hub.seen(f"msg:{last.id}"):
+            self.inbox.publish_feed_message(conversation, is_new=is_new)
+        else:
+            self.inbox.publish_conversation(conversation)
