@@ -54,3 +54,14 @@ def make_client(aiohttp_client, settings) -> MakeClient:
 async def client(make_client) -> TestClient:
     """The app on the embedded store with no data."""
     return await make_client()
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request, tmp_path):
+    """A started, empty store of each kind; the contract suite runs on every one."""
+    from server.store.sqlite import SqliteStore
+
+    s = SqliteStore(str(tmp_path / "contract.db"))
+    await s.start()
+    yield s
+    await s.close()
