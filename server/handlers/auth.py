@@ -78,5 +78,8 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 async def session_status(request: web.Request) -> web.Response:
-    """Whether the request is signed in (the middleware answered 401 otherwise)."""
+    """Whether the request is signed in: 200, or 401 when it carries no valid token."""
+    # The middleware lets this path through (it is where one signs in), so check here.
+    if not token_ok(request, presented_token(request)):
+        return json_error(HTTPStatus.UNAUTHORIZED, "unauthorized", "not signed in")
     return web.json_response({"ok": True, "instance": request.app[keys.SETTINGS].instance_id})
