@@ -107,12 +107,14 @@ def build_demo(count: int, seed: int = 7) -> tuple[list[Conversation], list[Mess
     for n in range(count):
         phone = f"9665{rng.randrange(10_000_000, 99_999_999)}{n % 10}"
         name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
-        start = now - rng.randrange(SPREAD_MS)
         conversation_id = f"c_demo{n:07d}"
+        gaps = [rng.randrange(20_000, 900_000) for _ in range(rng.randrange(2, 9))]
+        # The latest message lies in the past two weeks; the thread leads up to it.
+        start = now - rng.randrange(60_000, SPREAD_MS) - sum(gaps)
         at = start
         thread: list[Message] = []
-        for i in range(rng.randrange(2, 9)):
-            at += rng.randrange(20_000, 900_000)
+        for i, gap in enumerate(gaps):
+            at += gap
             if i == 0 or rng.random() < 0.45:
                 kind = "user"
             else:

@@ -1,0 +1,176 @@
+"""The in-memory snapshot and its cursors, without HTTP."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from server.cursor import CursorCodec, InvalidCursor
+from server.models import Conversation, LastMessage
+from server.snapshot import Snapshot, render_page
+from server.store.base import Change
+
+
+def conv(cid: str, at: int, status: str = "open", name: str = "Sara", updated: int = 0):
+    return Conversation(
+        id=cid,
+        user_id="u" + cid,
+        user_name=name,
+        phone="+9665" + cid[-4:].rjust(4, "0"),
+        channel="whatsapp",
+        status=status,
+        unread_count=0,
+        ai_enabled=True,
+        assignee=None,
+        created_at=at,
+        last_activity=at,
+        last_message=LastMessage(
+            id="m" + cid, type="text", text="hi", direction="in", sender="user", at=at
+        ),
+        updated_at=updated or at,
+    )
+
+
+def ids(page) -> list[str]:
+    return [r.id for r in page.rows]
+
+
+def walk(snapshot: Snapshot, limit: int, **filters) -> list[str]:
+    seen, after = [], None
+    while True:
+        page = snapshot.page(limit=limit, after=after, **filters)
+        seen += ids(page)
+        if not page.has_more:
+            return seen
+        after = page.rows[-1].cursor_key
+
+
+def test_rows_are_ordered_newest_first_and_equal_times_by_id():
+    s = Snapshot()
+    s.load([conv("c_b", 100), conv("c_a", 100), conv("c_c", 300), conv("c_d", 50)])
+    assert ids(s.page(limit=10)) == ["c_c", "c_a", "c_b", "c_d"]
+
+
+def test_a_change_moves_a_conversation_to_the_top():
+    s = Snapshot()
+    s.load([conv(f"c_{i}", 1000 + i) for i in range(5)])
+    s.apply([Change(conv("c_0", 5000, updated=5000))])
+    assert ids(s.page(limit=2)) == ["c_0", "c_4"]
+    assert len(s) == 5
+
+
+def test_an_older_version_never_replaces_a_newer_one():
+    s = Snapshot()
+    s.load([conv("c_1", 2000, updated=2000)])
+    assert s.apply([Change(conv("c_1", 1000, updated=1000))]) == 0
+    assert s.get("c_1").last_activity == 2000
+
+
+def test_removed_conversations_leave_every_index():
+    s = Snapshot()
+    s.load([conv("c_1", 1), conv("c_2", 2, status="resolved")])
+    s.apply([Change(conv("c_2", 2), removed=True)])
+    assert ids(s.page(limit=10)) == ["c_1"]
+    assert s.page(limit=10, status="resolved").total == 0
+
+
+def test_status_filter_follows_status_changes():
+    s = Snapshot()
+    s.load([conv("c_1", 1), conv("c_2", 2)])
+    s.apply([Change(conv("c_1", 1, status="resolved", updated=5))])
+    assert ids(s.page(limit=10, status="open")) == ["c_2"]
+    assert ids(s.page(limit=10, status="resolved")) == ["c_1"]
+    assert s.page(limit=10, status="all").total == 2
+
+
+def test_search_matches_name_and_phone_case_insensitively():
+    s = Snapshot()
+    s.load([conv("c_1111", 1, name="Layla Haddad"), conv("c_2222", 2, name="سارة العتيبي")])
+    assert ids(s.page(limit=10, q="LAYLA")) == ["c_1111"]
+    assert ids(s.page(limit=10, q="سارة")) == ["c_2222"]
+    assert ids(s.page(limit=10, q="2222")) == ["c_2222"]
+    assert s.page(limit=10, q="nobody").total == 0
+
+
+@pytest.mark.parametrize("limit", [1, 7, 30, 100])
+def test_walking_the_pages_returns_each_conversation_once_in_order(limit):
+    rng = random.Random(limit)
+    # Many equal timestamps on purpose: the id must break ties consistently.
+    items = [conv(f"c_{i:05d}", rng.randrange(50)) for i in range(503)]
+    s = Snapshot()
+    s.load(items)
+    expected = [c.id for c in sorted(items, key=lambda c: (-c.last_activity, c.id))]
+    assert walk(s, limit) == expected
+
+
+def test_a_move_during_the_walk_is_never_served_twice():
+    s = Snapshot()
+    s.load([conv(f"c_{i:03d}", 1000 - i) for i in range(100)])
+    first = s.page(limit=30)
+    # The 10th conversation gets a new message while the agent reads page one.
+    s.apply([Change(conv("c_009", 5000, updated=5000))])
+    rest = walk_from(s, first.rows[-1].cursor_key, 30)
+    served = ids(first) + rest
+    assert len(served) == len(set(served)) == 100
+
+
+def walk_from(s, after, limit):
+    out = []
+    while True:
+        page = s.page(limit=limit, after=after)
+        out += ids(page)
+        if not page.has_more:
+            return out
+        after = page.rows[-1].cursor_key
+
+
+def test_has_more_is_false_only_on_the_last_page():
+    s = Snapshot()
+    s.load([conv(f"c_{i}", i) for i in range(60)])
+    p1 = s.page(limit=30)
+    p2 = s.page(limit=30, after=p1.rows[-1].cursor_key)
+    assert p1.has_more and not p2.has_more and len(p2.rows) == 30
+    assert p1.total == p2.total == 60
+
+
+def test_the_rendered_page_is_valid_json_with_the_contract_fields():
+    s = Snapshot()
+    s.load([conv("c_1", 1, name='Quote " and \\ backslash')])
+    page = s.page(limit=5)
+    body = json.loads(render_page(page.rows, "abc", True, page.total, stale=False))
+    assert set(body) == {"chats", "next_cursor", "has_more", "total", "stale"}
+    assert body["chats"][0]["user_name"] == 'Quote " and \\ backslash'
+    assert body["chats"][0]["last_activity"] == "1970-01-01T00:00:00.001Z"
+
+
+def test_cursor_round_trip():
+    codec = CursorCodec(b"k")
+    key = (1_795_909_143_651, "c_with:colon")
+    assert codec.decode("chats", codec.encode("chats", key)) == key
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda c: c[:-2] + ("A" if c[-2] != "A" else "B") + c[-1],
+        lambda c: "x" + c,
+        lambda c: c.replace(".", ""),
+        lambda c: "!!!." + c.split(".")[1],
+        lambda c: "a" * 600,
+    ],
+)
+def test_a_tampered_cursor_is_refused(mutate):
+    codec = CursorCodec(b"k")
+    cursor = codec.encode("chats", (5, "c_1"))
+    with pytest.raises(InvalidCursor):
+        codec.decode("chats", mutate(cursor))
+
+
+def test_a_cursor_from_another_list_or_server_is_refused():
+    cursor = CursorCodec(b"k").encode("messages:c_1", (5, "m_1"))
+    with pytest.raises(InvalidCursor):
+        CursorCodec(b"k").decode("chats", cursor)
+    with pytest.raises(InvalidCursor):
+        CursorCodec(b"other").decode("messages:c_1", cursor)
