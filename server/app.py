@@ -163,7 +163,8 @@ async def _warmer(app: web.Application) -> AsyncIterator[None]:
 async def _close_streams(app: web.Application) -> None:
     """On shutdown, end every SSE stream at once so the server can stop promptly."""
     app[keys.HUB].close()
-    for stream in list(app[keys.STREAMS]):
+    streams = app[keys.STREAMS]
+    for stream in list(streams):
         with contextlib.suppress(RuntimeError):
             stream.stop_streaming()
 

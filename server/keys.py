@@ -6,6 +6,7 @@ import weakref
 
 import aiohttp
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 
 from server.chatlist import ChatList
 from server.config import Settings
@@ -26,4 +27,4 @@ WARMER = web.AppKey("warmer", Warmer)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 CHATLIST = web.AppKey("chatlist", ChatList)
 # Open SSE responses, so shutdown can stop each one (aiohttp-sse's graceful-shutdown pattern).
-STREAMS = web.AppKey("streams", weakref.WeakSet[web.StreamResponse])
+STREAMS: web.AppKey[weakref.WeakSet[EventSourceResponse]] = web.AppKey("streams")
