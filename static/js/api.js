@@ -1,0 +1,60 @@
+// The HTTP API, as small async functions. The session cookie carries the auth.
+
+const BASE = "/api/live-chat";
+
+/** An API error with the server's code and message. */
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message || `HTTP ${status}`);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function call(method, path, body) {
+  const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (e) {
+    throw new ApiError(0, "network", "The server cannot be reached");
+  }
+  let data = null;
+  try {
+    data = await response.json();
+  } catch {
+    data = null;
+  }
+  if (!response.ok) {
+    const err = (data && data.error) || {};
+    throw new ApiError(response.status, err.code || "http_error", err.message);
+  }
+  return data;
+}
+
+function query(params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== null && v !== undefined && v !== "") q.set(k, v);
+  const s = q.toString();
+  return s ? `?${s}` : "";
+}
+
+const conv = (id) => `${BASE}/conversations/${encodeURIComponent(id)}`;
+
+export const api = {
+  session: () => call("GET", "/api/auth/session"),
+  signIn: (token) => call("POST", "/api/auth/session", { token }),
+  signOut: () => call("DELETE", "/api/auth/session"),
+  chats: ({ status, q, cursor, limit = 30 }) =>
+    call("GET", `${BASE}/unified-chats${query({ limit, cursor, status, q })}`),
+  conversation: (id) => call("GET", conv(id)),
+  messages: (id, { before, limit = 50 } = {}) =>
+    call("GET", `${conv(id)}/messages${query({ limit, before })}`),
+  send: (id, text) => call("POST", `${conv(id)}/messages`, { text }),
+  markRead: (id) => call("POST", `${conv(id)}/read`),
+  update: (id, changes) => call("PATCH", conv(id), changes),
+};

@@ -1,0 +1,587 @@
+// The dashboard: wires the API, the event stream and the pure state modules to the views.
+// State changes happen only in state/*.js; this file decides when, and redraws.
+
+import { api } from "./api.js";
+import { debounce, throttle } from "./debounce.js";
+import { h } from "./dom.js";
+import { countLabel, windowOpen } from "./format.js";
+import { connectEvents } from "./live.js";
+import {
+  appendPage,
+  applyMessageStatus,
+  applyNewMessage,
+  emptyList,
+  findChat,
+  firstPage,
+  patchChat,
+  reconcileFirstPage,
+  upsertChat,
+} from "./state/chats.js";
+import { applyStatus, emptyThread, prependOlder, setLatestPage, upsertMessage } from "./state/messages.js";
+import { avatar, createChatList } from "./views/chatlist.js";
+import { createThread } from "./views/thread.js";
+
+// The seed's rule, kept: after live events the list is re-read at most once every 3 s.
+const RECONCILE_MS = 3000;
+// Typing in the search box waits for a pause before asking the server.
+const SEARCH_MS = 250;
+// A message arriving in the open conversation is marked read after this pause, so a burst
+// costs one request.
+const MARK_READ_MS = 1000;
+const PAGE_SIZE = 30;
+
+const $ = (id) => document.getElementById(id);
+
+const ui = {
+  signin: $("signin"),
+  signinForm: $("signin-form"),
+  token: $("token"),
+  signinError: $("signin-error"),
+  app: $("app"),
+  conn: $("conn"),
+  signout: $("signout"),
+  inbox: $("inbox"),
+  search: $("search"),
+  tabs: [...document.querySelectorAll("#tabs [data-status]")],
+  total: $("total"),
+  listScroll: $("list-scroll"),
+  chatList: $("chat-list"),
+  listEmpty: $("list-empty"),
+  loadMore: $("load-more"),
+  sentinel: $("list-sentinel"),
+  convoEmpty: $("convo-empty"),
+  convo: $("convo-main"),
+  back: $("back"),
+  convoAvatar: $("convo-avatar"),
+  convoName: $("convo-name"),
+  convoSub: $("convo-sub"),
+  aiSwitch: $("ai-switch"),
+  resolve: $("resolve"),
+  messages: $("messages"),
+  olderStatus: $("older-status"),
+  messageList: $("message-list"),
+  windowNotice: $("window-notice"),
+  composer: $("composer"),
+  composerText: $("composer-text"),
+  send: $("send"),
+  toast: $("toast"),
+};
+
+const state = {
+  list: emptyList({ status: "open", q: "" }),
+  listLoading: false,
+  listSeq: 0, // a newer list request makes older answers moot
+  thread: emptyThread(null),
+  activeId: null,
+  activeChat: null, // the open conversation's summary, even when the filter hides it
+  olderLoading: false,
+  sending: false,
+};
+
+let events = null;
+let clockTimer = null;
+
+const chatList = createChatList(ui.chatList, { onOpen: (id) => openConversation(id) });
+const thread = createThread(ui.messageList);
+
+// ---------- drawing ----------
+
+let drawQueued = false;
+function draw() {
+  if (drawQueued) return;
+  drawQueued = true;
+  queueMicrotask(() => {
+    drawQueued = false;
+    drawList();
+    drawConversation();
+  });
+}
+
+function drawList() {
+  const { list } = state;
+  chatList.render(list.chats, { activeId: state.activeId });
+  ui.chatList.dataset.filter = list.filter.status;
+  ui.total.textContent = state.listLoading && list.pages === 0 ? "Loading…" : countLabel(list.total, list.filter.status);
+  ui.loadMore.hidden = !list.hasMore;
+  ui.loadMore.disabled = state.listLoading;
+  ui.loadMore.textContent = state.listLoading && list.pages > 0 ? "Loading…" : "Load more";
+  const empty = list.pages > 0 && list.chats.length === 0;
+  ui.listEmpty.hidden = !empty;
+  ui.listEmpty.textContent = list.filter.q ? `No conversations match “${list.filter.q}”.` : "No conversations here yet.";
+  for (const tab of ui.tabs) {
+    const selected = tab.dataset.status === list.filter.status;
+    tab.setAttribute("aria-selected", String(selected));
+    tab.tabIndex = selected ? 0 : -1;
+  }
+}
+
+function drawConversation() {
+  const chat = state.activeChat;
+  ui.convoEmpty.hidden = chat !== null;
+  ui.convo.hidden = chat === null;
+  if (!chat) return;
+  ui.convoAvatar.replaceChildren(avatar(chat, "avatar avatar-lg"));
+  ui.convoName.textContent = chat.user_name || chat.phone;
+  ui.convoSub.replaceChildren(
+    h("span", { dir: "ltr" }, chat.phone || ""),
+    h("span", { class: `status status-${chat.status} status-shown` }, chat.status === "resolved" ? "Resolved" : "Open"),
+  );
+  ui.aiSwitch.setAttribute("aria-checked", String(Boolean(chat.ai_enabled)));
+  ui.aiSwitch.title = chat.ai_enabled ? "The AI answers this customer; switch off to take over" : "The AI is off: agents answer";
+  ui.resolve.textContent = chat.status === "resolved" ? "Reopen" : "Resolve";
+  ui.resolve.dataset.action = chat.status === "resolved" ? "reopen" : "resolve";
+  ui.windowNotice.hidden = windowOpen(chat.last_inbound_at);
+
+  const box = ui.messages;
+  const before = { height: box.scrollHeight, top: box.scrollTop };
+  const nearBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 120;
+  const firstId = ui.messageList.querySelector(".msg")?.dataset.id;
+  thread.render(state.thread.messages, { customerName: chat.user_name });
+  ui.olderStatus.textContent = !state.thread.loaded
+    ? "Loading messages…"
+    : state.olderLoading
+      ? "Loading earlier messages…"
+      : state.thread.hasMore
+        ? ""
+        : state.thread.messages.length
+          ? "Start of the conversation"
+          : "No messages yet";
+  const newFirstId = ui.messageList.querySelector(".msg")?.dataset.id;
+  if (state.stickToBottom) {
+    box.scrollTop = box.scrollHeight;
+    state.stickToBottom = false;
+  } else if (firstId && newFirstId !== firstId) {
+    // Older messages went in above: keep what the agent was reading where it was.
+    box.scrollTop = before.top + (box.scrollHeight - before.height);
+  } else if (nearBottom) {
+    box.scrollTop = box.scrollHeight;
+  }
+}
+
+function toast(message) {
+  ui.toast.textContent = message;
+  ui.toast.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => (ui.toast.hidden = true), 5000);
+}
+
+function setConnection(connState) {
+  ui.conn.dataset.state = connState;
+  ui.conn.querySelector(".label").textContent =
+    connState === "live" ? "Live" : connState === "reconnecting" ? "Reconnecting…" : "Connecting…";
+}
+
+function setView(view) {
+  ui.inbox.dataset.view = view;
+}
+
+// ---------- the list ----------
+
+async function loadList() {
+  const seq = ++state.listSeq;
+  const filter = state.list.filter;
+  state.list = emptyList(filter);
+  state.listLoading = true;
+  draw();
+  try {
+    const page = await api.chats({ status: filter.status, q: filter.q, limit: PAGE_SIZE });
+    if (seq !== state.listSeq) return;
+    // Events that arrived while the page was on its way are kept (merged by id).
+    state.list = firstPage(filter, { ...page, chats: [...state.list.chats, ...page.chats] });
+  } catch (e) {
+    if (seq === state.listSeq) handleError(e, "The conversations could not be loaded");
+  } finally {
+    if (seq === state.listSeq) state.listLoading = false;
+    draw();
+  }
+}
+
+async function loadMore() {
+  const { list } = state;
+  if (state.listLoading || !list.hasMore || !list.nextCursor) return;
+  const seq = state.listSeq;
+  state.listLoading = true;
+  draw();
+  try {
+    const page = await api.chats({ status: list.filter.status, q: list.filter.q, cursor: list.nextCursor, limit: PAGE_SIZE });
+    if (seq === state.listSeq) state.list = appendPage(state.list, page);
+  } catch (e) {
+    handleError(e, "More conversations could not be loaded");
+  } finally {
+    if (seq === state.listSeq) state.listLoading = false;
+    draw();
+  }
+}
+
+// The reconciling refresh: re-read the first page and merge it in, at most every 3 s.
+const reconcile = throttle(async () => {
+  if (state.listLoading) {
+    reconcile(); // a load is running; look again after the next interval
+    return;
+  }
+  const seq = state.listSeq;
+  const { filter } = state.list;
+  try {
+    const page = await api.chats({ status: filter.status, q: filter.q, limit: PAGE_SIZE });
+    if (seq === state.listSeq) state.list = reconcileFirstPage(state.list, page);
+    draw();
+  } catch (e) {
+    if (e.status === 401) handleError(e);
+  }
+}, RECONCILE_MS);
+
+function setFilter(changes) {
+  const filter = { ...state.list.filter, ...changes };
+  filter.q = (filter.q || "").trim();
+  if (filter.status === state.list.filter.status && filter.q === state.list.filter.q) return;
+  state.list = emptyList(filter);
+  reconcile.cancel();
+  ui.listScroll.scrollTop = 0;
+  loadList();
+}
+
+// ---------- the conversation ----------
+
+async function openConversation(id) {
+  const chat = findChat(state.list, id);
+  if (state.activeId !== id) {
+    state.activeId = id;
+    state.activeChat = chat;
+    state.thread = emptyThread(id);
+    state.olderLoading = false;
+    thread.clear();
+    ui.composerText.value = "";
+    autosize();
+  }
+  setView("convo");
+  state.stickToBottom = true;
+  draw();
+  if (!chat) {
+    try {
+      state.activeChat = await api.conversation(id);
+    } catch (e) {
+      handleError(e, "That conversation could not be opened");
+      return;
+    }
+    draw();
+  }
+  markRead(id);
+  try {
+    const page = await api.messages(id, { limit: 50 });
+    if (state.activeId !== id) return;
+    state.thread = setLatestPage(state.thread, page);
+    state.stickToBottom = true;
+    draw();
+  } catch (e) {
+    handleError(e, "The messages could not be loaded");
+  }
+}
+
+async function reloadConversation() {
+  const id = state.activeId;
+  if (!id) return;
+  try {
+    const [summary, page] = await Promise.all([api.conversation(id), api.messages(id, { limit: 50 })]);
+    if (state.activeId !== id) return;
+    state.activeChat = summary;
+    state.thread = setLatestPage(state.thread, page);
+    draw();
+  } catch (e) {
+    handleError(e);
+  }
+}
+
+async function loadOlder() {
+  const t = state.thread;
+  if (!t.loaded || !t.hasMore || state.olderLoading || !t.nextCursor) return;
+  const id = t.conversationId;
+  state.olderLoading = true;
+  draw();
+  try {
+    const page = await api.messages(id, { before: t.nextCursor, limit: 50 });
+    if (state.activeId === id) state.thread = prependOlder(state.thread, page);
+  } catch (e) {
+    handleError(e, "Earlier messages could not be loaded");
+  } finally {
+    state.olderLoading = false;
+    draw();
+  }
+}
+
+function applySummary(summary) {
+  state.list = upsertChat(state.list, summary, { kind: "update" });
+  if (summary.id === state.activeId) state.activeChat = summary;
+  draw();
+}
+
+async function markRead(id) {
+  state.list = patchChat(state.list, id, { unread_count: 0 });
+  if (state.activeChat && state.activeChat.id === id) state.activeChat = { ...state.activeChat, unread_count: 0 };
+  draw();
+  try {
+    applySummary(await api.markRead(id));
+  } catch (e) {
+    handleError(e);
+  }
+}
+
+const markReadSoon = debounce((id) => {
+  if (id === state.activeId && document.visibilityState === "visible") markRead(id);
+}, MARK_READ_MS);
+
+async function sendReply() {
+  const id = state.activeId;
+  const text = ui.composerText.value;
+  if (!id || !text.trim() || state.sending) return;
+  state.sending = true;
+  ui.send.disabled = true;
+  try {
+    const message = await api.send(id, text);
+    if (state.activeId === id) {
+      state.thread = upsertMessage(state.thread, message);
+      state.stickToBottom = true;
+    }
+    if (ui.composerText.value === text) ui.composerText.value = "";
+    autosize();
+    draw();
+  } catch (e) {
+    handleError(e, "The reply was not sent");
+  } finally {
+    state.sending = false;
+    ui.send.disabled = false;
+  }
+}
+
+async function updateConversation(changes, failure) {
+  const id = state.activeId;
+  if (!id) return;
+  try {
+    applySummary(await api.update(id, changes));
+  } catch (e) {
+    handleError(e, failure);
+  }
+}
+
+function closeConversation() {
+  setView("list");
+  const item = ui.chatList.querySelector(`li[data-id="${CSS.escape(state.activeId || "")}"] button`);
+  item?.focus();
+}
+
+// ---------- live events ----------
+
+function onEvent(name, data) {
+  switch (name) {
+    case "new_message":
+    case "new_conversation": {
+      const isNew = name === "new_conversation";
+      state.list = applyNewMessage(state.list, data, { isNew });
+      const conversation = data.conversation;
+      if (conversation && conversation.id === state.activeId) {
+        state.activeChat = conversation;
+        state.thread = upsertMessage(state.thread, data.message);
+        if (data.message && data.message.direction === "in") {
+          // The agent is looking at it: it is read (on every dashboard, after a pause).
+          state.activeChat = { ...conversation, unread_count: 0 };
+          markReadSoon(conversation.id);
+        }
+      }
+      // A new conversation is complete as it is; new activity gets the debounced check.
+      if (!isNew) reconcile();
+      break;
+    }
+    case "conversation_updated":
+      if (data.conversation) applySummary(data.conversation);
+      break;
+    case "message_status":
+      state.list = applyMessageStatus(state.list, data);
+      state.thread = applyStatus(state.thread, data);
+      break;
+    case "resync":
+      // The server could not replay what this page missed: read everything again.
+      reconcile.cancel();
+      loadList();
+      reloadConversation();
+      break;
+  }
+  draw();
+}
+
+function listen() {
+  events?.close();
+  events = connectEvents("/api/live-chat/events", {
+    onEvent,
+    onState: setConnection,
+    onClosed: async () => {
+      try {
+        await api.session();
+        return true;
+      } catch (e) {
+        if (e.status === 401) {
+          signedOut("Your session has ended. Sign in again.");
+          return false;
+        }
+        return true;
+      }
+    },
+  });
+}
+
+// ---------- session ----------
+
+function handleError(e, message) {
+  if (e && e.status === 401) {
+    signedOut("Your session has ended. Sign in again.");
+    return;
+  }
+  if (message) toast(e && e.status === 0 ? `${message}: the server cannot be reached.` : `${message}${e?.message ? `: ${e.message}` : "."}`);
+}
+
+function signedOut(message = "") {
+  events?.close();
+  events = null;
+  reconcile.cancel();
+  markReadSoon.cancel();
+  clearInterval(clockTimer);
+  state.list = emptyList(state.list.filter);
+  state.activeId = null;
+  state.activeChat = null;
+  state.thread = emptyThread(null);
+  thread.clear();
+  ui.app.hidden = true;
+  ui.signin.hidden = false;
+  ui.signinError.textContent = message;
+  ui.token.value = "";
+  ui.token.focus();
+}
+
+function start() {
+  ui.signin.hidden = true;
+  ui.app.hidden = false;
+  setView("list");
+  listen();
+  loadList();
+  clearInterval(clockTimer);
+  clockTimer = setInterval(() => chatList.refreshTimes(), 30_000);
+}
+
+async function signIn(token) {
+  await api.signIn(token.trim());
+  start();
+}
+
+async function boot() {
+  // A link with #token=... signs in once; the token then leaves the address bar.
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const token = fragment.get("token");
+  if (token) {
+    history.replaceState(null, "", location.pathname + location.search);
+    try {
+      await signIn(token);
+      return;
+    } catch (e) {
+      signedOut("That link's token is not valid. Paste a token to sign in.");
+      return;
+    }
+  }
+  try {
+    await api.session();
+    start();
+  } catch (e) {
+    signedOut(e.status === 401 ? "" : "The server cannot be reached. Try again in a moment.");
+  }
+}
+
+// ---------- wiring ----------
+
+ui.signinForm.addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const token = ui.token.value;
+  if (!token.trim()) return;
+  ui.signinError.textContent = "";
+  try {
+    await signIn(token);
+  } catch (err) {
+    ui.signinError.textContent = err.status === 401 ? "That token is not valid." : "The server cannot be reached.";
+  }
+});
+
+ui.signout.addEventListener("click", async () => {
+  try {
+    await api.signOut();
+  } finally {
+    signedOut("You are signed out.");
+  }
+});
+
+const search = debounce((q) => setFilter({ q }), SEARCH_MS);
+ui.search.addEventListener("input", () => search(ui.search.value));
+ui.search.addEventListener("keydown", (e) => {
+  if (e.key === "Enter") search.flush();
+  if (e.key === "Escape" && ui.search.value) {
+    ui.search.value = "";
+    search("");
+    search.flush();
+  }
+});
+
+for (const tab of ui.tabs) {
+  tab.addEventListener("click", () => setFilter({ status: tab.dataset.status }));
+  tab.addEventListener("keydown", (e) => {
+    if (e.key !== "ArrowLeft" && e.key !== "ArrowRight") return;
+    const i = ui.tabs.indexOf(tab);
+    const next = ui.tabs[(i + (e.key === "ArrowRight" ? 1 : ui.tabs.length - 1)) % ui.tabs.length];
+    next.focus();
+    next.click();
+  });
+}
+
+ui.loadMore.addEventListener("click", () => loadMore());
+new IntersectionObserver(
+  (entries) => {
+    if (entries.some((e) => e.isIntersecting)) loadMore();
+  },
+  { root: ui.listScroll, rootMargin: "0px 0px 240px 0px" },
+).observe(ui.sentinel);
+
+ui.messages.addEventListener("scroll", () => {
+  if (ui.messages.scrollTop < 160) loadOlder();
+});
+
+ui.back.addEventListener("click", closeConversation);
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && ui.inbox.dataset.view === "convo" && !ui.app.hidden) closeConversation();
+});
+
+ui.aiSwitch.addEventListener("click", () => {
+  const on = ui.aiSwitch.getAttribute("aria-checked") === "true";
+  updateConversation({ ai_enabled: !on }, "The AI switch could not be changed");
+});
+ui.resolve.addEventListener("click", () => {
+  const status = ui.resolve.dataset.action === "reopen" ? "open" : "resolved";
+  updateConversation({ status }, "The conversation could not be updated");
+});
+
+function autosize() {
+  const el = ui.composerText;
+  el.style.height = "auto";
+  el.style.height = `${Math.min(el.scrollHeight, 160)}px`;
+}
+ui.composerText.addEventListener("input", autosize);
+ui.composerText.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    sendReply();
+  }
+});
+ui.composer.addEventListener("submit", (e) => {
+  e.preventDefault();
+  sendReply();
+});
+
+document.addEventListener("visibilitychange", () => {
+  const chat = state.activeChat;
+  if (document.visibilityState === "visible" && chat && chat.unread_count) markRead(chat.id);
+});
+
+boot();

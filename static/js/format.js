@@ -1,0 +1,202 @@
+// Pure text helpers for the views: times, labels, ticks, error wording.
+
+const MINUTE = 60_000;
+const HOUR = 60 * MINUTE;
+const DAY = 24 * HOUR;
+// WhatsApp's customer-service window: free text only within 24 h of the customer's message.
+export const WINDOW_MS = DAY;
+
+const WEEKDAYS = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
+function startOfDay(ms) {
+  const d = new Date(ms);
+  d.setHours(0, 0, 0, 0);
+  return d.getTime();
+}
+
+function pad(n) {
+  return String(n).padStart(2, "0");
+}
+
+/** Clock time, 24-hour, local: "14:05". */
+export function clockTime(iso) {
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return "";
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+}
+
+/** The list's short relative time: "now", "4m", "3h", "Yesterday", "Tue", "12 Nov", "12 Nov 2025". */
+export function relativeTime(iso, now = Date.now()) {
+  const t = Date.parse(iso);
+  if (Number.isNaN(t)) return "";
+  const age = now - t;
+  if (age < MINUTE) return "now";
+  if (age < HOUR) return `${Math.floor(age / MINUTE)}m`;
+  const days = Math.round((startOfDay(now) - startOfDay(t)) / DAY);
+  if (days <= 0) return `${Math.floor(age / HOUR)}h`;
+  if (days === 1) return "Yesterday";
+  const d = new Date(t);
+  if (days < 7) return WEEKDAYS[d.getDay()];
+  const label = `${d.getDate()} ${MONTHS[d.getMonth()]}`;
+  return d.getFullYear() === new Date(now).getFullYear() ? label : `${label} ${d.getFullYear()}`;
+}
+
+/** The separator above a day's messages: "Today", "Yesterday", "Tuesday 24 Nov". */
+export function dayLabel(iso, now = Date.now()) {
+  const t = Date.parse(iso);
+  if (Number.isNaN(t)) return "";
+  const days = Math.round((startOfDay(now) - startOfDay(t)) / DAY);
+  if (days === 0) return "Today";
+  if (days === 1) return "Yesterday";
+  const d = new Date(t);
+  const long = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
+  const label = `${long[d.getDay()]} ${d.getDate()} ${MONTHS[d.getMonth()]}`;
+  return d.getFullYear() === new Date(now).getFullYear() ? label : `${label} ${d.getFullYear()}`;
+}
+
+/** The local calendar day of a time, to group messages by day. */
+export function dayKey(iso) {
+  const d = new Date(iso);
+  return `${d.getFullYear()}-${d.getMonth()}-${d.getDate()}`;
+}
+
+const ARABIC = /[\u0600-\u06ff\u0750-\u077f\ufb50-\ufdff\ufe70-\ufeff]/;
+
+/** Up to two initials of a name, in any script: "Sara Haddad" -> "SH". */
+export function initials(name) {
+  const words = String(name || "").trim().split(/\s+/).filter(Boolean);
+  if (words.length === 0) return "?";
+  const first = [...words[0]][0] || "";
+  const last = words.length > 1 ? [...words[words.length - 1]][0] || "" : "";
+  // Two letters of different scripts (Arabic and Latin) read in a jumbled order: keep one.
+  if (last && ARABIC.test(first) !== ARABIC.test(last)) return first.toUpperCase();
+  return (first + last).toUpperCase();
+}
+
+/** A stable hue (0-359) for an avatar, from an id. */
+export function hueFor(id) {
+  let h = 0;
+  for (const ch of String(id)) h = (h * 31 + ch.codePointAt(0)) % 360;
+  return h;
+}
+
+/** Who wrote a message, for the list and bubbles: customer, ai, agent or system. */
+export function speaker(sender) {
+  if (sender === "user") return "customer";
+  if (sender === "ai" || sender === "agent" || sender === "system") return sender;
+  return "customer";
+}
+
+const SPEAKER_LABELS = { customer: "Customer", ai: "AI", agent: "Agent", system: "System" };
+
+/** The short label of who spoke last: "Customer", "AI", "Agent". */
+export function speakerLabel(sender) {
+  return SPEAKER_LABELS[speaker(sender)];
+}
+
+/** A bubble's author line: "AI assistant", "Agent · reem", the customer's name. */
+export function authorLabel(message, customerName) {
+  const who = speaker(message.sender);
+  if (who === "ai") return "AI assistant";
+  if (who === "agent") return message.agent_id ? `Agent · ${message.agent_id}` : "Agent";
+  if (who === "system") return "System";
+  return customerName || "Customer";
+}
+
+const MEDIA_LABELS = {
+  image: "Photo",
+  audio: "Audio",
+  video: "Video",
+  document: "Document",
+  location: "Location",
+  interactive: "Reply",
+  reaction: "Reaction",
+  unsupported: "Unsupported message",
+};
+
+/** Whether a message type shows as a media placeholder rather than plain text. */
+export function isPlaceholder(type) {
+  return type !== "text" && type in MEDIA_LABELS;
+}
+
+/** The placeholder's label, e.g. "Voice message", "Document · invoice.pdf", "Location · Riyadh". */
+export function mediaLabel(message) {
+  const type = message.type;
+  const media = message.media || {};
+  const extra = message.extra || {};
+  if (type === "audio" && extra.voice) return "Voice message";
+  if (type === "document" && media.filename) return `Document · ${media.filename}`;
+  if (type === "location") {
+    const place = extra.name || extra.address;
+    if (place) return `Location · ${place}`;
+    if (typeof extra.latitude === "number" && typeof extra.longitude === "number") {
+      return `Location · ${extra.latitude.toFixed(4)}, ${extra.longitude.toFixed(4)}`;
+    }
+  }
+  if (type === "reaction") return extra.emoji ? `Reacted ${extra.emoji}` : "Reaction removed";
+  return MEDIA_LABELS[type] || "Message";
+}
+
+/** The list's one-line preview of a last message. */
+export function previewText(last) {
+  if (!last) return "No messages yet";
+  if (last.text) return last.text;
+  return isPlaceholder(last.type) ? mediaLabel(last) : "";
+}
+
+// Ticks as WhatsApp shows them. `queued` waits to be sent; `not_sent` and `failed` never left.
+const TICKS = {
+  queued: { glyph: "clock", label: "Sending" },
+  sent: { glyph: "✓", label: "Sent" },
+  delivered: { glyph: "✓✓", label: "Delivered" },
+  read: { glyph: "✓✓", label: "Read" },
+  played: { glyph: "✓✓", label: "Played" },
+  failed: { glyph: "!", label: "Failed" },
+  not_sent: { glyph: "!", label: "Not sent" },
+};
+
+/** The delivery tick of an outbound message, or null for an inbound one. */
+export function tick(status) {
+  const t = TICKS[status];
+  return t ? { ...t, status } : null;
+}
+
+/** Whether a status means the message did not reach the customer. */
+export function isFailure(status) {
+  return status === "failed" || status === "not_sent";
+}
+
+// What an agent can do about the WhatsApp errors they will meet (../WHATSAPP facts).
+const ERROR_HINTS = {
+  131047: "Outside the 24-hour window: the customer has not written for over a day, so only a template message can reach them.",
+  131026: "Undeliverable: the number may not be on WhatsApp.",
+  131048: "Held back by WhatsApp's spam limits.",
+  131049: "Not delivered, to keep engagement healthy (WhatsApp's marketing limits).",
+  131056: "Too many messages to this customer in a short time; try again shortly.",
+  130429: "WhatsApp's rate limit was reached; it will be retried.",
+  190: "The WhatsApp access token has expired.",
+};
+
+/** The words shown under a failed message: the hint for its code, and WhatsApp's title. */
+export function errorText(error) {
+  if (!error) return "Not delivered";
+  const hint = ERROR_HINTS[Number(error.code)];
+  const title = error.title || "Not delivered";
+  if (hint) return `${hint} (${error.code}: ${title})`;
+  return error.code != null ? `${title} (${error.code})` : title;
+}
+
+/** Whether free text can still reach the customer (the 24-hour window is open). */
+export function windowOpen(lastInboundAt, now = Date.now()) {
+  if (!lastInboundAt) return false;
+  const t = Date.parse(lastInboundAt);
+  return !Number.isNaN(t) && now - t < WINDOW_MS;
+}
+
+/** "300 conversations", "1 conversation". */
+export function countLabel(n, status) {
+  const noun = n === 1 ? "conversation" : "conversations";
+  const which = status === "all" ? "" : ` ${status}`;
+  return `${n.toLocaleString("en-US")}${which} ${noun}`;
+}

@@ -1,0 +1,131 @@
+// The conversation's messages: keyed bubbles, day separators, ticks, placeholders.
+
+import { h, icon } from "../dom.js";
+import {
+  authorLabel,
+  clockTime,
+  dayKey,
+  dayLabel,
+  errorText,
+  isFailure,
+  isPlaceholder,
+  mediaLabel,
+  speaker,
+  tick,
+} from "../format.js";
+
+function tickMark(message) {
+  const t = tick(message.status);
+  if (!t || message.direction !== "out") return null;
+  const el = h("span", { class: `tick tick-${message.status}`, title: t.label, "aria-label": t.label });
+  if (t.glyph === "clock") el.append(icon("clock", "icon tick-icon"));
+  else el.append(t.glyph);
+  return el;
+}
+
+function placeholder(message) {
+  const caption = message.media && message.media.caption;
+  return [
+    h(
+      "div",
+      { class: `media media-${message.type}` },
+      icon(message.type in { image: 1, audio: 1, video: 1, document: 1, location: 1, interactive: 1, reaction: 1 } ? message.type : "unsupported", "icon media-icon"),
+      h("span", { class: "media-label", dir: "auto" }, mediaLabel(message)),
+    ),
+    caption ? h("p", { class: "text", dir: "auto" }, caption) : null,
+  ];
+}
+
+function bubble(message, { showAuthor, customerName }) {
+  const who = speaker(message.sender);
+  const failed = isFailure(message.status);
+  const body = [];
+  if (showAuthor) {
+    body.push(
+      h(
+        "div",
+        { class: "author", dir: "auto" },
+        who === "ai" ? icon("bot", "icon author-icon") : null,
+        authorLabel(message, customerName),
+      ),
+    );
+  }
+  if (isPlaceholder(message.type)) body.push(...placeholder(message));
+  if (message.text && !(isPlaceholder(message.type) && message.media && message.text === message.media.caption)) {
+    body.push(h("p", { class: "text", dir: "auto" }, message.text));
+  }
+  body.push(
+    h(
+      "div",
+      { class: "meta" },
+      h("time", { datetime: message.at, title: new Date(message.at).toLocaleString() }, clockTime(message.at)),
+      tickMark(message),
+    ),
+  );
+  return h(
+    "li",
+    {
+      class: `msg msg-${who}${failed ? " msg-failed" : ""}${showAuthor ? " first" : ""}`,
+      "data-id": message.id,
+      "data-status": message.status,
+    },
+    h("div", { class: "bubble" }, body),
+    failed ? h("p", { class: "msg-error", role: "note", dir: "auto" }, errorText(message.error)) : null,
+  );
+}
+
+/** The thread view over an <ol>; render(messages, {customerName}) reconciles the DOM. */
+export function createThread(ol) {
+  const bubbles = new Map(); // id -> {el, message, showAuthor}
+  const days = new Map(); // dayKey -> {el, label}
+
+  function render(messages, { customerName, now = Date.now() }) {
+    const wanted = [];
+    let prevDay = null;
+    let prev = null;
+    for (const m of messages) {
+      const day = dayKey(m.at);
+      if (day !== prevDay) {
+        const label = dayLabel(m.at, now);
+        let sep = days.get(day);
+        if (!sep || sep.label !== label) {
+          const el = h("li", { class: "day", role: "separator" }, h("span", {}, label));
+          if (sep) sep.el.replaceWith(el);
+          sep = { el, label };
+          days.set(day, sep);
+        }
+        wanted.push(sep.el);
+        prevDay = day;
+        prev = null;
+      }
+      const showAuthor =
+        !prev || speaker(prev.sender) !== speaker(m.sender) || prev.agent_id !== m.agent_id;
+      let item = bubbles.get(m.id);
+      if (!item || item.message !== m || item.showAuthor !== showAuthor || item.customerName !== customerName) {
+        const el = bubble(m, { showAuthor, customerName });
+        if (item) item.el.replaceWith(el);
+        item = { el, message: m, showAuthor, customerName };
+        bubbles.set(m.id, item);
+      }
+      wanted.push(item.el);
+      prev = m;
+    }
+    const keep = new Set(wanted);
+    for (const child of [...ol.children]) if (!keep.has(child)) child.remove();
+    let cursor = ol.firstElementChild;
+    for (const el of wanted) {
+      if (el !== cursor) ol.insertBefore(el, cursor);
+      else cursor = cursor.nextElementSibling;
+    }
+    for (const [id, item] of bubbles) if (!keep.has(item.el)) bubbles.delete(id);
+    for (const [day, sep] of days) if (!keep.has(sep.el)) days.delete(day);
+  }
+
+  function clear() {
+    ol.replaceChildren();
+    bubbles.clear();
+    days.clear();
+  }
+
+  return { render, clear };
+}
