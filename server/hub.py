@@ -31,6 +31,9 @@ CLIENT_QUEUE: Final = 512
 # webhook and again from the store's change feed (Firestore: about 150 ms later).
 DEDUPE_KEYS: Final = 20_000
 RETRY_MS: Final = 3000
+# A Last-Event-ID sequence longer than this is not one of ours (ours have 16 digits until
+# the year 2286), and parsing an arbitrarily long one would cost time or raise.
+SEQ_DIGITS: Final = 20
 
 
 @dataclass(slots=True, frozen=True)
@@ -72,7 +75,11 @@ class Hub:
         client_queue: int = CLIENT_QUEUE,
     ) -> None:
         self.instance_id = instance_id
-        self._seq = 0
+        # Ids count on from the start time in microseconds, not from 0: an instance id can be
+        # pinned (LIVECHAT_INSTANCE_ID), and a browser holding an id from before a restart
+        # must get resync (its id is older than anything buffered here), never a replay of
+        # the new process's events as if they followed what it saw.
+        self._seq = time.time_ns() // 1000
         self._buffer: deque[Event] = deque(maxlen=replay_buffer)
         self._clients: dict[str, Client] = {}
         self._client_queue = client_queue
@@ -141,13 +148,23 @@ class Hub:
         client_id = f"{self.instance_id}-c{next(self._client_ids)}"
         client = Client(client_id, abort, self._client_queue)
         backlog = self._replay(last_event_id) if last_event_id else []
+        if self.closed:
+            # A request that slipped in during shutdown: end it now rather than leave a
+            # stream that nothing will ever close.
+            client.reason = "shutdown"
+            client.queue.put_nowait(None)
+            return client, backlog
         self._clients[client.id] = client
         return client, backlog
 
     def _replay(self, last_event_id: str) -> list[Event] | None:
         instance, dash, seq_text = last_event_id.rpartition("-")
-        if not dash or instance != self.instance_id or not seq_text.isdigit():
+        if not dash or instance != self.instance_id:
             return None  # another instance, or a server that restarted: cannot replay
+        # The header is the client's to choose: isdigit() alone also accepts digits int()
+        # refuses ('²'), and int() refuses more than 4,300 digits. Our ids have about 16.
+        if not (seq_text.isascii() and seq_text.isdigit() and len(seq_text) <= SEQ_DIGITS):
+            return None
         seq = int(seq_text)
         if seq > self._seq:
             return None

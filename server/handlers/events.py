@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Final
+from typing import Any, Final
 
 import structlog
 from aiohttp import web
-from aiohttp_sse import sse_response
+from aiohttp_sse import EventSourceResponse, sse_response
 
 from server import keys
 from server.hub import RETRY_MS, Event
@@ -26,6 +26,21 @@ SSE_HEADERS: Final = {
 HEARTBEAT_S: Final = 15.0
 # Frames written in one go when a client has several waiting (fewer syscalls under load).
 MAX_BATCH: Final = 64
+# On shutdown a healthy stream ends within milliseconds; one still writing after this is
+# stuck on a client that does not read, and its socket is closed.
+SHUTDOWN_GRACE_S: Final = 1.0
+# Our ids are about 20 characters; a longer Last-Event-ID is logged cut to this.
+LOGGED_ID_CHARS: Final = 64
+
+
+class EventStream(EventSourceResponse):
+    """aiohttp-sse's response, with our caching headers winning over its defaults."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # aiohttp-sse sets `Cache-Control: no-cache` after copying the headers it is given,
+        # which would let a proxy keep a copy of the stream; ours go on last.
+        self.headers.update(SSE_HEADERS)
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -40,17 +55,31 @@ async def events(request: web.Request) -> web.StreamResponse:
         if transport is not None:
             transport.abort()
 
-    async with sse_response(request, headers=SSE_HEADERS, ping_interval=HEARTBEAT_S) as resp:
+    async with sse_response(
+        request,
+        ping_interval=HEARTBEAT_S,
+        # Heartbeats end their lines as our frames do (aiohttp-sse's default is CRLF), so
+        # the stream has one line ending.
+        sep="\n",
+        response_cls=EventStream,
+    ) as resp:
         client, backlog = hub.connect(last_event_id, abort)
         streams = request.app[keys.STREAMS]
         streams.add(resp)
 
+        deadline: asyncio.TimerHandle | None = None
+
         def gone(_: object) -> None:
             # The heartbeat failed (client left) or shutdown stopped the stream: wake the loop.
+            nonlocal deadline
             if client.reason == "closed":
                 client.reason = "shutdown" if hub.closed else "client_gone"
             with contextlib.suppress(asyncio.QueueFull):
                 client.queue.put_nowait(None)
+            if hub.closed:
+                # A writer stuck on a client that does not read would hold the server's
+                # stop for its whole shutdown timeout; close that socket instead.
+                deadline = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, abort)
 
         watcher = asyncio.ensure_future(resp.wait())
         watcher.add_done_callback(gone)
@@ -65,8 +94,9 @@ async def events(request: web.Request) -> web.StreamResponse:
                 "sse.connected",
                 client_id=client.id,
                 clients=hub.clients,
-                last_event_id=last_event_id,
-                replayed=-1 if backlog is None else len(backlog),
+                # The header is the client's to choose: log a bounded slice of it.
+                last_event_id=last_event_id[:LOGGED_ID_CHARS] if last_event_id else None,
+                replayed=0 if backlog is None else len(backlog),
                 resync=backlog is None,
                 duration_ms=round((time.perf_counter() - started) * 1000, 3),
             )
@@ -74,9 +104,17 @@ async def events(request: web.Request) -> web.StreamResponse:
         except ConnectionResetError:
             if client.reason == "closed":
                 client.reason = "client_gone"
+        except asyncio.CancelledError:
+            # A server run with handler_cancellation (aiohttp's test server, some workers)
+            # cancels the handler when the client disconnects, or when shutdown times out.
+            if client.reason == "closed":
+                client.reason = "shutdown" if hub.closed else "client_gone"
+            raise
         finally:
             watcher.remove_done_callback(gone)
             watcher.cancel()
+            if deadline is not None:
+                deadline.cancel()
             hub.disconnect(client)
             streams.discard(resp)
             log.info(
