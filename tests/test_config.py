@@ -60,7 +60,8 @@ def test_json_logs_carry_event_level_timestamp_and_fields(capsys):
         structlog.get_logger("t").debug("hidden")
     finally:
         structlog.contextvars.clear_contextvars()
-        configure_logging("console", "info")
+        # Back to structlog's defaults: the configured logger holds this test's captured stdout.
+        structlog.reset_defaults()
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 1
     line = lines[0]
