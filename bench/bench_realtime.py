@@ -1,0 +1,565 @@
+"""Webhook to SSE: latency with 1, 100 and 1,000 dashboards, and the sustained ingest rate.
+
+The real app from `create_app` (embedded store in a temporary directory, AI off, JSON logs
+as in production, written to /dev/null) runs in its own process. SSE clients are raw
+aiohttp streaming readers in one or two other processes; this process sends correctly
+signed WhatsApp Cloud API webhooks (`X-Hub-Signature-256`).
+
+- Latency: one text message every INTERVAL_S; for each (client, message) the time from
+  just before the POST is sent to that client reading the `new_message` frame. The clock
+  is CLOCK_MONOTONIC, one clock for every process of the machine.
+- Ingest: INGEST_MESSAGES webhooks, one message each, from INGEST_SENDERS concurrent
+  senders, with 50 SSE clients connected. Then nothing may be lost: every message is
+  stored exactly once (read back through GET .../messages) and seen once by every client.
+
+Run: `python bench/bench_realtime.py` (about two minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import platform
+import re
+import sys
+import tempfile
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+from common import (
+    APP_SECRET,
+    AUTH,
+    CTX,
+    HOST,
+    ServerProcess,
+    app_server_main,
+    app_settings,
+    cpu_seconds,
+    load_average,
+    markdown_table,
+    percentile,
+    raise_nofile,
+    verdict,
+)
+
+WEBHOOK_PATH: Final = "/webhooks/whatsapp"
+EVENTS_PATH: Final = "/api/live-chat/events"
+LIST_PATH: Final = "/api/live-chat/unified-chats"
+LATENCY_CLIENTS: Final = (1, 100, 1000)
+# At most this many SSE streams per client process: 1,000 clients use two processes, so
+# reading the frames does not queue behind one event loop more than it must.
+STREAMS_PER_PROCESS: Final = 500
+LATENCY_MESSAGES: Final = 200
+LATENCY_WARMUP: Final = 20
+# One message every 100 ms (10 messages/s, a busy inbox): latency is measured message by
+# message, not queued behind the previous one; throughput is the ingest run's job.
+INTERVAL_S: Final = 0.1
+# Customers writing during the latency runs (their conversations exist after the warm-up,
+# so every measured frame is a `new_message`).
+LATENCY_USERS: Final = 10
+INGEST_CLIENTS: Final = 50
+INGEST_MESSAGES: Final = 5000
+INGEST_SENDERS: Final = 16
+INGEST_USERS: Final = 200
+# Every client must have every message within this long after the last webhook answered.
+DELIVERY_TIMEOUT_S: Final = 60.0
+POLL_S: Final = 0.05
+# Targets of issue 3 (a benchmark, not a test).
+TARGET_P99_MS: Final = 50.0
+TARGET_CLIENTS: Final = 1000
+TARGET_RATE: Final = 1000.0
+
+# The message id a benchmark webhook carries: wamid.bench-<tag>-<seq>.
+MARK: Final = re.compile(rb"wamid\.bench-([a-z0-9]+-[0-9]+)")
+MESSAGE_EVENTS: Final = (b"event: new_message\n", b"event: new_conversation\n")
+
+
+class WebhookUnavailable(RuntimeError):
+    """The server does not accept webhooks (yet)."""
+
+
+# -- the SSE clients (a separate process) -----------------------------------------------
+
+
+@dataclass(slots=True)
+class StreamLog:
+    """What one SSE stream received: first arrival time of each message key, duplicates."""
+
+    received: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    closed: bool = False
+
+
+async def _read_stream(
+    session: aiohttp.ClientSession, url: str, log: StreamLog, ready: asyncio.Event
+) -> None:
+    clock = time.monotonic_ns
+    async with session.get(url) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"SSE stream answered HTTP {resp.status}")
+        buffer = b""
+        while True:
+            chunk = await resp.content.readany()
+            if not chunk:
+                break
+            now = clock()
+            buffer += chunk
+            *frames, buffer = buffer.split(b"\n\n")
+            for frame in frames:
+                if frame.startswith(b"retry:"):
+                    ready.set()
+                    continue
+                if not any(name in frame for name in MESSAGE_EVENTS):
+                    continue
+                match = MARK.search(frame)
+                if match is None:
+                    continue
+                key = match.group(1).decode()
+                if key in log.received:
+                    log.duplicates += 1
+                else:
+                    log.received[key] = now
+    log.closed = True
+
+
+async def _open(session: aiohttp.ClientSession, url: str, log: StreamLog) -> asyncio.Task[None]:
+    """One stream, once its first frame arrived (so it is registered with the hub)."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(_read_stream(session, url, log, ready))
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task.done():
+        task.result()  # raises what went wrong
+        raise RuntimeError("the SSE stream ended before its first frame")
+    return task
+
+
+async def _clients(port: int, count: int, conn: Connection) -> None:
+    url = f"http://{HOST}:{port}{EVENTS_PATH}"
+    logs = [StreamLog() for _ in range(count)]
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None)
+    async with aiohttp.ClientSession(headers=AUTH, connector=connector, timeout=timeout) as session:
+        # One at a time: connecting takes about a millisecond each, and nothing overflows.
+        tasks = [await _open(session, url, log) for log in logs]
+        conn.send(("ready", count))
+        loop = asyncio.get_running_loop()
+        while True:
+            command = await loop.run_in_executor(None, conn.recv)
+            if command[0] == "collect":
+                _, prefix, expected, timeout_s = command
+
+                def got(log: StreamLog, prefix: str = prefix) -> int:
+                    return sum(1 for k in log.received if k.startswith(prefix))
+
+                # Poll (the streams fill in on their own) until all have everything.
+                for _ in range(int(timeout_s / POLL_S)):
+                    if all(log.closed or got(log) >= expected for log in logs):
+                        break
+                    await asyncio.sleep(POLL_S)
+                conn.send(
+                    [
+                        (
+                            {k: t for k, t in log.received.items() if k.startswith(prefix)},
+                            log.duplicates,
+                            log.closed,
+                        )
+                        for log in logs
+                    ]
+                )
+            else:
+                break
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def clients_main(port: int, count: int, conn: Connection) -> None:
+    """Process entry: `count` SSE streams, timing every benchmark message they receive."""
+    raise_nofile()
+    asyncio.run(_clients(port, count, conn))
+
+
+class ClientProcesses:
+    """SSE clients spread over as few processes as STREAMS_PER_PROCESS allows."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.conns: list[Connection] = []
+        self.processes: list[BaseProcess] = []
+        left = count
+        while left > 0:
+            n = min(left, STREAMS_PER_PROCESS)
+            left -= n
+            parent, child = CTX.Pipe()
+            process = CTX.Process(target=clients_main, args=(port, n, child), daemon=True)
+            process.start()
+            child.close()
+            self.conns.append(parent)
+            self.processes.append(process)
+        for conn in self.conns:
+            if not conn.poll(120):
+                raise RuntimeError("SSE clients did not connect within 120 s")
+            conn.recv()
+
+    def collect(self, prefix: str, expected: int) -> list[tuple[dict[str, int], int, bool]]:
+        """Per stream: arrival times of the keys starting with `prefix`, duplicates, closed."""
+        for conn in self.conns:
+            conn.send(("collect", prefix, expected, DELIVERY_TIMEOUT_S))
+        logs: list[tuple[dict[str, int], int, bool]] = []
+        for conn in self.conns:
+            logs += conn.recv()
+        return logs
+
+    def stop(self) -> None:
+        """Close every stream and end the processes."""
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(("stop",))
+        for process in self.processes:
+            process.join(10)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+
+
+# -- the webhooks (this process) --------------------------------------------------------
+
+
+def webhook(tag: str, seq: int, user: int) -> tuple[bytes, dict[str, str]]:
+    """A signed Cloud API delivery of one text message; the body and its headers."""
+    phone = f"9715{zlib.crc32(tag.encode()) % 1000:03d}{user:05d}"
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "102290129340398",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": "15550783881",
+                                "phone_number_id": "106540352242922",
+                            },
+                            "contacts": [
+                                {"profile": {"name": f"bench-{tag} {user}"}, "wa_id": phone}
+                            ],
+                            "messages": [
+                                {
+                                    "from": phone,
+                                    "id": f"wamid.bench-{tag}-{seq}",
+                                    "timestamp": str(int(time.time())),
+                                    "type": "text",
+                                    "text": {"body": f"Benchmark message {seq} of run {tag}"},
+                                }
+                            ],
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    signature = hmac.new(APP_SECRET.encode(), raw, hashlib.sha256).hexdigest()
+    return raw, {"Content-Type": "application/json", "X-Hub-Signature-256": f"sha256={signature}"}
+
+
+async def post(session: aiohttp.ClientSession, url: str, raw: bytes, headers: Any) -> None:
+    """Deliver one webhook; anything but 200 stops the benchmark."""
+    async with session.post(url, data=raw, headers=headers) as resp:
+        await resp.read()
+        if resp.status == 501:
+            raise WebhookUnavailable("POST /webhooks/whatsapp answers 501: not implemented yet")
+        if resp.status != 200:
+            raise RuntimeError(f"webhook answered HTTP {resp.status}")
+
+
+def tag_for(name: str) -> str:
+    """A per-run tag, so a reused database never mixes runs."""
+    return f"{name}{int(time.time() * 1000) % 10**8}"
+
+
+# -- latency ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LatencyResult:
+    """One latency run."""
+
+    clients: int
+    messages: int
+    samples: list[float]
+    lost: int
+    duplicates: int
+    # Server CPU time per message while measuring (parse, store, publish, fan-out).
+    cpu_ms: float
+
+
+async def send_paced(server: ServerProcess, tag: str, count: int, first: int) -> dict[str, int]:
+    """`count` webhooks, one every INTERVAL_S; the send time of each message key."""
+    url = server.url(WEBHOOK_PATH)
+    bodies = [webhook(tag, seq, seq % LATENCY_USERS) for seq in range(first, first + count)]
+    sent: dict[str, int] = {}
+    async with aiohttp.ClientSession() as session:
+        tick = time.monotonic()
+        for seq, (raw, headers) in enumerate(bodies, start=first):
+            sent[f"{tag}-{seq}"] = time.monotonic_ns()
+            await post(session, url, raw, headers)
+            tick += INTERVAL_S
+            await asyncio.sleep(max(0.0, tick - time.monotonic()))
+    return sent
+
+
+def latency_run(server: ServerProcess, clients: int) -> LatencyResult:
+    """Connect `clients` dashboards, send paced messages, time every delivery."""
+    tag = tag_for(f"l{clients}x")
+    group = ClientProcesses(server.port, clients)
+    try:
+        asyncio.run(send_paced(server, tag, LATENCY_WARMUP, 0))
+        cpu = cpu_seconds(server.pid)
+        sent = asyncio.run(send_paced(server, tag, LATENCY_MESSAGES, LATENCY_WARMUP))
+        cpu = cpu_seconds(server.pid) - cpu
+        logs = group.collect(f"{tag}-", LATENCY_WARMUP + LATENCY_MESSAGES)
+    finally:
+        group.stop()
+    samples: list[float] = []
+    lost = duplicates = 0
+    for received, dupes, _closed in logs:
+        duplicates += dupes
+        for key, at in sent.items():
+            arrived = received.get(key)
+            if arrived is None:
+                lost += 1
+            else:
+                samples.append((arrived - at) / 1e6)
+    return LatencyResult(clients, len(sent), samples, lost, duplicates, cpu / len(sent) * 1e3)
+
+
+# -- ingest -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class IngestResult:
+    """One ingest run and its checks."""
+
+    messages: int
+    accepted_s: float
+    delivered_s: float
+    stored_once: bool
+    stored: int
+    seen_by_all: bool
+    lost_deliveries: int
+    duplicate_deliveries: int
+    cpu_ms: float
+
+
+async def send_burst(server: ServerProcess, tag: str) -> tuple[float, float]:
+    """INGEST_MESSAGES webhooks from INGEST_SENDERS concurrent senders; (start, end)."""
+    url = server.url(WEBHOOK_PATH)
+    bodies = [webhook(tag, seq, seq % INGEST_USERS) for seq in range(INGEST_MESSAGES)]
+    work: Iterator[tuple[bytes, dict[str, str]]] = iter(bodies)
+
+    async def sender(session: aiohttp.ClientSession) -> None:
+        for raw, headers in work:
+            await post(session, url, raw, headers)
+
+    connector = aiohttp.TCPConnector(limit=INGEST_SENDERS)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await post(session, url, *webhook(tag_for("probe"), 0, 0))  # fail fast if 501
+        started = time.monotonic()
+        await asyncio.gather(*(sender(session) for _ in range(INGEST_SENDERS)))
+        return started, time.monotonic()
+
+
+async def stored_keys(server: ServerProcess, tag: str) -> Counter[str]:
+    """How many times each benchmark message of this run is stored, read through the API."""
+    counts: Counter[str] = Counter()
+    prefix = f"wamid.bench-{tag}-"
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        conversations: list[str] = []
+        query = f"limit=100&status=all&q=bench-{tag}"
+        while True:
+            async with session.get(server.url(f"{LIST_PATH}?{query}")) as resp:
+                resp.raise_for_status()
+                page = await resp.json()
+            conversations += [c["id"] for c in page["chats"]]
+            if not page["has_more"]:
+                break
+            query = f"limit=100&status=all&q=bench-{tag}&cursor={page['next_cursor']}"
+        for conversation_id in conversations:
+            path = f"/api/live-chat/conversations/{conversation_id}/messages?limit=200"
+            cursor = ""
+            while True:
+                async with session.get(server.url(path + cursor)) as resp:
+                    resp.raise_for_status()
+                    page = await resp.json()
+                for message in page["messages"]:
+                    wamid = message.get("wa_message_id") or ""
+                    if wamid.startswith(prefix):
+                        counts[wamid.removeprefix("wamid.bench-")] += 1
+                if not page["has_more"]:
+                    break
+                cursor = f"&before={page['next_cursor']}"
+    return counts
+
+
+def ingest_run(server: ServerProcess) -> IngestResult:
+    """The burst with INGEST_CLIENTS connected, then the loss checks."""
+    tag = tag_for("i")
+    group = ClientProcesses(server.port, INGEST_CLIENTS)
+    try:
+        cpu = cpu_seconds(server.pid)
+        started, ended = asyncio.run(send_burst(server, tag))
+        logs = group.collect(f"{tag}-", INGEST_MESSAGES)
+        cpu = cpu_seconds(server.pid) - cpu
+    finally:
+        group.stop()
+    expected = {f"{tag}-{seq}" for seq in range(INGEST_MESSAGES)}
+    lost = sum(len(expected - received.keys()) for received, _, _ in logs)
+    duplicates = sum(d for _, d, _ in logs)
+    last_arrival = max(max(r.values(), default=0) for r, _, _ in logs) / 1e9
+    stored = asyncio.run(stored_keys(server, tag))
+    return IngestResult(
+        messages=INGEST_MESSAGES,
+        accepted_s=INGEST_MESSAGES / (ended - started),
+        delivered_s=INGEST_MESSAGES / (last_arrival - started) if last_arrival else 0.0,
+        stored_once=set(stored) == expected and all(n == 1 for n in stored.values()),
+        stored=sum(stored.values()),
+        seen_by_all=lost == 0 and duplicates == 0,
+        lost_deliveries=lost,
+        duplicate_deliveries=duplicates,
+        cpu_ms=cpu / INGEST_MESSAGES * 1e3,
+    )
+
+
+# -- the report -------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the latency and ingest benchmarks and print their tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=list(LATENCY_CLIENTS))
+    parser.add_argument("--no-ingest", action="store_true", help="latency runs only")
+    args = parser.parse_args(argv)
+    raise_nofile()
+    print(
+        f"python {platform.python_version()}, aiohttp {aiohttp.__version__},"
+        f" {platform.machine()}, loopback {HOST}",
+        flush=True,
+    )
+    latency: list[LatencyResult] = []
+    ingest: IngestResult | None = None
+    with tempfile.TemporaryDirectory(prefix="bench-realtime-") as tmp:
+        db = str(Path(tmp) / "bench.db")
+        server = ServerProcess(app_server_main, app_settings(db))
+        try:
+            for clients in args.clients:
+                print(
+                    f"latency with {clients:,} SSE clients (load average {load_average()})",
+                    flush=True,
+                )
+                latency.append(latency_run(server, clients))
+            if not args.no_ingest:
+                print(
+                    f"ingest: {INGEST_MESSAGES:,} webhooks, {INGEST_CLIENTS} clients"
+                    f" (load average {load_average()})",
+                    flush=True,
+                )
+                ingest = ingest_run(server)
+        except WebhookUnavailable as e:
+            print(f"cannot run: {e}", file=sys.stderr)
+            return 2
+        finally:
+            server.stop()
+
+    print(f"load average at the end: {load_average()}")
+    print()
+    print("Webhook to SSE frame (milliseconds, every client x every message)")
+    print()
+    rows: list[list[object]] = []
+    for r in latency:
+        s = sorted(r.samples)
+        p99 = percentile(s, 99)
+        rows.append(
+            [
+                f"{r.clients:,}",
+                r.messages,
+                f"{len(s):,}",
+                f"{percentile(s, 50):.2f}",
+                f"{p99:.2f}",
+                f"{s[-1]:.2f}" if s else "-",
+                r.lost,
+                r.duplicates,
+                f"{r.cpu_ms:.2f}",
+                verdict(p99 <= TARGET_P99_MS) if r.clients >= TARGET_CLIENTS else "-",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "SSE clients",
+                "messages",
+                "deliveries",
+                "p50",
+                "p99",
+                "max",
+                "lost",
+                "duplicates",
+                "server CPU ms/message",
+                f"p99 <= {TARGET_P99_MS:g} ms at {TARGET_CLIENTS:,}",
+            ],
+            rows,
+        )
+    )
+    if ingest is not None:
+        print()
+        print(f"Sustained ingest ({INGEST_SENDERS} concurrent senders, one message per webhook)")
+        print()
+        print(
+            markdown_table(
+                [
+                    "SSE clients",
+                    "webhooks",
+                    "accepted/s",
+                    "delivered to every client/s",
+                    "server CPU ms/webhook",
+                    "stored exactly once",
+                    "seen once by every client",
+                    f">= {TARGET_RATE:,.0f}/s",
+                ],
+                [
+                    [
+                        INGEST_CLIENTS,
+                        f"{ingest.messages:,}",
+                        f"{ingest.accepted_s:,.0f}",
+                        f"{ingest.delivered_s:,.0f}",
+                        f"{ingest.cpu_ms:.2f}",
+                        f"{'yes' if ingest.stored_once else 'NO'} ({ingest.stored:,} stored)",
+                        "yes"
+                        if ingest.seen_by_all
+                        else f"NO ({ingest.lost_deliveries} lost,"
+                        f" {ingest.duplicate_deliveries} duplicates)",
+                        verdict(ingest.accepted_s >= TARGET_RATE and ingest.stored_once),
+                    ]
+                ],
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
