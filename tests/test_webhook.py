@@ -1,0 +1,527 @@
+"""The WhatsApp webhook over real HTTP: handshake, signatures, batches, types, statuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from structlog.testing import capture_logs
+
+from server.integrations.whatsapp_webhook import ParseError, parse_payload
+from tests.conftest import APP_SECRET
+from tests.fakes import FakeGraph
+from tests.webhooks import (
+    SseStream,
+    all_messages,
+    chats,
+    message,
+    message_event,
+    post_webhook,
+    status,
+    text,
+    wait_until,
+    wamid,
+    webhook,
+)
+
+
+@pytest.fixture
+async def graph(aiohttp_server):
+    return await FakeGraph.serve(aiohttp_server)
+
+
+def graph_settings(graph: FakeGraph) -> dict:
+    return {
+        "whatsapp_token": "t",
+        "whatsapp_phone_number_id": "123",
+        "whatsapp_api_base": graph.base,
+    }
+
+
+async def conversation_of(client, user_id: str = "966501234567") -> dict:
+    rows = [c for c in await chats(client) if c["user_id"] == user_id]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+# -- the handshake ---------------------------------------------------------------------
+
+
+async def test_verify_echoes_the_challenge_for_the_right_token(client):
+    resp = await client.get(
+        "/webhooks/whatsapp",
+        params={
+            "hub.mode": "subscribe",
+            "hub.verify_token": "test-verify-token",
+            "hub.challenge": "1158201444",
+        },
+    )
+    assert resp.status == 200
+    assert resp.content_type == "text/plain"
+    assert await resp.text() == "1158201444"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"hub.mode": "subscribe", "hub.verify_token": "wrong", "hub.challenge": "1"},
+        {"hub.mode": "unsubscribe", "hub.verify_token": "test-verify-token", "hub.challenge": "1"},
+        {"hub.mode": "subscribe", "hub.challenge": "1"},
+        {},
+    ],
+)
+async def test_verify_refuses_anything_else(client, params):
+    resp = await client.get("/webhooks/whatsapp", params=params)
+    assert resp.status == 403
+    assert (await resp.json())["error"]["code"] == "forbidden"
+
+
+async def test_verify_refuses_when_no_token_is_configured(make_client):
+    client = await make_client(whatsapp_verify_token=None)
+    resp = await client.get(
+        "/webhooks/whatsapp",
+        params={"hub.mode": "subscribe", "hub.verify_token": "", "hub.challenge": "1"},
+    )
+    assert resp.status == 403
+
+
+# -- signatures -------------------------------------------------------------------------
+
+
+async def test_a_correctly_signed_message_is_stored_with_its_customer(client):
+    body = webhook([text("Does it come in another color?", frm="16505551234")])
+    body["entry"][0]["changes"][0]["value"]["contacts"] = [
+        {"profile": {"name": "Sheena Nelson"}, "wa_id": "16505551234"}
+    ]
+    resp = await post_webhook(client, body)
+    assert resp.status == 200
+    conversation = await conversation_of(client, "16505551234")
+    assert conversation["user_name"] == "Sheena Nelson"
+    assert conversation["phone"] == "+16505551234"
+    assert conversation["unread_count"] == 1
+    [stored] = await all_messages(client, conversation["id"])
+    assert stored["text"] == "Does it come in another color?"
+    assert stored["direction"] == "in" and stored["sender"] == "user"
+    assert stored["status"] == "received"
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        None,
+        "",
+        "sha256=" + "0" * 64,
+        "sha1=abc",
+        "not-a-signature",
+    ],
+)
+async def test_a_missing_or_wrong_signature_is_401_and_stores_nothing(client, signature):
+    body = webhook([text("hello")])
+    if signature is None:
+        resp = await post_webhook(client, body, secret=None)
+    else:
+        resp = await post_webhook(client, body, signature=signature)
+    assert resp.status == 401
+    assert (await resp.json())["error"]["code"] == "invalid_signature"
+    assert await chats(client) == []
+
+
+async def test_a_body_signed_with_another_secret_is_401(client):
+    resp = await post_webhook(client, webhook([text("hello")]), secret="someone-elses-secret")
+    assert resp.status == 401
+    assert await chats(client) == []
+
+
+async def test_the_signature_covers_the_raw_bytes_not_the_parsed_json(client):
+    raw = json.dumps(webhook([text("hello")])).encode()
+    from server.integrations.whatsapp_webhook import sign
+
+    signature = sign(APP_SECRET, raw)
+    # The same JSON with other spacing is another body: its signature does not match.
+    respaced = json.dumps(json.loads(raw), indent=2).encode()
+    resp = await post_webhook(client, respaced, signature=signature)
+    assert resp.status == 401
+    resp = await post_webhook(client, raw, signature=signature)
+    assert resp.status == 200
+
+
+async def test_without_an_app_secret_every_delivery_is_refused(make_client):
+    client = await make_client(whatsapp_app_secret=None)
+    resp = await post_webhook(client, webhook([text("hello")]), secret=APP_SECRET)
+    assert resp.status == 401
+    assert await chats(client) == []
+
+
+# -- idempotence and batches -------------------------------------------------------------
+
+
+async def test_the_same_webhook_five_times_stores_one_message_and_broadcasts_once(client):
+    stream = await SseStream.open(client)
+    first = text("are you open today?")
+    body = webhook([first])
+    for _ in range(5):
+        resp = await post_webhook(client, body)
+        assert resp.status == 200
+    marker = text("second message")
+    assert (await post_webhook(client, webhook([marker]))).status == 200
+
+    _, before = await stream.until(message_event(marker["id"]))
+    about_first = [
+        e
+        for e in before
+        if e.name in ("new_message", "new_conversation")
+        and e.data["message"]["wa_message_id"] == first["id"]
+    ]
+    assert len(about_first) == 1
+    assert about_first[0].name == "new_conversation"
+    conversation = await conversation_of(client)
+    assert [m["wa_message_id"] for m in await all_messages(client, conversation["id"])] == [
+        first["id"],
+        marker["id"],
+    ]
+    assert conversation["unread_count"] == 2
+    stream.close()
+
+
+async def test_duplicates_are_counted_in_the_log_line(client):
+    body = webhook([text("hi")])
+    await post_webhook(client, body)
+    with capture_logs() as logs:
+        assert (await post_webhook(client, body)).status == 200
+    [line] = [entry for entry in logs if entry["event"] == "webhook.received"]
+    assert line["messages"] == 1 and line["duplicates"] == 1 and line["statuses"] == 0
+    assert line["duration_ms"] >= 0
+    # The customer's words stay out of the log.
+    assert "hi" not in {str(v) for entry in logs for v in entry.values()}
+
+
+async def test_a_batch_of_three_messages_and_two_statuses_is_handled_whole(make_client, graph):
+    client = await make_client(**graph_settings(graph))
+    # Two outbound messages for the statuses to update: agent replies sent through Graph.
+    await post_webhook(client, webhook([text("hello", frm="966500000001")]))
+    conversation = await conversation_of(client, "966500000001")
+    for reply in ("first answer", "second answer"):
+        resp = await client.post(
+            f"/api/live-chat/conversations/{conversation['id']}/messages", json={"text": reply}
+        )
+        assert resp.status == 201
+
+    async def sent():
+        out = [m for m in await all_messages(client, conversation["id"]) if m["direction"] == "out"]
+        return out if all(m["status"] == "sent" for m in out) and len(out) == 2 else None
+
+    out = await wait_until(sent)
+
+    stream = await SseStream.open(client)
+    batch = webhook(
+        [
+            text("one", frm="966500000001"),
+            text("two", frm="447700900123"),
+            message("image", {"id": "1234", "mime_type": "image/jpeg"}, frm="447700900123"),
+        ],
+        [status(out[0]["wa_message_id"], "delivered"), status(out[1]["wa_message_id"], "read")],
+        contacts={"966500000001": "سارة", "447700900123": "Emily Clarke"},
+    )
+    with capture_logs() as logs:
+        resp = await post_webhook(client, batch)
+    assert resp.status == 200
+    [line] = [entry for entry in logs if entry["event"] == "webhook.received"]
+    assert (line["messages"], line["statuses"], line["duplicates"]) == (3, 2, 0)
+
+    sara = await conversation_of(client, "966500000001")
+    emily = await conversation_of(client, "447700900123")
+    assert emily["user_name"] == "Emily Clarke"
+    assert len(await all_messages(client, emily["id"])) == 2
+    by_id = {m["id"]: m for m in await all_messages(client, sara["id"])}
+    assert by_id[out[0]["id"]]["status"] == "delivered"
+    assert by_id[out[1]["id"]]["status"] == "read"
+
+    names = []
+    while len(names) < 5:
+        event = await stream.next()
+        names.append(event.name)
+    assert sorted(names) == sorted(
+        ["new_message", "new_conversation", "new_message", "message_status", "message_status"]
+    )
+    stream.close()
+
+
+async def test_a_status_never_moves_a_message_backwards(make_client, graph):
+    client = await make_client(**graph_settings(graph))
+    await post_webhook(client, webhook([text("hello")]))
+    conversation = await conversation_of(client)
+    resp = await client.post(
+        f"/api/live-chat/conversations/{conversation['id']}/messages", json={"text": "hi there"}
+    )
+    message_id = (await resp.json())["id"]
+
+    async def sent():
+        for m in await all_messages(client, conversation["id"]):
+            if m["id"] == message_id and m["status"] == "sent":
+                return m
+        return None
+
+    wa_id = (await wait_until(sent))["wa_message_id"]
+    for value in ("read", "delivered", "sent"):
+        assert (await post_webhook(client, webhook(statuses=[status(wa_id, value)]))).status == 200
+    [stored] = [m for m in await all_messages(client, conversation["id"]) if m["id"] == message_id]
+    assert stored["status"] == "read"
+
+
+async def test_statuses_for_unknown_messages_and_unknown_values_are_ignored(client):
+    body = webhook(statuses=[status("wamid.nobody", "delivered"), status("wamid.x", "deleted")])
+    assert (await post_webhook(client, body)).status == 200
+    assert await chats(client) == []
+
+
+async def test_other_webhook_fields_are_acknowledged_and_ignored(client):
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "1",
+                "changes": [
+                    {"field": "account_update", "value": {"event": "VERIFIED_ACCOUNT"}},
+                    {
+                        "field": "messages",
+                        "value": webhook([text("hi")])["entry"][0]["changes"][0]["value"],
+                    },
+                ],
+            }
+        ],
+    }
+    assert (await post_webhook(client, body)).status == 200
+    assert len(await chats(client)) == 1
+
+
+# -- every message type ------------------------------------------------------------------
+
+
+async def test_every_message_type_round_trips_to_the_api(client):
+    frm = "966501234567"
+    sent = {
+        "text": text("مرحبا، هل عندكم توصيل؟", frm=frm),
+        "image": message(
+            "image",
+            {"caption": "this one", "mime_type": "image/jpeg", "sha256": "abc", "id": "111"},
+            frm=frm,
+        ),
+        "audio": message(
+            "audio", {"mime_type": "audio/ogg; codecs=opus", "id": "222", "voice": True}, frm=frm
+        ),
+        "video": message(
+            "video", {"caption": "unboxing", "mime_type": "video/mp4", "id": "333"}, frm=frm
+        ),
+        "document": message(
+            "document",
+            {
+                "caption": "Invoice",
+                "filename": "invoice.pdf",
+                "mime_type": "application/pdf",
+                "id": "444",
+            },
+            frm=frm,
+        ),
+        "sticker": message(
+            "sticker", {"mime_type": "image/webp", "id": "555", "animated": True}, frm=frm
+        ),
+        "location": message(
+            "location",
+            {
+                "latitude": 24.7136,
+                "longitude": 46.6753,
+                "name": "Kingdom Centre",
+                "address": "Riyadh",
+            },
+            frm=frm,
+        ),
+        "button_reply": message(
+            "interactive",
+            {"type": "button_reply", "button_reply": {"id": "yes_1", "title": "Yes"}},
+            frm=frm,
+            context={"from": "15550783881", "id": "wamid.asked"},
+        ),
+        "list_reply": message(
+            "interactive",
+            {
+                "type": "list_reply",
+                "list_reply": {"id": "size_m", "title": "Medium", "description": "Chest 96-101 cm"},
+            },
+            frm=frm,
+        ),
+        "button": message("button", {"payload": "STOP_PROMOS", "text": "Stop promotions"}, frm=frm),
+        "reaction": message("reaction", {"message_id": "wamid.target", "emoji": "❤️"}, frm=frm),
+        "unreaction": message("reaction", {"message_id": "wamid.target"}, frm=frm),
+        "unsupported": message(
+            "unsupported",
+            None,
+            frm=frm,
+            errors=[{"code": 131051, "title": "Message type unknown", "message": "..."}],
+        ),
+        "contacts": message("contacts", [{"name": {"formatted_name": "Ali"}}], frm=frm),
+    }
+    resp = await post_webhook(client, webhook(list(sent.values())))
+    assert resp.status == 200, await resp.text()
+    conversation = await conversation_of(client, frm)
+    got = {m["wa_message_id"]: m for m in await all_messages(client, conversation["id"])}
+    assert len(got) == len(sent)
+
+    def stored(name: str) -> dict:
+        return got[sent[name]["id"]]
+
+    assert stored("text")["type"] == "text"
+    assert stored("text")["text"] == "مرحبا، هل عندكم توصيل؟"
+    image = stored("image")
+    assert image["type"] == "image" and image["media"]["id"] == "111"
+    assert image["media"]["caption"] == "this one" and image["media"]["mime_type"] == "image/jpeg"
+    audio = stored("audio")
+    assert audio["type"] == "audio" and audio["extra"] == {"voice": True}
+    assert stored("video")["media"]["caption"] == "unboxing"
+    document = stored("document")
+    assert document["type"] == "document" and document["media"]["filename"] == "invoice.pdf"
+    sticker = stored("sticker")
+    assert sticker["type"] == "image" and sticker["extra"] == {"sticker": True, "animated": True}
+    location = stored("location")
+    assert location["type"] == "location"
+    assert location["text"] == "Kingdom Centre, Riyadh"
+    assert location["extra"]["latitude"] == 24.7136 and location["extra"]["longitude"] == 46.6753
+    button = stored("button_reply")
+    assert button["type"] == "interactive" and button["text"] == "Yes"
+    assert button["extra"] == {
+        "interactive_type": "button_reply",
+        "reply_id": "yes_1",
+        "reply_to": "wamid.asked",
+    }
+    listed = stored("list_reply")
+    assert listed["text"] == "Medium" and listed["extra"]["reply_id"] == "size_m"
+    assert listed["extra"]["description"] == "Chest 96-101 cm"
+    quick = stored("button")
+    assert quick["type"] == "interactive" and quick["text"] == "Stop promotions"
+    assert quick["extra"]["payload"] == "STOP_PROMOS"
+    reaction = stored("reaction")
+    assert reaction["type"] == "reaction" and reaction["text"] == "❤️"
+    assert reaction["extra"] == {"reacted_to": "wamid.target", "removed": False}
+    assert stored("unreaction")["extra"]["removed"] is True
+    unsupported = stored("unsupported")
+    assert unsupported["type"] == "unsupported"
+    assert unsupported["extra"]["errors"] == [{"code": 131051, "title": "Message type unknown"}]
+    contacts = stored("contacts")
+    assert contacts["type"] == "unsupported" and contacts["extra"]["original_type"] == "contacts"
+
+
+async def test_timestamps_become_milliseconds_and_wamids_with_slashes_work(client):
+    m = text("hello", id="wamid.with/slash==")
+    m["timestamp"] = "1749416383"
+    assert (await post_webhook(client, webhook([m]))).status == 200
+    conversation = await conversation_of(client)
+    [stored] = await all_messages(client, conversation["id"])
+    assert stored["at"] == "2025-06-08T20:59:43.000Z"
+    assert stored["wa_message_id"] == "wamid.with/slash=="
+
+
+# -- malformed bodies ---------------------------------------------------------------------
+
+
+def _bad_in_the_middle() -> dict:
+    good, bad, good2 = text("one"), text("two"), text("three")
+    del bad["id"]
+    return webhook([good, bad, good2])
+
+
+def _bad_type_content() -> dict:
+    m = text("x")
+    m["text"] = {"body": 5}
+    return webhook([text("first"), m])
+
+
+def _bad_timestamp() -> dict:
+    m = text("x")
+    m["timestamp"] = "yesterday"
+    return webhook([m])
+
+
+def _bad_status() -> dict:
+    return webhook([text("fine")], [{"status": "read", "timestamp": "1"}])
+
+
+def _bad_location() -> dict:
+    return webhook([message("location", {"latitude": "north", "longitude": 1})])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json at all",
+        b"\xff\xfe",
+        b"[]",
+        b'"just a string"',
+        b"{}",
+        json.dumps({"object": "whatsapp_business_account", "entry": {}}).encode(),
+        json.dumps({"entry": [{"changes": [{"field": "messages", "value": []}]}]}).encode(),
+        json.dumps(_bad_in_the_middle()).encode(),
+        json.dumps(_bad_type_content()).encode(),
+        json.dumps(_bad_timestamp()).encode(),
+        json.dumps(_bad_status()).encode(),
+        json.dumps(_bad_location()).encode(),
+    ],
+    ids=[
+        "not-json",
+        "not-utf8",
+        "a-list",
+        "a-string",
+        "no-entry",
+        "entry-not-a-list",
+        "value-not-an-object",
+        "bad-message-mid-batch",
+        "bad-text-body",
+        "bad-timestamp",
+        "status-without-id",
+        "bad-latitude",
+    ],
+)
+async def test_a_malformed_body_is_400_and_stores_nothing(client, body):
+    with capture_logs() as logs:
+        resp = await post_webhook(client, body)
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["code"] == "invalid_webhook"
+    assert error["message"]
+    assert await chats(client) == []
+    [line] = [entry for entry in logs if entry["event"] == "webhook.malformed"]
+    assert len(line["reason"]) <= 300
+
+
+async def test_a_parse_error_names_the_place_that_is_wrong():
+    with pytest.raises(ParseError, match=r"entry\[0\]\.changes\[0\]\.value\.messages\[1\]\.id"):
+        parse_payload(_bad_in_the_middle())
+
+
+async def test_a_message_from_a_number_without_a_contact_uses_the_number(client):
+    body = webhook([text("hi", frm="201001234567")], contacts={"999": "Someone", "998": "Else"})
+    assert (await post_webhook(client, body)).status == 200
+    conversation = await conversation_of(client, "201001234567")
+    assert conversation["user_name"] == "+201001234567"
+
+
+async def test_a_new_message_reaches_an_open_dashboard(client):
+    stream = await SseStream.open(client)
+    m = text("hello")
+    await post_webhook(client, webhook([m]))
+    event, _ = await stream.until(message_event(m["id"]))
+    assert event.name == "new_conversation"
+    assert event.data["conversation"]["user_id"] == "966501234567"
+    assert event.data["message"]["text"] == "hello"
+    stream.close()
+
+
+@pytest.mark.parametrize("n", [wamid()])
+async def test_redelivery_after_a_resolved_conversation_does_not_reopen_it(client, n):
+    m = text("hello", id=n)
+    await post_webhook(client, webhook([m]))
+    conversation = await conversation_of(client)
+    await client.patch(
+        f"/api/live-chat/conversations/{conversation['id']}", json={"status": "resolved"}
+    )
+    assert (await post_webhook(client, webhook([m]))).status == 200
+    rows = await chats(client)
+    assert len(rows) == 1 and rows[0]["status"] == "resolved"
