@@ -470,20 +470,22 @@ async function signIn(token) {
   start();
 }
 
-async function boot() {
-  // A link with #token=... signs in once; the token then leaves the address bar.
-  const fragment = new URLSearchParams(location.hash.slice(1));
-  const token = fragment.get("token");
-  if (token) {
-    history.replaceState(null, "", location.pathname + location.search);
-    try {
-      await signIn(token);
-      return;
-    } catch (e) {
-      signedOut("That link's token is not valid. Paste a token to sign in.");
-      return;
-    }
+// A link with #token=... signs in once; the token then leaves the address bar.
+// True when the fragment held a token (signed in, or the form says why not).
+async function signInFromLink() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (!token) return false;
+  history.replaceState(null, "", location.pathname + location.search);
+  try {
+    await signIn(token);
+  } catch (e) {
+    signedOut("That link's token is not valid. Paste a token to sign in.");
   }
+  return true;
+}
+
+async function boot() {
+  if (await signInFromLink()) return;
   try {
     await api.session();
     start();
@@ -578,6 +580,8 @@ ui.composer.addEventListener("submit", (e) => {
   e.preventDefault();
   sendReply();
 });
+
+window.addEventListener("hashchange", () => signInFromLink());
 
 document.addEventListener("visibilitychange", () => {
   const chat = state.activeChat;

@@ -168,6 +168,8 @@ export function isFailure(status) {
 }
 
 // What an agent can do about the WhatsApp errors they will meet (../WHATSAPP facts).
+// Meta's own titles are a few words; anything this short gets the explanation added.
+const TERSE_TITLE = 40;
 const ERROR_HINTS = {
   131047: "Outside the 24-hour window: the customer has not written for over a day, so only a template message can reach them.",
   131026: "Undeliverable: the number may not be on WhatsApp.",
@@ -178,12 +180,16 @@ const ERROR_HINTS = {
   190: "The WhatsApp access token has expired.",
 };
 
-/** The words shown under a failed message: the hint for its code, and WhatsApp's title. */
+/**
+ * The words shown under a failed message. The server words the errors an agent can act on;
+ * a bare WhatsApp title ("Re-engagement message") gets the plain explanation for its code.
+ */
 export function errorText(error) {
   if (!error) return "Not delivered";
+  const title = error.title || "";
   const hint = ERROR_HINTS[Number(error.code)];
-  const title = error.title || "Not delivered";
-  if (hint) return `${hint} (${error.code}: ${title})`;
+  if (hint && title.length < TERSE_TITLE) return title ? `${hint} (${error.code}: ${title})` : `${hint} (${error.code})`;
+  if (!title) return error.code != null ? `Not delivered (${error.code})` : "Not delivered";
   return error.code != null ? `${title} (${error.code})` : title;
 }
 

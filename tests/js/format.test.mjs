@@ -51,6 +51,8 @@ test("a failed message explains the 24-hour window", () => {
   assert.match(text, /131047/);
   assert.equal(errorText({ code: "not_configured", title: "WhatsApp is not configured" }), "WhatsApp is not configured (not_configured)");
   assert.equal(errorText(null), "Not delivered");
+  const worded = "Outside the 24-hour customer-service window: more than 24 hours since the customer's last message";
+  assert.equal(errorText({ code: 131047, title: worded }), `${worded} (131047)`);
 });
 
 test("media placeholders and previews", () => {

@@ -1,0 +1,557 @@
+"""The dashboard in a real browser: Debian's headless Chromium driven by Playwright.
+
+Each test serves the real app from its factory on a loopback port, posts signed WhatsApp
+webhooks to it as Meta would, and watches what an agent would see and what the page asks
+the server for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from server import keys
+from server.app import create_app
+from server.models import now_ms
+from server.store import make_store
+from server.store.base import InboundMessage
+from tests.conftest import APP_SECRET, AUTH, TOKEN
+from tests.fakes import FakeGraph
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 360, "height": 740}
+# The reconciling refresh of the list runs at most this often (static/js/app.js).
+RECONCILE_S = 3.0
+
+expect.set_options(timeout=5000)
+_wamids = itertools.count(1)
+
+
+# ---------- the app on a real port ----------
+
+
+@dataclass
+class Served:
+    """A running app: its URL and its application object."""
+
+    server: Any
+    app: web.Application
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/"))
+
+
+@pytest.fixture
+def serve(aiohttp_server, settings):
+    """Start the app from the factory on loopback (settings may be overridden); wait until warm."""
+
+    async def start(port: int | None = None, **overrides: Any) -> Served:
+        app = create_app(replace(settings, **overrides).validated())
+        server = await aiohttp_server(app, host="127.0.0.1", port=port)
+        await asyncio.wait_for(app[keys.WARMER].loaded.wait(), 10)
+        return Served(server, app)
+
+    return start
+
+
+@pytest.fixture
+async def http():
+    """An HTTP client for the test's own calls (the API with the token, webhooks)."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def api_get(http, served: Served, path: str) -> Any:
+    async with http.get(served.url.rstrip("/") + path, headers=AUTH) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+def inbound(phone: str, text: str, name: str = "Customer") -> dict[str, Any]:
+    """A WhatsApp Cloud API webhook body with one text message (../shared/WHATSAPP.md)."""
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "102290129340398",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": "15550783881",
+                                "phone_number_id": "106540352242922",
+                            },
+                            "contacts": [{"profile": {"name": name}, "wa_id": phone}],
+                            "messages": [
+                                {
+                                    "from": phone,
+                                    "id": f"wamid.HBgLdashboard{next(_wamids):06d}",
+                                    "timestamp": str(int(time.time())),
+                                    "type": "text",
+                                    "text": {"body": text},
+                                }
+                            ],
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+
+
+async def post_webhook(http, served: Served, body: dict[str, Any]) -> None:
+    """POST a webhook signed as Meta signs it: HMAC-SHA256 of the raw body."""
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    signature = hmac.new(APP_SECRET.encode(), raw, hashlib.sha256).hexdigest()
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": f"sha256={signature}"}
+    async with http.post(served.url + "webhooks/whatsapp", data=raw, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+# ---------- the browser ----------
+
+
+@pytest.fixture
+async def browser():
+    async with async_playwright() as p:
+        chromium = await p.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+@dataclass
+class Tab:
+    """A page with what it asked the server for and what it logged."""
+
+    page: Page
+    requests: list[tuple[float, str, str]] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+
+    def list_requests(self, since: float = 0.0) -> list[float]:
+        """When the page asked for the unified chat list (monotonic seconds)."""
+        return [t for t, _, url in self.requests if "/unified-chats" in url and t >= since]
+
+    def api_requests(self, since: float) -> list[str]:
+        return [f"{m} {url}" for t, m, url in self.requests if "/api/" in url and t >= since]
+
+    def assert_no_console_errors(self, allow: tuple[str, ...] = ()) -> None:
+        unexpected = [e for e in self.console_errors if not any(a in e for a in allow)]
+        assert unexpected == [], unexpected
+
+
+async def open_tab(
+    browser: Browser, served: Served, viewport=DESKTOP, signed_in: bool = True
+) -> Tab:
+    """A fresh browser context on the dashboard, signed in through the session cookie."""
+    context = await browser.new_context(
+        viewport=viewport, locale="en-GB", timezone_id="Asia/Riyadh"
+    )
+    if signed_in:
+        await context.add_cookies([{"name": "livechat_token", "value": TOKEN, "url": served.url}])
+    page = await context.new_page()
+    tab = Tab(page)
+    page.on("request", lambda r: tab.requests.append((time.monotonic(), r.method, r.url)))
+    page.on("console", lambda m: tab.console_errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: tab.console_errors.append(f"pageerror: {e}"))
+    await page.goto(served.url)
+    if signed_in:
+        await expect(page.locator("#chat-list li").first).to_be_visible()
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    return tab
+
+
+async def chat_ids(page: Page) -> list[str]:
+    return await page.locator("#chat-list li").evaluate_all("els => els.map(e => e.dataset.id)")
+
+
+async def open_chat(page: Page, conversation_id: str) -> None:
+    await page.locator(f'#chat-list li[data-id="{conversation_id}"] button').click()
+    await expect(page.locator("#message-list .msg").first).to_be_visible()
+    await expect(page.locator("#older-status")).not_to_have_text("Loading messages…")
+
+
+async def wait_until(predicate, within: float, interval: float = 0.01) -> float:
+    """Poll until predicate() is true; the seconds it took."""
+    started = time.monotonic()
+    while not await predicate():
+        if time.monotonic() - started > within:
+            raise AssertionError(f"not within {within} s")
+        await asyncio.sleep(interval)
+    return time.monotonic() - started
+
+
+# ---------- the tests ----------
+
+
+async def test_first_page_load_more_and_keyboard(browser, serve, http):
+    served = await serve(demo=True, demo_conversations=100)
+    first = await api_get(http, served, "/api/live-chat/unified-chats?limit=30&status=open")
+    second = await api_get(
+        http,
+        served,
+        f"/api/live-chat/unified-chats?limit=30&status=open&cursor={first['next_cursor']}",
+    )
+    tab = await open_tab(browser, served)
+    page = tab.page
+
+    await expect(page.locator("#chat-list li")).to_have_count(30)
+    assert await chat_ids(page) == [c["id"] for c in first["chats"]]
+    await expect(page.locator("#total")).to_have_text(f"{first['total']} open conversations")
+    top = first["chats"][0]
+    row = page.locator("#chat-list li").first
+    await expect(row.locator(".chat-name")).to_have_text(top["user_name"])
+    await expect(row.locator(".who")).to_have_text(
+        {"user": "Customer", "ai": "AI", "agent": "Agent"}[top["last_message"]["sender"]]
+    )
+    assert await row.locator(".chat-preview").get_attribute("dir") == "auto"
+
+    # Load More, pressed where it is (scrolling to it would start the scroll loader too).
+    since = time.monotonic()
+    await page.locator("#load-more").evaluate("button => button.click()")
+    expected = [c["id"] for c in first["chats"] + second["chats"]]
+    await expect(page.locator("#chat-list li")).to_have_count(len(expected))
+    ids = await chat_ids(page)
+    assert ids == expected
+    assert len(set(ids)) == len(ids)
+    assert len(tab.list_requests(since)) == 1
+
+    # Scrolling to the end of the list loads the rest, still without duplicates.
+    await page.locator("#chat-list li").last.scroll_into_view_if_needed()
+    await expect(page.locator("#chat-list li")).to_have_count(first["total"])
+    ids = await chat_ids(page)
+    assert len(set(ids)) == len(ids) == first["total"]
+    await expect(page.locator("#load-more")).to_be_hidden()
+
+    # Keyboard: from the search box, Tab reaches the tabs, then the first chat; Enter opens it.
+    await page.locator("#search").focus()
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.dataset.status") == "open"
+    await page.keyboard.press("Tab")
+    await page.keyboard.press("ArrowDown")
+    focused = page.locator("#chat-list li:nth-child(2) button")
+    await expect(focused).to_be_focused()
+    outline = await focused.evaluate("el => getComputedStyle(el).outlineStyle")
+    assert outline != "none", "focus is visible"
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#convo-name")).to_have_text(first["chats"][1]["user_name"])
+    await expect(page.locator("#message-list .msg").first).to_be_visible()
+
+    # Tabs and search ask the API and show what it answers.
+    await page.locator("#tabs [data-status=resolved]").click()
+    await expect(page.locator("#chat-list li").first).to_have_attribute("data-status", "resolved")
+    await page.locator("#tabs [data-status=all]").click()
+    await expect(page.locator("#total")).to_have_text("100 conversations")
+    name = first["chats"][3]["user_name"]
+    await page.locator("#search").fill(name)
+    await expect(page.locator("#chat-list li .chat-name").first).to_have_text(name)
+    assert any("/unified-chats" in url and "q=" in url for _, _, url in tab.requests)
+    tab.assert_no_console_errors()
+
+
+async def test_sign_in_with_a_token_or_a_link_and_sign_out(browser, serve):
+    served = await serve(demo=True, demo_conversations=5)
+    tab = await open_tab(browser, served, signed_in=False)
+    page = tab.page
+    await expect(page.locator("#signin")).to_be_visible()
+    await page.locator("#token").fill("not-the-token")
+    await page.locator("#token").press("Enter")
+    await expect(page.locator("#signin-error")).to_have_text("That token is not valid.")
+    await page.locator("#token").fill(TOKEN)
+    await page.locator("#signin-form button[type=submit]").click()
+    await expect(page.locator("#chat-list li").first).to_be_visible()
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+
+    await page.locator("#signout").click()
+    await expect(page.locator("#signin")).to_be_visible()
+    await expect(page.locator("#app")).to_be_hidden()
+
+    # A link with #token=... signs in, and the token leaves the address bar.
+    await page.goto(served.url + "#token=" + TOKEN)
+    await expect(page.locator("#chat-list li").first).to_be_visible()
+    assert "token" not in page.url
+    await page.reload()
+    await expect(page.locator("#chat-list li").first).to_be_visible()
+    # The only console errors: the browser reporting the 401s of signed-out requests.
+    tab.assert_no_console_errors(allow=("status of 401",))
+
+
+async def test_webhook_appears_at_once_with_no_list_request(browser, serve, http):
+    served = await serve(demo=True, demo_conversations=40)
+    tab = await open_tab(browser, served)
+    page = tab.page
+    first = await api_get(http, served, "/api/live-chat/unified-chats?limit=30&status=open")
+    chat = first["chats"][5]
+    await open_chat(page, chat["id"])
+    await asyncio.sleep(0.3)  # let opening settle (mark read)
+
+    text = "مرحبا، هل طلبي في الطريق؟ order 48213"
+    since = time.monotonic()
+    await post_webhook(http, served, inbound(chat["user_id"], text, chat["user_name"]))
+    bubble = page.locator("#message-list .msg-customer", has_text="order 48213")
+
+    async def shown() -> bool:
+        return await bubble.count() == 1 and (await chat_ids(page))[0] == chat["id"]
+
+    took = await wait_until(shown, within=1.0)
+    assert took < 1.0
+    # Shown from the event alone: no list request, no messages request.
+    assert tab.list_requests(since) == []
+    assert [r for r in tab.api_requests(since) if "/messages" in r] == []
+    # Arabic reads right to left.
+    text_el = bubble.locator(".text")
+    assert await text_el.get_attribute("dir") == "auto"
+    assert await text_el.evaluate("el => getComputedStyle(el).direction") == "rtl"
+    row = page.locator("#chat-list li").first
+    await expect(row.locator(".chat-preview")).to_have_text(text)
+    await expect(row.locator(".who")).to_have_text("Customer")
+    # The open conversation is being read: no unread badge for it.
+    await expect(row.locator(".badge")).to_have_count(0)
+    await asyncio.sleep(1.0)
+    assert tab.list_requests(since) == [], "the refresh waits for its 3 s window"
+    tab.assert_no_console_errors()
+
+
+async def test_a_burst_of_webhooks_costs_at_most_one_list_request_per_3s(browser, serve, http):
+    served = await serve(demo=True, demo_conversations=40)
+    tab = await open_tab(browser, served)
+    page = tab.page
+    first = await api_get(http, served, "/api/live-chat/unified-chats?limit=30&status=open")
+    customers = first["chats"][:20]
+    assert len(customers) == 20
+
+    since = time.monotonic()
+    for i, chat in enumerate(reversed(customers)):
+        await post_webhook(http, served, inbound(chat["user_id"], f"burst {i}", chat["user_name"]))
+    posted = time.monotonic() - since
+    assert posted < 1.0, f"20 webhooks took {posted:.2f} s"
+
+    # Every message moved its chat to the top, locally, in the server's order (WhatsApp
+    # timestamps are whole seconds, so ties are ordered by id, as the API orders them).
+    after = await api_get(http, served, "/api/live-chat/unified-chats?limit=30&status=open")
+    expected_top = [c["id"] for c in after["chats"][:20]]
+    assert set(expected_top) == {c["id"] for c in customers}
+
+    async def reordered() -> bool:
+        return (await chat_ids(page))[:20] == expected_top
+
+    await wait_until(reordered, within=1.0)
+    previews = await page.locator("#chat-list li .chat-preview").all_text_contents()
+    assert sorted(previews[:20]) == sorted(f"burst {i}" for i in range(20))
+    await asyncio.sleep(RECONCILE_S + 1.5)
+    times = tab.list_requests(since)
+    assert len(times) <= 2
+    assert all(b - a >= RECONCILE_S - 0.1 for a, b in itertools.pairwise(times)), times
+    assert len(times) == 1, f"one reconciling refresh, got {len(times)}"
+    assert times[0] - since >= RECONCILE_S - 0.1, (
+        "the refresh waited, it did not follow the first event"
+    )
+    # The refresh merged: the list is still whole and in order.
+    assert (await chat_ids(page))[:20] == expected_top
+    tab.assert_no_console_errors()
+
+
+async def test_a_new_customer_appears_on_top_with_no_list_request(browser, serve, http):
+    served = await serve(demo=True, demo_conversations=40)
+    tab = await open_tab(browser, served)
+    page = tab.page
+    total_before = (
+        await api_get(http, served, "/api/live-chat/unified-chats?limit=1&status=open")
+    )["total"]
+    await expect(page.locator("#total")).to_have_text(f"{total_before} open conversations")
+
+    since = time.monotonic()
+    await post_webhook(
+        http, served, inbound("966500000123", "Hello, is anyone there?", "Noor Test")
+    )
+    row = page.locator("#chat-list li").first
+    await expect(row.locator(".chat-name")).to_have_text("Noor Test", timeout=1000)
+    await expect(row.locator(".chat-preview")).to_have_text("Hello, is anyone there?")
+    await expect(row.locator(".badge")).to_have_text("1")
+    await expect(page.locator("#total")).to_have_text(f"{total_before + 1} open conversations")
+    await asyncio.sleep(1.0)
+    assert tab.list_requests(since) == []
+    tab.assert_no_console_errors()
+
+
+async def test_agent_reply_shows_and_reaches_the_graph_api(browser, serve, http, aiohttp_server):
+    graph = await FakeGraph.serve(aiohttp_server)
+    served = await serve(
+        demo=True,
+        demo_conversations=20,
+        whatsapp_token=graph.token,
+        whatsapp_phone_number_id="106540352242922",
+        whatsapp_api_base=graph.base,
+    )
+    tab = await open_tab(browser, served)
+    page = tab.page
+    first = await api_get(http, served, "/api/live-chat/unified-chats?limit=30&status=open")
+    chat = next(c for c in first["chats"] if c["ai_enabled"])
+    await open_chat(page, chat["id"])
+    await expect(page.locator("#ai-switch")).to_have_attribute("aria-checked", "true")
+    # A fresh customer message keeps the 24-hour window open for free text.
+    await post_webhook(
+        http, served, inbound(chat["user_id"], "Can someone help me?", chat["user_name"])
+    )
+    await expect(
+        page.locator("#message-list .msg-customer", has_text="Can someone help me?")
+    ).to_be_visible()
+
+    composer = page.locator("#composer-text")
+    await composer.fill("First line")
+    await composer.press("Shift+Enter")
+    await composer.type("second line")
+    assert await composer.input_value() == "First line\nsecond line"
+    await composer.press("Enter")
+
+    bubble = page.locator("#message-list .msg-agent", has_text="second line")
+    await expect(bubble).to_be_visible()
+    await expect(composer).to_have_value("")
+    await expect(bubble).to_have_attribute("data-status", "sent")
+    await expect(bubble.locator(".tick")).to_have_text("✓")
+    sent = next(r for r in graph.requests if r.json["text"]["body"] == "First line\nsecond line")
+    assert sent.path == "/v21.0/106540352242922/messages"
+    assert sent.headers["Authorization"] == f"Bearer {graph.token}"
+    assert sent.json["to"] == chat["user_id"]
+    # An agent's reply takes over from the AI.
+    await expect(page.locator("#ai-switch")).to_have_attribute("aria-checked", "false")
+    row = page.locator("#chat-list li").first
+    await expect(row).to_have_attribute("data-id", chat["id"])
+    await expect(row.locator(".who")).to_have_text("Agent")
+
+    # WhatsApp refuses a reply outside the 24-hour window: the agent reads why.
+    graph.fail(131047)
+    await composer.fill("Are you still there?")
+    await page.locator("#send").click()
+    failed = page.locator("#message-list .msg-agent", has_text="Are you still there?")
+    await expect(failed).to_have_attribute("data-status", "failed")
+    await expect(failed.locator(".msg-error")).to_contain_text("24-hour")
+
+    # The AI switch and resolve act on the conversation.
+    await page.locator("#ai-switch").click()
+    await expect(page.locator("#ai-switch")).to_have_attribute("aria-checked", "true")
+    await page.locator("#resolve").click()
+    await expect(page.locator("#resolve")).to_have_text("Reopen")
+    await expect(page.locator(f'#chat-list li[data-id="{chat["id"]}"]')).to_have_count(0)
+    summary = await api_get(http, served, f"/api/live-chat/conversations/{chat['id']}")
+    assert summary["status"] == "resolved" and summary["ai_enabled"] is True
+    tab.assert_no_console_errors()
+
+
+async def test_restart_reconnects_and_resyncs_what_was_missed(browser, serve, http, settings):
+    served = await serve(demo=True, demo_conversations=20)
+    port = served.server.port
+    tab = await open_tab(browser, served)
+    page = tab.page
+    first = await api_get(http, served, "/api/live-chat/unified-chats?limit=30&status=open")
+    chat = first["chats"][4]
+    await open_chat(page, chat["id"])
+
+    await served.server.close()
+    await expect(page.locator("#conn")).to_have_attribute(
+        "data-state", "reconnecting", timeout=5000
+    )
+    await expect(page.locator("#conn")).to_have_text("Reconnecting…")
+
+    # While the server is down a message is stored: no live event will ever carry it.
+    store = make_store(settings)
+    await store.start()
+    try:
+        await store.save_inbound(
+            InboundMessage(
+                wa_message_id="wamid.while-you-were-away",
+                user_id=chat["user_id"],
+                user_name=chat["user_name"],
+                phone=chat["phone"],
+                type="text",
+                text="Sent while the server was down",
+                at=now_ms(),
+            )
+        )
+    finally:
+        await store.close()
+
+    # The same port and SQLite file; a restarted server is a new instance and cannot replay.
+    await serve(port=port, instance_id="t2")
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=10_000)
+    await expect(
+        page.locator("#message-list .msg-customer", has_text="Sent while the server was down")
+    ).to_be_visible()
+    await expect(page.locator("#chat-list li").first).to_have_attribute("data-id", chat["id"])
+    await expect(page.locator("#chat-list li").first.locator(".chat-preview")).to_have_text(
+        "Sent while the server was down"
+    )
+    # Only the browser's reports of the refused reconnects while the server was down.
+    tab.assert_no_console_errors(
+        allow=("ERR_CONNECTION_REFUSED", "ERR_EMPTY_RESPONSE", "ERR_INCOMPLETE_CHUNKED_ENCODING")
+    )
+
+
+def _good_looking(messages: list[dict[str, Any]]) -> bool:
+    senders = {m["sender"] for m in messages}
+    return {"user", "ai", "agent"} <= senders and len(messages) >= 5
+
+
+async def test_screenshots_of_the_inbox_on_desktop_and_phone(browser, serve, http):
+    served = await serve(demo=True, demo_conversations=300)
+    first = await api_get(http, served, "/api/live-chat/unified-chats?limit=30&status=open")
+    showcase = first["chats"][1]
+    for chat in first["chats"][1:12]:
+        page_ = await api_get(http, served, f"/api/live-chat/conversations/{chat['id']}/messages")
+        if _good_looking(page_["messages"]):
+            showcase = chat
+            break
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+
+    desktop = await open_tab(browser, served, viewport=DESKTOP)
+    await open_chat(desktop.page, showcase["id"])
+    await desktop.page.mouse.move(0, 0)
+    await desktop.page.screenshot(path=str(SCREENSHOTS / "inbox-desktop.png"))
+    desktop.assert_no_console_errors()
+
+    phone = await open_tab(browser, served, viewport=PHONE)
+    page = phone.page
+    await expect(page.locator(".convo-pane")).to_be_hidden()
+    assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    await page.screenshot(path=str(SCREENSHOTS / "inbox-phone.png"))
+    # One pane at a time: the conversation, then back to the list.
+    await open_chat(page, showcase["id"])
+    await expect(page.locator(".list-pane")).to_be_hidden()
+    await expect(page.locator("#back")).to_be_visible()
+    assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    await page.locator("#back").click()
+    await expect(page.locator(".list-pane")).to_be_visible()
+    await expect(page.locator(f'#chat-list li[data-id="{showcase["id"]}"] button')).to_be_focused()
+    phone.assert_no_console_errors()
+    for name in ("inbox-desktop.png", "inbox-phone.png"):
+        assert (SCREENSHOTS / name).read_bytes().startswith(b"\x89PNG")
