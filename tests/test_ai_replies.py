@@ -304,3 +304,17 @@ async def test_the_builtin_responder_hands_off_once_in_the_customers_language(
     await asyncio.sleep(0.2)
     messages = await all_messages(client, conversation_id)
     assert [m["sender"] for m in messages].count("ai") == 1
+
+
+async def test_a_burst_of_messages_gets_one_reply_that_sees_them_all(make_client, llm):
+    client = await make_client(**llm_settings(llm))
+    burst = [text("Hi"), text("I ordered a jacket"), text("it has not arrived yet")]
+    assert (await post_webhook(client, webhook(burst))).status == 200
+    conversation = await wait_until(lambda: chats(client))
+    conversation_id = conversation[0]["id"]
+    await wait_for_message(client, conversation_id, lambda m: m["sender"] == "ai")
+    await asyncio.sleep(0.3)
+    messages = await all_messages(client, conversation_id)
+    assert [m["sender"] for m in messages] == ["user", "user", "user", "ai"]
+    last = llm.requests[-1].json["messages"]
+    assert [m["content"] for m in last if m["role"] == "user"] == [m["text"]["body"] for m in burst]

@@ -525,3 +525,23 @@ async def test_redelivery_after_a_resolved_conversation_does_not_reopen_it(clien
     assert (await post_webhook(client, webhook([m]))).status == 200
     rows = await chats(client)
     assert len(rows) == 1 and rows[0]["status"] == "resolved"
+
+
+def test_whole_second_times_are_refined_by_the_arrival_time_in_body_order():
+    first, second = text("one"), text("two")
+    first["timestamp"] = second["timestamp"] = "1749416383"
+    body = webhook([first, second])
+    arrived = 1749416383_000 + 400
+    parsed = parse_payload(body, received_ms=arrived)
+    assert [m.at for m in parsed.messages] == [arrived, arrived + 1]
+    # Redelivered a day later: WhatsApp's own time stands.
+    late = parse_payload(body, received_ms=arrived + 86_400_000)
+    assert [m.at for m in late.messages] == [1749416383_000, 1749416383_000]
+
+
+async def test_a_batch_from_one_customer_keeps_its_order(client):
+    sent = [text(f"part {i}") for i in range(6)]
+    assert (await post_webhook(client, webhook(sent))).status == 200
+    conversation = await conversation_of(client)
+    stored = await all_messages(client, conversation["id"])
+    assert [m["text"] for m in stored] == [f"part {i}" for i in range(6)]

@@ -13,6 +13,7 @@ from aiohttp import web
 from server import keys
 from server.handlers.errors import json_error
 from server.integrations.whatsapp_webhook import ParseError, parse_body, signature_ok
+from server.models import now_ms
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +50,7 @@ async def receive(request: web.Request) -> web.StreamResponse:
             HTTPStatus.UNAUTHORIZED, "invalid_signature", "X-Hub-Signature-256 is missing or wrong"
         )
     try:
-        parsed = parse_body(raw)
+        parsed = parse_body(raw, received_ms=now_ms())
     except ParseError as e:
         reason = str(e)[:MAX_REASON_CHARS]
         log.warning("webhook.malformed", reason=reason, body_bytes=len(raw))

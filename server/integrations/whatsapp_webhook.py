@@ -68,16 +68,19 @@ def sign(secret: str, body: bytes) -> str:
     return SIGNATURE_PREFIX + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def parse_body(raw: bytes) -> Parsed:
-    """Decode and parse a webhook body; ParseError when any part of it is malformed."""
+def parse_body(raw: bytes, received_ms: int | None = None) -> Parsed:
+    """Decode and parse a webhook body; ParseError when any part of it is malformed.
+
+    `received_ms` (when the body arrived) refines WhatsApp's whole-second timestamps.
+    """
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ParseError(f"body is not valid JSON ({type(e).__name__})") from e
-    return parse_payload(body)
+    return parse_payload(body, received_ms)
 
 
-def parse_payload(body: Any) -> Parsed:
+def parse_payload(body: Any, received_ms: int | None = None) -> Parsed:
     """Every message and status of a decoded webhook body."""
     root = _obj(body, "body")
     entries = _list(root.get("entry"), "entry")
@@ -91,14 +94,18 @@ def parse_payload(body: Any) -> Parsed:
             if change.get("field") != "messages":
                 parsed.ignored += 1
                 continue
-            _parse_value(_obj(change.get("value"), f"{where}.value"), f"{where}.value", parsed)
+            value = _obj(change.get("value"), f"{where}.value")
+            _parse_value(value, f"{where}.value", parsed, received_ms)
     return parsed
 
 
-def _parse_value(value: Mapping[str, Any], where: str, parsed: Parsed) -> None:
+def _parse_value(
+    value: Mapping[str, Any], where: str, parsed: Parsed, received_ms: int | None
+) -> None:
     names = _contact_names(value.get("contacts", []), f"{where}.contacts")
     for k, raw in enumerate(_list(value.get("messages", []), f"{where}.messages")):
-        parsed.messages.append(_message(_obj(raw, f"{where}.messages[{k}]"), names, where, k))
+        m = _obj(raw, f"{where}.messages[{k}]")
+        parsed.messages.append(_message(m, names, where, k, received_ms, len(parsed.messages)))
     for k, raw in enumerate(_list(value.get("statuses", []), f"{where}.statuses")):
         status = _status(_obj(raw, f"{where}.statuses[{k}]"), f"{where}.statuses[{k}]")
         if status is None:
@@ -120,14 +127,19 @@ def _contact_names(raw: Any, where: str) -> dict[str, str]:
 
 
 def _message(
-    m: Mapping[str, Any], names: dict[str, str], value_where: str, k: int
+    m: Mapping[str, Any],
+    names: dict[str, str],
+    value_where: str,
+    k: int,
+    received_ms: int | None,
+    position: int,
 ) -> InboundMessage:
     where = f"{value_where}.messages[{k}]"
     wamid = _str(m.get("id"), f"{where}.id")
     sender = _str(m.get("from"), f"{where}.from")
     if not _DIGITS.fullmatch(sender):
         raise ParseError(f"{where}.from must be a phone number in digits")
-    at = _timestamp(m.get("timestamp"), f"{where}.timestamp")
+    at = _refine(_timestamp(m.get("timestamp"), f"{where}.timestamp"), received_ms, position)
     kind = _str(m.get("type"), f"{where}.type")
     # wa_id and `from` usually agree; when they do not and there is one contact, it is them.
     name = names.get(sender) or (next(iter(names.values())) if len(names) == 1 else None)
@@ -312,6 +324,19 @@ def _number(value: Any, where: str) -> float:
     if not math.isfinite(number):
         raise ParseError(f"{where} must be a finite number")
     return number
+
+
+def _refine(at: int, received_ms: int | None, position: int) -> int:
+    """A whole-second WhatsApp time made precise by our clock, when it arrived that second.
+
+    Replies are stamped in milliseconds; without this a customer's quick answer could sort
+    before the reply it answers (12:00:05.000 < 12:00:05.400), and the AI would read the
+    conversation out of order. Messages of one body are `position` ms apart, so they keep
+    WhatsApp's order. A late delivery (a retry) keeps WhatsApp's own time.
+    """
+    if received_ms is not None and at <= received_ms < at + 1000:
+        return min(received_ms + position, at + 999)
+    return at
 
 
 def _timestamp(value: Any, where: str) -> int:
