@@ -468,7 +468,10 @@ async def test_agent_reply_shows_and_reaches_the_graph_api(browser, serve, http,
     tab.assert_no_console_errors()
 
 
-async def test_restart_reconnects_and_resyncs_what_was_missed(browser, serve, http, settings):
+@pytest.mark.parametrize("saw_events", [True, False], ids=["after-events", "idle-page"])
+async def test_restart_reconnects_and_resyncs_what_was_missed(
+    browser, serve, http, settings, saw_events
+):
     served = await serve(demo=True, demo_conversations=20)
     port = served.server.port
     tab = await open_tab(browser, served)
@@ -476,6 +479,14 @@ async def test_restart_reconnects_and_resyncs_what_was_missed(browser, serve, ht
     first = await api_get(http, served, "/api/live-chat/unified-chats?limit=30&status=open")
     chat = first["chats"][4]
     await open_chat(page, chat["id"])
+    if saw_events:
+        # The page holds an event id: on reconnect the new server says `resync`.
+        await page.locator("#ai-switch").click()
+        await expect(page.locator("#ai-switch")).to_have_attribute(
+            "aria-checked", "false" if chat["ai_enabled"] else "true"
+        )
+        await asyncio.sleep(0.2)
+    # Otherwise the page has no id to resume from, and reloads by itself on reconnect.
 
     await served.server.close()
     await expect(page.locator("#conn")).to_have_attribute(
@@ -515,6 +526,51 @@ async def test_restart_reconnects_and_resyncs_what_was_missed(browser, serve, ht
     tab.assert_no_console_errors(
         allow=("ERR_CONNECTION_REFUSED", "ERR_EMPTY_RESPONSE", "ERR_INCOMPLETE_CHUNKED_ENCODING")
     )
+
+
+async def test_older_messages_load_on_scrolling_up_and_keep_the_place(browser, serve, settings):
+    store = make_store(settings)
+    await store.start()
+    try:
+        start = now_ms() - 3_600_000
+        for i in range(120):
+            await store.save_inbound(
+                InboundMessage(
+                    wa_message_id=f"wamid.history{i:03d}",
+                    user_id="966511112222",
+                    user_name="Hala Saleh",
+                    phone="+966511112222",
+                    type="text",
+                    text=f"message number {i}",
+                    at=start + i * 20_000,
+                )
+            )
+    finally:
+        await store.close()
+    served = await serve()
+    tab = await open_tab(browser, served)
+    page = tab.page
+    await page.locator("#chat-list li button").first.click()
+    bubbles = page.locator("#message-list .msg")
+    await expect(bubbles).to_have_count(50)
+    await expect(bubbles.last).to_contain_text("message number 119")
+    box = page.locator("#messages")
+    assert await box.evaluate("el => el.scrollHeight - el.scrollTop - el.clientHeight") < 2
+
+    async def top_of(text: str) -> float:
+        bubble = page.locator("#message-list .msg", has_text=text)
+        return await bubble.evaluate("el => el.getBoundingClientRect().top")
+
+    await box.evaluate("el => { el.scrollTop = 0; }")
+    before = await top_of("message number 70")
+    await expect(bubbles).to_have_count(100)
+    await expect(bubbles.first).to_contain_text("message number 20")
+    # The message the agent was looking at stays where it was.
+    assert abs(await top_of("message number 70") - before) < 40
+    await box.evaluate("el => { el.scrollTop = 0; }")
+    await expect(bubbles).to_have_count(120)
+    await expect(page.locator("#older-status")).to_have_text("Start of the conversation")
+    tab.assert_no_console_errors()
 
 
 def _good_looking(messages: list[dict[str, Any]]) -> bool:

@@ -76,6 +76,7 @@ const state = {
   activeChat: null, // the open conversation's summary, even when the filter hides it
   olderLoading: false,
   sending: false,
+  stickToBottom: false, // the next draw scrolls the messages to the newest
 };
 
 let events = null;
@@ -265,7 +266,8 @@ async function openConversation(id) {
     }
     draw();
   }
-  markRead(id);
+  // Opening it reads it (on every dashboard); nothing to send when nothing is unread.
+  if (state.activeChat && state.activeChat.unread_count) markRead(id);
   try {
     const page = await api.messages(id, { limit: 50 });
     if (state.activeId !== id) return;

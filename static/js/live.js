@@ -26,6 +26,10 @@ export function connectEvents(
   let timer = null;
   let closed = false;
   let state = null;
+  // The id of the last event seen. The browser sends it back on its own reconnects (the
+  // server then replays or says resync); a stream opened anew carries it in the query.
+  let lastId = "";
+  let dropped = false;
 
   const setState = (next) => {
     if (next !== state) {
@@ -35,10 +39,20 @@ export function connectEvents(
   };
 
   const open = () => {
-    source = new EventSourceImpl(url, { withCredentials: true });
-    source.addEventListener("open", () => setState("live"));
+    const target = lastId ? `${url}?last_event_id=${encodeURIComponent(lastId)}` : url;
+    source = new EventSourceImpl(target, { withCredentials: true });
+    source.addEventListener("open", () => {
+      setState("live");
+      if (dropped && !lastId) {
+        // Back after a drop with no event id to resume from: the server cannot know what
+        // this page missed, so the page reloads, as if told to resync.
+        onEvent?.("resync", {}, "");
+      }
+      dropped = false;
+    });
     source.addEventListener("error", () => {
       if (closed) return;
+      dropped = true;
       setState("reconnecting");
       if (source.readyState === 2 /* CLOSED */) {
         source.close();
@@ -54,6 +68,7 @@ export function connectEvents(
         } catch {
           return; // a frame we cannot read is not worth breaking the page for
         }
+        if (e.lastEventId) lastId = e.lastEventId;
         onEvent?.(name, data, e.lastEventId);
       });
     }

@@ -86,6 +86,34 @@ test("a stream the browser gave up on is reopened after a pause, unless signed o
   conn.close();
 });
 
+test("a reconnect with no event id to resume from reloads, as a resync would", () => {
+  const { events, source } = setup();
+  source().emit("open");
+  assert.deepEqual(events, [], "the first connection needs nothing");
+  source().emit("error");
+  source().emit("open");
+  assert.deepEqual(events, [["resync", {}, ""]]);
+});
+
+test("a reconnect that can resume leaves it to the server", () => {
+  const { events, source } = setup();
+  source().emit("open");
+  source().emit("conversation_updated", { data: "{}", lastEventId: "i-7" });
+  source().emit("error");
+  source().emit("open");
+  assert.deepEqual(events.map((e) => e[0]), ["conversation_updated"]);
+});
+
+test("a stream opened anew resumes from the last id through the query", async () => {
+  const { timers, source } = setup();
+  source().emit("open");
+  source().emit("new_message", { data: "{}", lastEventId: "abc-12" });
+  source().readyState = 2;
+  source().emit("error");
+  await timers[0].fn();
+  assert.equal(source().url, "/api/live-chat/events?last_event_id=abc-12");
+});
+
 test("close() ends the stream", () => {
   const { conn, source } = setup();
   conn.close();
