@@ -149,6 +149,7 @@ _ENV: Final = (
     ("AI_API_KEY", "ai_api_key", str),
     ("AI_MODEL", "ai_model", str),
     ("AI_TIMEOUT", "ai_timeout_s", float),
+    ("AI_MAX_RETRIES", "ai_max_retries", int),
     ("LIVECHAT_FAQ", "faq_path", str),
     ("LOG_FORMAT", "log_format", str),
     ("LOG_LEVEL", "log_level", str),
