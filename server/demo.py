@@ -8,57 +8,45 @@ from typing import Final
 from server.models import Conversation, LastMessage, Media, Message, now_ms
 from server.store.base import ChatStore, message_id_for_wamid
 
-FIRST_NAMES: Final = (
-    "Sara",
-    "Omar",
-    "Layla",
-    "Yousef",
-    "Noura",
-    "Khalid",
-    "Mona",
-    "Ahmed",
-    "Hana",
-    "Fahad",
-    "Emily",
-    "James",
-    "Olivia",
-    "Daniel",
-    "Sophia",
-    "Michael",
-    "Amelia",
-    "David",
-    "Grace",
-    "سارة",
-    "محمد",
-    "فاطمة",
-    "عبدالله",
-    "نورة",
-    "خالد",
-    "ريم",
-    "يوسف",
-    "لمى",
-    "سلطان",
+# Customers write in the language of their name: Arabic script, or English.
+NAMES_AR: Final = (
+    ("سارة", "محمد", "فاطمة", "عبدالله", "نورة", "خالد", "ريم", "يوسف", "لمى", "سلطان"),
+    ("العتيبي", "الشمري", "الدوسري", "الغامدي", "الزهراني", "القحطاني", "الحربي"),
 )
-LAST_NAMES: Final = (
-    "Al-Harbi",
-    "Al-Qahtani",
-    "Haddad",
-    "Mansour",
-    "Nasser",
-    "Smith",
-    "Johnson",
-    "Brown",
-    "Taylor",
-    "Wilson",
-    "Rahman",
-    "Saleh",
-    "العتيبي",
-    "الشمري",
-    "الدوسري",
-    "الغامدي",
-    "الزهراني",
+NAMES_EN: Final = (
+    (
+        "Sara",
+        "Omar",
+        "Layla",
+        "Yousef",
+        "Noura",
+        "Khalid",
+        "Emily",
+        "James",
+        "Olivia",
+        "Daniel",
+        "Sophia",
+        "Michael",
+        "Amelia",
+        "David",
+        "Grace",
+    ),
+    (
+        "Al-Harbi",
+        "Al-Qahtani",
+        "Haddad",
+        "Mansour",
+        "Nasser",
+        "Smith",
+        "Johnson",
+        "Brown",
+        "Taylor",
+        "Wilson",
+        "Rahman",
+        "Saleh",
+    ),
 )
-CUSTOMER_LINES: Final = (
+CUSTOMER_EN: Final = (
     "Hi, where is my order? It was supposed to arrive yesterday.",
     "Do you deliver to Jeddah on weekends?",
     "I want to return the shoes I bought, they are too small.",
@@ -67,6 +55,8 @@ CUSTOMER_LINES: Final = (
     "Is the blue one back in stock?",
     "Thanks, that solved it!",
     "The payment went through twice, can you check?",
+)
+CUSTOMER_AR: Final = (
     "مرحبا، متى يوصل طلبي؟",
     "هل يوجد توصيل مجاني للرياض؟",
     "أبغى أغير المقاس لو سمحت",
@@ -75,20 +65,28 @@ CUSTOMER_LINES: Final = (
     "الدفع عند الاستلام متاح؟",
     "عندي مشكلة في الفاتورة",
 )
-AI_LINES: Final = (
+AI_EN: Final = (
     "Thanks for reaching out! Your order is on its way and should arrive within 2 days.",
     "We deliver every day, weekends included, between 9 am and 10 pm.",
     "Returns are free within 14 days. I have started a return for you.",
+)
+AI_AR: Final = (
     "أهلاً بك! طلبك في الطريق وسيصل خلال يومين.",
     "نعم، التوصيل مجاني للطلبات فوق 200 ريال.",
     "يسعدنا خدمتك، تم تحويل طلبك إلى أحد موظفينا.",
 )
-AGENT_LINES: Final = (
+AGENT_EN: Final = (
     "Hi, this is Reem from the support team. I have refunded the duplicate payment.",
     "I checked with the warehouse: your parcel leaves today.",
+)
+AGENT_AR: Final = (
     "مرحباً، معك نوف من خدمة العملاء. تم تعديل العنوان.",
     "تم استرجاع المبلغ، يظهر في حسابك خلال ٣ أيام عمل.",
 )
+LINES: Final = {
+    "ar": {"user": CUSTOMER_AR, "ai": AI_AR, "agent": AGENT_AR},
+    "en": {"user": CUSTOMER_EN, "ai": AI_EN, "agent": AGENT_EN},
+}
 MEDIA_TYPES: Final = (
     ("image", "image/jpeg"),
     ("audio", "audio/ogg"),
@@ -106,7 +104,9 @@ def build_demo(count: int, seed: int = 7) -> tuple[list[Conversation], list[Mess
     messages: list[Message] = []
     for n in range(count):
         phone = f"9665{rng.randrange(10_000_000, 99_999_999)}{n % 10}"
-        name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+        lang = "ar" if rng.random() < 0.45 else "en"
+        first, last_names = NAMES_AR if lang == "ar" else NAMES_EN
+        name = f"{rng.choice(first)} {rng.choice(last_names)}"
         conversation_id = f"c_demo{n:07d}"
         gaps = [rng.randrange(20_000, 900_000) for _ in range(rng.randrange(2, 9))]
         # The latest message lies in the past two weeks; the thread leads up to it.
@@ -119,7 +119,7 @@ def build_demo(count: int, seed: int = 7) -> tuple[list[Conversation], list[Mess
                 kind = "user"
             else:
                 kind = "ai" if rng.random() < 0.7 else "agent"
-            thread.append(_message(rng, conversation_id, kind, at, n, i))
+            thread.append(_message(rng, LINES[lang], conversation_id, kind, at, n, i))
         last = thread[-1]
         unread = 0
         for m in reversed(thread):
@@ -151,7 +151,13 @@ def build_demo(count: int, seed: int = 7) -> tuple[list[Conversation], list[Mess
 
 
 def _message(
-    rng: random.Random, conversation_id: str, kind: str, at: int, n: int, i: int
+    rng: random.Random,
+    lines: dict[str, tuple[str, ...]],
+    conversation_id: str,
+    kind: str,
+    at: int,
+    n: int,
+    i: int,
 ) -> Message:
     if kind == "user":
         wamid = f"wamid.demo{n:07d}{i:02d}"
@@ -175,19 +181,18 @@ def _message(
             direction="in",
             sender="user",
             type="text",
-            text=rng.choice(CUSTOMER_LINES),
+            text=rng.choice(lines["user"]),
             at=at,
             status="received",
             wa_message_id=wamid,
         )
-    lines = AI_LINES if kind == "ai" else AGENT_LINES
     return Message(
         id=f"m_demo{n:07d}{i:02d}",
         conversation_id=conversation_id,
         direction="out",
         sender=kind,  # type: ignore[arg-type]
         type="text",
-        text=rng.choice(lines),
+        text=rng.choice(lines[kind]),
         at=at,
         status=rng.choice(("delivered", "read", "read")),
         agent_id="reem" if kind == "agent" else None,
