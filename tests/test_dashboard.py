@@ -561,8 +561,16 @@ async def test_older_messages_load_on_scrolling_up_and_keep_the_place(browser, s
         bubble = page.locator("#message-list .msg", has_text=text)
         return await bubble.evaluate("el => el.getBoundingClientRect().top")
 
-    await box.evaluate("el => { el.scrollTop = 0; }")
-    before = await top_of("message number 70")
+    # Scroll to the top and note where the oldest loaded message is, in one go (the older
+    # page may arrive right after).
+    before = await box.evaluate(
+        """el => {
+            el.scrollTop = 0;
+            const first = [...el.querySelectorAll(".msg")].find(
+                (m) => m.textContent.includes("message number 70"));
+            return first.getBoundingClientRect().top;
+        }"""
+    )
     await expect(bubbles).to_have_count(100)
     await expect(bubbles.first).to_contain_text("message number 20")
     # The message the agent was looking at stays where it was.
