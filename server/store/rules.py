@@ -88,6 +88,15 @@ def after_message(conversation: Conversation, message: Message, now: int) -> Con
     return conversation.with_changes(**changes)
 
 
+def reply_time(conversation: Conversation, now: int) -> int:
+    """When a reply is stamped: now, but always after what it answers.
+
+    WhatsApp stamps inbound messages itself, so a fast reply can share their millisecond;
+    the ids would then order it before the message it answers.
+    """
+    return max(now, conversation.last_activity + 1)
+
+
 def outbound_message(
     conversation_id: str, sender: str, text: str, agent_id: str | None, now: int
 ) -> Message:

@@ -307,8 +307,8 @@ class SqliteStore:
         """Store an AI or agent reply as queued."""
 
         def write() -> Saved:
-            now = now_ms()
             conversation = self._conversation(conversation_id)
+            now = rules.reply_time(conversation, now_ms())
             message = rules.outbound_message(conversation_id, sender, text, agent_id, now)
             conversation = rules.after_message(conversation, message, now)
             if take_over:
