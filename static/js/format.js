@@ -63,14 +63,27 @@ export function dayKey(iso) {
 
 const ARABIC = /[\u0600-\u06ff\u0750-\u077f\ufb50-\ufdff\ufe70-\ufeff]/;
 
-/** Up to two initials of a name, in any script: "Sara Haddad" -> "SH". */
+const RTL = /[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufeff]/;
+const LTR = /[A-Za-z\u00c0-\u024f\u0370-\u03ff\u0400-\u04ff]/;
+
+/** The direction a text reads in, from its first strong letter (what dir="auto" decides). */
+export function textDirection(text) {
+  for (const ch of String(text || "")) {
+    if (RTL.test(ch)) return "rtl";
+    if (LTR.test(ch)) return "ltr";
+  }
+  return "ltr";
+}
+
+/** Initials for an avatar: "Sara Haddad" -> "SH"; one letter for an Arabic name. */
 export function initials(name) {
   const words = String(name || "").trim().split(/\s+/).filter(Boolean);
   if (words.length === 0) return "?";
   const first = [...words[0]][0] || "";
   const last = words.length > 1 ? [...words[words.length - 1]][0] || "" : "";
-  // Two letters of different scripts (Arabic and Latin) read in a jumbled order: keep one.
-  if (last && ARABIC.test(first) !== ARABIC.test(last)) return first.toUpperCase();
+  // Arabic names are not abbreviated by initials, and two letters of different scripts
+  // read in a jumbled order: one letter then.
+  if (ARABIC.test(first) || (last && ARABIC.test(last))) return first.toUpperCase();
   return (first + last).toUpperCase();
 }
 

@@ -6,6 +6,7 @@ import {
   countLabel,
   errorText,
   initials,
+  textDirection,
   mediaLabel,
   previewText,
   relativeTime,
@@ -68,9 +69,16 @@ test("media placeholders and previews", () => {
 
 test("initials in either script", () => {
   assert.equal(initials("Sara Haddad"), "SH");
-  assert.equal(initials("سارة العتيبي"), "سا");
+  assert.equal(initials("سارة العتيبي"), "س");
   assert.equal(initials("سلطان Brown"), "س");
   assert.equal(initials(""), "?");
+});
+
+test("text direction from the first strong letter", () => {
+  assert.equal(textDirection("مرحبا order 5"), "rtl");
+  assert.equal(textDirection("48213 طلب"), "rtl");
+  assert.equal(textDirection("Order مرحبا"), "ltr");
+  assert.equal(textDirection(""), "ltr");
 });
 
 test("the 24-hour window and counts", () => {

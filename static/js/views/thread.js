@@ -11,6 +11,7 @@ import {
   isPlaceholder,
   mediaLabel,
   speaker,
+  textDirection,
   tick,
 } from "../format.js";
 
@@ -69,7 +70,8 @@ function bubble(message, { showAuthor, customerName }) {
       "data-id": message.id,
       "data-status": message.status,
     },
-    h("div", { class: "bubble" }, body),
+    // The author line lines up with the text: right for Arabic, left for English.
+    h("div", { class: "bubble", "data-dir": textDirection(message.text || message.media?.caption) }, body),
     failed ? h("p", { class: "msg-error", role: "note", dir: "auto" }, errorText(message.error)) : null,
   );
 }
