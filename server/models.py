@@ -50,8 +50,8 @@ def now_ms() -> int:
 
 def iso(ms: int) -> str:
     """ISO 8601 UTC with milliseconds and Z, the one time format of the API."""
-    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    # gmtime + strftime is twice as fast as datetime here, and every summary needs three.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 def parse_iso(value: str) -> int:
