@@ -61,12 +61,16 @@ async def test_every_api_route_needs_the_token(client):
 async def test_signing_in_sets_a_cookie_that_opens_the_api(client):
     # unsafe=True: aiohttp's jar ignores cookies of IP hosts; browsers keep them.
     async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as browser:
+        status = await browser.get(client.make_url("/api/auth/session"))
+        assert status.status == 200 and (await status.json()) == {"signed_in": False}
         bad = await browser.post(client.make_url("/api/auth/session"), json={"token": "nope"})
         assert bad.status == 401
         ok = await browser.post(client.make_url("/api/auth/session"), json={"token": TOKEN})
         assert ok.status == 200
         assert "HttpOnly" in ok.headers["Set-Cookie"]
         assert (await browser.get(client.make_url(LIST))).status == 200
+        status = await browser.get(client.make_url("/api/auth/session"))
+        assert (await status.json()) == {"signed_in": True}
         await browser.delete(client.make_url("/api/auth/session"))
         assert (await browser.get(client.make_url(LIST))).status == 401
 

@@ -303,7 +303,7 @@ async def test_sign_in_with_a_token_or_a_link_and_sign_out(browser, serve):
     assert "token" not in page.url
     await page.reload()
     await expect(page.locator("#chat-list li").first).to_be_visible()
-    # The only console errors: the browser reporting the 401s of signed-out requests.
+    # The only console error: the browser reporting the 401 that refused the wrong token.
     tab.assert_no_console_errors(allow=("status of 401",))
 
 

@@ -78,8 +78,11 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 async def session_status(request: web.Request) -> web.Response:
-    """Whether the request is signed in: 200, or 401 when it carries no valid token."""
+    """Whether the request is signed in, as `{"signed_in": bool}`.
+
+    Always 200: the dashboard asks this before sign-in, and a 401 would put an error in
+    the browser's console for what is the normal state of a new visitor.
+    """
     # The middleware lets this path through (it is where one signs in), so check here.
-    if not token_ok(request, presented_token(request)):
-        return json_error(HTTPStatus.UNAUTHORIZED, "unauthorized", "not signed in")
-    return web.json_response({"ok": True, "instance": request.app[keys.SETTINGS].instance_id})
+    signed_in = token_ok(request, presented_token(request))
+    return web.json_response({"signed_in": signed_in})

@@ -46,7 +46,12 @@ function query(params) {
 const conv = (id) => `${BASE}/conversations/${encodeURIComponent(id)}`;
 
 export const api = {
-  session: () => call("GET", "/api/auth/session"),
+  /** Resolves when signed in; rejects with a 401 ApiError when not. */
+  session: async () => {
+    const data = await call("GET", "/api/auth/session");
+    if (!data || !data.signed_in) throw new ApiError(401, "unauthorized", "Not signed in");
+    return data;
+  },
   signIn: (token) => call("POST", "/api/auth/session", { token }),
   signOut: () => call("DELETE", "/api/auth/session"),
   chats: ({ status, q, cursor, limit = 30 }) =>
