@@ -84,11 +84,16 @@ async def events(request: web.Request) -> web.StreamResponse:
         watcher = asyncio.ensure_future(resp.wait())
         watcher.add_done_callback(gone)
         try:
-            preamble = [b"retry: %d\n\n" % RETRY_MS]
+            current = hub.last_event_id.encode()
             if backlog is None:
-                preamble.append(b"id: %s\nevent: resync\ndata: {}\n\n" % hub.last_event_id.encode())
+                preamble = [b"retry: %d\n\n" % RETRY_MS]
+                preamble.append(b"id: %s\nevent: resync\ndata: {}\n\n" % current)
+            elif not backlog:
+                # Nothing to replay: name the newest id anyway, so a page that sees no event
+                # before its connection drops still resumes from here instead of guessing.
+                preamble = [b"retry: %d\nid: %s\n\n" % (RETRY_MS, current)]
             else:
-                preamble += [e.frame for e in backlog]
+                preamble = [b"retry: %d\n\n" % RETRY_MS, *(e.frame for e in backlog)]
             await resp.write(b"".join(preamble))
             log.info(
                 "sse.connected",
