@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import random
 import re
@@ -17,6 +16,7 @@ import structlog
 
 from server.config import Settings
 from server.inbox import Responder
+from server.integrations.http import post_json
 from server.models import Conversation, Message
 
 log = structlog.get_logger(__name__)
@@ -202,21 +202,14 @@ class OpenAICompatibleResponder:
 
     async def _attempt(self, payload: dict[str, Any]) -> str:
         try:
-            async with self._session.post(
-                self._url, json=payload, headers=self._headers, timeout=self._timeout
-            ) as resp:
-                status = resp.status
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
-                try:
-                    body: Any = await resp.json(content_type=None)
-                except ValueError:
-                    body = None
+            reply = await post_json(self._session, self._url, payload, self._headers, self._timeout)
         except TimeoutError as e:
             raise _Retryable("timeout", "the AI server did not answer in time") from e
         except aiohttp.ClientError as e:
             raise _Retryable(
                 "network", f"could not reach the AI server ({type(e).__name__})"
             ) from e
+        status, body, retry_after = reply.status, reply.body, reply.retry_after_s
         if status == 200:
             return _reply_text(body)
         error = body.get("error") if isinstance(body, dict) else None
@@ -261,21 +254,6 @@ def _reply_text(body: Any) -> str:
     if not isinstance(content, str) or not content.strip():
         raise AiError("empty_reply", "the AI server answered with an empty message")
     return content.strip()
-
-
-def _retry_after(raw: str | None) -> float | None:
-    """Seconds from a Retry-After header (a number or an HTTP date)."""
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def make_responder(settings: Settings, session: aiohttp.ClientSession) -> Responder | None:

@@ -12,6 +12,7 @@ import structlog
 
 from server.config import Settings
 from server.inbox import Sender, SendResult
+from server.integrations.http import post_json
 from server.models import MessageError
 
 log = structlog.get_logger(__name__)
@@ -137,21 +138,16 @@ class WhatsAppClient:
     async def _post(self, payload: dict[str, Any]) -> SendResult:
         """One attempt: a result, or _Retry when the failure is worth another try."""
         try:
-            async with self._session.post(
-                self._url, json=payload, headers=self._headers, timeout=self._timeout
-            ) as resp:
-                status = resp.status
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
-                try:
-                    body: Any = await resp.json(content_type=None)
-                except ValueError:
-                    body = None
+            reply = await post_json(self._session, self._url, payload, self._headers, self._timeout)
         except TimeoutError as e:
             raise _Retry(MessageError("timeout", "WhatsApp did not answer in time")) from e
         except aiohttp.ClientError as e:
             raise _Retry(
                 MessageError("network", f"could not reach WhatsApp ({type(e).__name__})")
             ) from e
+        status, body = reply.status, reply.body
+        # Meta rarely sends Retry-After; when it does, wait at most a minute.
+        retry_after = min(reply.retry_after_s, 60.0) if reply.retry_after_s is not None else None
         if 200 <= status < 300:
             wamid = _wamid(body)
             if wamid is None:
@@ -205,12 +201,3 @@ def _graph_error(status: int, body: Any) -> MessageError:
     details = data.get("details") if isinstance(data, dict) else None
     title = " ".join(p for p in (message, details) if isinstance(p, str) and p) or None
     return MessageError(code, describe_error(code, title[:300] if title else None))
-
-
-def _retry_after(raw: str | None) -> float | None:
-    if raw is None:
-        return None
-    try:
-        return max(0.0, min(float(raw), 60.0))
-    except ValueError:
-        return None
