@@ -12,7 +12,7 @@ For 10,000 and 100,000 demo conversations in the embedded store this prints:
 - bytes held per conversation by the snapshot: tracemalloc around `Snapshot.load` of the
   conversations as the store returns them, and the RSS growth of the same load.
 
-Run: `python bench/bench_list.py` (about two minutes; `--sizes 1000` for a quick look).
+Run: `python bench/bench_list.py` (about three minutes; `--sizes 1000` for a quick look).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ ROUNDS: Final = 8
 BATCH: Final = 625
 WARMUP: Final = 500
 # Targets of issue 2 (a benchmark, not a test).
-TARGET_P99_MS: Final = 2.0
+TARGET_P99_MS: Final = 2.0  # at TARGET_SIZE conversations
+TARGET_SIZE: Final = 100_000
 TARGET_RATIO: Final = 1.5
 TARGET_BYTES: Final = 1024
 
@@ -296,7 +297,7 @@ def run_size(count: int, workdir: Path) -> tuple[list[list[object]], list[object
                 f"{a50 / f50:.2f}x",
                 f"{a99 / f99:.2f}x",
                 f"{f.cpu_us:.0f} / {a.cpu_us:.0f}",
-                verdict(a99 <= TARGET_P99_MS),
+                verdict(a99 <= TARGET_P99_MS) if count >= TARGET_SIZE else "-",
                 verdict(a99 <= TARGET_RATIO * f99),
             ]
         )
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 "p50 ratio",
                 "p99 ratio",
                 "server CPU µs/req (floor / app)",
-                f"p99 <= {TARGET_P99_MS:g} ms",
+                f"p99 <= {TARGET_P99_MS:g} ms at {TARGET_SIZE:,}",
                 f"p99 <= {TARGET_RATIO:g}x floor",
             ],
             latency_rows,

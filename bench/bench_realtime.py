@@ -12,7 +12,7 @@ signed WhatsApp Cloud API webhooks (`X-Hub-Signature-256`).
   senders, with 50 SSE clients connected. Then nothing may be lost: every message is
   stored exactly once (read back through GET .../messages) and seen once by every client.
 
-Run: `python bench/bench_realtime.py` (about two minutes).
+Run: `python bench/bench_realtime.py` (about three minutes).
 """
 
 from __future__ import annotations
