@@ -1,8 +1,14 @@
-"""The SSE event hub: one entry point for publishing, ids, replay, bounded client queues.
+"""The SSE event hub: one entry point for publishing, ids, replay, bounded client buffers.
 
 Every event gets an id `<instance>-<seq>`, ordered within this instance. A reconnecting
 client names the last id it saw; the hub replays what followed from a bounded ring buffer,
 or tells it to `resync` when it cannot. Loss is never silent.
+
+Fan-out is the hot path (every message, times every open dashboard), so an event is
+encoded once, framed once, and written straight to each client's transport: no task
+switch and no per-client copy. Each client's backlog is its transport's write buffer,
+bounded; a client whose buffer outgrows the bound is stalled and is disconnected, so it
+never slows anyone else (it reconnects with Last-Event-ID and resumes).
 """
 
 from __future__ import annotations
@@ -11,9 +17,8 @@ import asyncio
 import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import structlog
 
@@ -24,9 +29,13 @@ log = structlog.get_logger(__name__)
 # Events kept for replay. At a busy 100 messages/s this covers the 20 s a browser needs
 # to notice a dropped connection and come back (retry: 3000 ms plus a slow network).
 REPLAY_BUFFER: Final = 2048
-# Events a client may have waiting. A dashboard reads far faster than any inbox grows;
-# one that falls this far behind is stalled, and holding more would only grow memory.
-CLIENT_QUEUE: Final = 512
+# Bytes a client may have waiting, beyond what the kernel's socket buffer holds. A
+# dashboard reads far faster than any inbox grows: about 500 events of a typical 1 KB; a
+# client this far behind is stalled, and holding more would only grow memory.
+CLIENT_BUFFER: Final = 512 * 1024
+# Events held for a client between registering and its first write (the replay), while
+# the stream's headers go out; the first write takes milliseconds.
+PENDING_EVENTS: Final = 512
 # Message ids remembered to publish each message once, though it arrives both from the
 # webhook and again from the store's change feed (Firestore: about 150 ms later).
 DEDUPE_KEYS: Final = 20_000
@@ -38,25 +47,62 @@ SEQ_DIGITS: Final = 20
 
 @dataclass(slots=True, frozen=True)
 class Event:
-    """One published event, encoded once as its SSE frame."""
+    """One published event, encoded once as its SSE frame (and as an HTTP/1.1 chunk)."""
 
     seq: int
     id: str
     name: str
     frame: bytes
 
+    @property
+    def chunk(self) -> bytes:
+        """The frame as one chunk of a chunked HTTP/1.1 body."""
+        return b"%x\r\n%s\r\n" % (len(self.frame), self.frame)
+
+
+class Sink(Protocol):
+    """Where a client's bytes go: the stream's asyncio transport."""
+
+    def write(self, data: bytes) -> None:
+        """Send (or buffer) bytes."""
+
+    def is_closing(self) -> bool:
+        """True once the connection is closing or closed."""
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
+
+    def abort(self) -> None:
+        """Close the connection now, dropping what is buffered."""
+
 
 class Client:
-    """One connected SSE stream and its bounded queue."""
+    """One connected SSE stream."""
 
-    __slots__ = ("abort", "connected_at", "id", "queue", "reason")
+    __slots__ = ("chunked", "connected_at", "done", "id", "limit", "pending", "reason", "sink")
 
-    def __init__(self, client_id: str, abort: Callable[[], None], maxsize: int) -> None:
+    def __init__(self, client_id: str, sink: Sink, *, chunked: bool, limit: int) -> None:
         self.id = client_id
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=maxsize)
+        self.sink = sink
+        # HTTP/1.1 streams are chunked: each write must be one whole chunk.
+        self.chunked = chunked
+        self.limit = limit
+        # Events published before the stream's first write; None once it is live.
+        self.pending: list[Event] | None = []
+        # Set when the stream must end (shutdown, stalled, gone); the handler waits on it.
+        self.done = asyncio.Event()
         self.connected_at = time.monotonic()
-        self.abort = abort
         self.reason = "closed"
+
+    def send(self, event: Event) -> str | None:
+        """Write an event now; the reason to drop the client when it cannot take it."""
+        sink = self.sink
+        if sink.is_closing():
+            return "client_gone"
+        if sink.get_write_buffer_size() > self.limit:
+            return "slow_client"
+        sink.write(event.chunk if self.chunked else event.frame)
+        return None
 
 
 def encode_frame(event_id: str, name: str, data: dict[str, Any]) -> bytes:
@@ -72,7 +118,8 @@ class Hub:
         instance_id: str,
         *,
         replay_buffer: int = REPLAY_BUFFER,
-        client_queue: int = CLIENT_QUEUE,
+        client_buffer: int = CLIENT_BUFFER,
+        pending_events: int = PENDING_EVENTS,
     ) -> None:
         self.instance_id = instance_id
         # Ids count on from the start time in microseconds, not from 0: an instance id can be
@@ -82,7 +129,8 @@ class Hub:
         self._seq = time.time_ns() // 1000
         self._buffer: deque[Event] = deque(maxlen=replay_buffer)
         self._clients: dict[str, Client] = {}
-        self._client_queue = client_queue
+        self._client_buffer = client_buffer
+        self._pending_events = pending_events
         self._client_ids = itertools.count(1)
         self._published: OrderedDict[str, None] = OrderedDict()
         self.closed = False
@@ -122,14 +170,26 @@ class Hub:
         event_id = f"{self.instance_id}-{self._seq}"
         event = Event(self._seq, event_id, name, encode_frame(event_id, name, data))
         self._buffer.append(event)
-        stalled = []
-        for client in self._clients.values():
-            try:
-                client.queue.put_nowait(event)
-            except asyncio.QueueFull:
-                stalled.append(client)
-        for client in stalled:
-            self.drop(client, "slow_client")
+        if self._clients:
+            chunk = event.chunk
+            stalled: list[tuple[Client, str]] = []
+            for client in self._clients.values():
+                if client.pending is not None:
+                    if len(client.pending) >= self._pending_events:
+                        stalled.append((client, "slow_client"))
+                    else:
+                        client.pending.append(event)
+                    continue
+                # Client.send, inlined: this loop runs once per client per event.
+                sink = client.sink
+                if sink.is_closing():
+                    stalled.append((client, "client_gone"))
+                elif sink.get_write_buffer_size() > client.limit:
+                    stalled.append((client, "slow_client"))
+                else:
+                    sink.write(chunk if client.chunked else event.frame)
+            for client, reason in stalled:
+                self.drop(client, reason)
         log.info(
             "sse.broadcast",
             type=name,
@@ -142,20 +202,35 @@ class Hub:
         return event
 
     def connect(
-        self, last_event_id: str | None, abort: Callable[[], None]
+        self, last_event_id: str | None, sink: Sink, *, chunked: bool = True
     ) -> tuple[Client, list[Event] | None]:
-        """Register a client; returns it and the events it missed (None: it must resync)."""
+        """Register a client; returns it and the events it missed (None: it must resync).
+
+        The client holds later events until `go_live` (after the caller wrote the backlog),
+        so nothing published in between is lost or written ahead of the backlog.
+        """
         client_id = f"{self.instance_id}-c{next(self._client_ids)}"
-        client = Client(client_id, abort, self._client_queue)
+        client = Client(client_id, sink, chunked=chunked, limit=self._client_buffer)
         backlog = self._replay(last_event_id) if last_event_id else []
         if self.closed:
             # A request that slipped in during shutdown: end it now rather than leave a
             # stream that nothing will ever close.
             client.reason = "shutdown"
-            client.queue.put_nowait(None)
+            client.done.set()
             return client, backlog
         self._clients[client.id] = client
         return client, backlog
+
+    def go_live(self, client: Client) -> None:
+        """Write what the client got while it was starting, then write events as they come."""
+        pending, client.pending = client.pending, None
+        if client.id not in self._clients or not pending:
+            return
+        for event in pending:
+            reason = client.send(event)
+            if reason is not None:
+                self.drop(client, reason)
+                return
 
     def _replay(self, last_event_id: str) -> list[Event] | None:
         instance, dash, seq_text = last_event_id.rpartition("-")
@@ -178,13 +253,17 @@ class Hub:
     def disconnect(self, client: Client) -> None:
         """Forget a client whose stream ended."""
         self._clients.pop(client.id, None)
+        client.done.set()
 
     def drop(self, client: Client, reason: str) -> None:
         """Disconnect a client now (it reconnects with its last id and resumes)."""
         if self._clients.pop(client.id, None) is None:
             return
         client.reason = reason
-        client.abort()
+        client.done.set()
+        if reason == "slow_client":
+            # Its buffer will not drain: close the socket rather than wait on it.
+            client.sink.abort()
 
     def close(self) -> None:
         """Shutdown: end every stream promptly; no event is published after this."""
@@ -192,7 +271,6 @@ class Hub:
         for client in list(self._clients.values()):
             client.reason = "shutdown"
             self._clients.pop(client.id, None)
-            try:
-                client.queue.put_nowait(None)
-            except asyncio.QueueFull:
-                client.abort()
+            client.done.set()
+            if client.sink.get_write_buffer_size() > client.limit:
+                client.sink.abort()

@@ -419,13 +419,14 @@ async def test_shutdown_closes_every_stream_promptly(start):
 
 
 async def test_shutdown_is_prompt_with_a_stalled_client_connected(start):
-    server = await start()
+    # A generous buffer bound, so the stalled client is not dropped before shutdown.
+    server = await start(client_buffer=64 * 1024 * 1024)
     hub = server.hub
     healthy = await connect(server)
     stalled = await stalled_client(server)
     await until(lambda: hub.clients == 2)
-    # Enough to fill the stalled client's socket buffers (its writer then waits for it to
-    # read), not enough to fill its queue and have it dropped.
+    # Enough to fill the stalled client's socket buffers (its transport then buffers, and
+    # ending its stream would wait for it to read), not enough to have it dropped.
     payload = {"padding": "x" * 32_000}
     for _ in range(20):
         for _ in range(10):

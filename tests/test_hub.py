@@ -1,4 +1,4 @@
-"""The event hub on its own: ids, dedupe, replay or resync, bounded queues, shutdown."""
+"""The event hub on its own: ids, dedupe, replay or resync, bounded buffers, shutdown."""
 
 from __future__ import annotations
 
@@ -11,22 +11,43 @@ from structlog.testing import capture_logs
 from server.hub import Event, Hub, encode_frame
 
 
-class Aborts:
-    """Records how often the hub asked a client's connection to be closed."""
+class Sink:
+    """A client's connection as the hub sees it: records writes; a stalled one never drains."""
 
-    def __init__(self) -> None:
-        self.calls = 0
+    def __init__(self, *, stalled: bool = False) -> None:
+        self.stalled = stalled
+        self.written: list[bytes] = []
+        self.buffered = 0
+        self.aborts = 0
+        self.closing = False
 
-    def __call__(self) -> None:
-        self.calls += 1
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+        if self.stalled:
+            self.buffered += len(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def abort(self) -> None:
+        self.aborts += 1
+        self.closing = True
+
+    def take(self) -> list[bytes]:
+        """What was written since the last take, in order."""
+        taken, self.written = self.written, []
+        return taken
 
 
-def drain(queue: asyncio.Queue[Event | None]) -> list[Event | None]:
-    """Everything waiting in a client's queue, in order."""
-    items: list[Event | None] = []
-    while not queue.empty():
-        items.append(queue.get_nowait())
-    return items
+def live(hub: Hub, last_event_id: str | None = None, sink: Sink | None = None):
+    """A client connected and past its first write, as the stream handler leaves it."""
+    sink = sink or Sink()
+    client, backlog = hub.connect(last_event_id, sink, chunked=False)
+    hub.go_live(client)
+    return client, sink, backlog
 
 
 def seq_of(event_id: str, instance: str) -> int:
@@ -79,7 +100,7 @@ async def test_frame_is_id_event_and_one_json_data_line():
 
 async def test_dedupe_key_publishes_once():
     hub = Hub("t1")
-    client, _ = hub.connect(None, Aborts())
+    _, sink, _ = live(hub)
     first = hub.publish("new_message", {"n": 1}, dedupe_key="msg:m1")
     assert first is not None
     assert hub.seen("msg:m1")
@@ -89,30 +110,40 @@ async def test_dedupe_key_publishes_once():
     assert other is not None
     # Events without a key are never deduped.
     publish_n(hub, 2)
-    received = drain(client.queue)
-    assert [e.id for e in received if e] == [
-        first.id,
-        other.id,
-        *(f"t1-{other.seq + i}" for i in (1, 2)),
-    ]
+    received = [parse_frame(f)["id"][0] for f in sink.take()]
+    assert received == [first.id, other.id, *(f"t1-{other.seq + i}" for i in (1, 2))]
     assert seq_of(other.id, "t1") == seq_of(first.id, "t1") + 1  # no id burnt on a duplicate
 
 
 async def test_replay_after_an_id_returns_exactly_the_missed_events():
     hub = Hub("t1", replay_buffer=16)
     events = publish_n(hub, 10)
-    client, backlog = hub.connect(events[3].id, Aborts())
+    sink = Sink()
+    client, backlog = hub.connect(events[3].id, sink, chunked=False)
     assert backlog == events[4:]
     assert hub.clients == 1
-    # Newer events go to the queue, after the backlog, with nothing lost or repeated.
+    # Events published while the backlog is being written wait, then follow it in order.
+    during = publish_n(hub, 2)
+    assert sink.take() == []
+    hub.go_live(client)
     later = publish_n(hub, 2)
-    assert drain(client.queue) == later
+    assert sink.take() == [e.frame for e in during + later]
+
+
+async def test_http_chunks_frame_each_event_whole():
+    hub = Hub("t1")
+    sink = Sink()
+    client, _ = hub.connect(None, sink, chunked=True)
+    hub.go_live(client)
+    event = publish_n(hub, 1)[0]
+    size = len(event.frame)
+    assert sink.take() == [b"%x\r\n" % size + event.frame + b"\r\n"]
 
 
 async def test_replay_of_the_newest_id_is_empty():
     hub = Hub("t1")
     events = publish_n(hub, 3)
-    _, backlog = hub.connect(events[-1].id, Aborts())
+    _, backlog = hub.connect(events[-1].id, Sink(), chunked=False)
     assert backlog == []
 
 
@@ -120,7 +151,7 @@ async def test_replay_of_the_oldest_buffered_neighbour_still_works():
     hub = Hub("t1", replay_buffer=4)
     events = publish_n(hub, 10)
     # The buffer holds events 7..10; a client that saw 6 misses nothing the buffer lacks.
-    _, backlog = hub.connect(events[5].id, Aborts())
+    _, backlog = hub.connect(events[5].id, Sink(), chunked=False)
     assert backlog == events[6:]
 
 
@@ -128,7 +159,7 @@ async def test_replay_from_before_the_first_event_of_a_fresh_hub():
     hub = Hub("t1")
     start = hub.last_event_id
     events = publish_n(hub, 3)
-    _, backlog = hub.connect(start, Aborts())
+    _, backlog = hub.connect(start, Sink(), chunked=False)
     assert backlog == events
 
 
@@ -161,7 +192,7 @@ async def test_ids_that_cannot_be_replayed_get_resync(last_event_id):
         "other-instance": f"t2-{seq - 1}",
         "future": f"t1-{seq + 1}",
     }
-    _, backlog = hub.connect(ids.get(last_event_id, last_event_id), Aborts())
+    _, backlog = hub.connect(ids.get(last_event_id, last_event_id), Sink(), chunked=False)
     assert backlog is None
     assert hub.clients == 1  # a resync client is still connected and gets what follows
 
@@ -174,39 +205,55 @@ async def test_a_restarted_instance_with_the_same_name_sends_resync():
     after = Hub("web-1")
     publish_n(after, 8)
     for event in seen:
-        _, backlog = after.connect(event.id, Aborts())
+        _, backlog = after.connect(event.id, Sink(), chunked=False)
         assert backlog is None, event.id
 
 
-async def test_a_full_client_queue_drops_that_client_while_others_keep_receiving():
-    hub = Hub("t1", client_queue=4)
-    stalled_abort, healthy_abort = Aborts(), Aborts()
-    stalled, _ = hub.connect(None, stalled_abort)
-    healthy, _ = hub.connect(None, healthy_abort)
-    received: list[Event] = []
+async def test_a_stalled_client_is_dropped_while_others_keep_receiving():
+    hub = Hub("t1", client_buffer=4000)
+    stalled, stalled_sink, _ = live(hub, sink=Sink(stalled=True))
+    healthy, healthy_sink, _ = live(hub)
+    received: list[bytes] = []
     with capture_logs() as logs:
         for _ in range(5):
-            batch = publish_n(hub, 3)
-            got = drain(healthy.queue)
-            assert got == batch
-            received += batch
-    assert stalled_abort.calls == 1
-    assert healthy_abort.calls == 0
-    assert stalled.reason == "slow_client"
+            batch = [hub.publish("conversation_updated", {"pad": "x" * 500}) for _ in range(3)]
+            got = healthy_sink.take()
+            assert got == [e.frame for e in batch]
+            received += got
+    assert stalled_sink.aborts == 1 and healthy_sink.aborts == 0
+    assert stalled.reason == "slow_client" and stalled.done.is_set()
+    assert not healthy.done.is_set()
     assert hub.clients == 1
-    assert [seq_of(e.id, "t1") for e in received] == list(
-        range(received[0].seq, received[0].seq + 15)
-    )
-    # The stalled client got nothing past its bound.
-    assert len(drain(stalled.queue)) == 4
+    assert len(received) == 15
+    # The stalled client got nothing once past its bound.
+    assert 4000 < stalled_sink.buffered < 4000 + 2 * 600
     broadcasts = [e for e in logs if e["event"] == "sse.broadcast"]
     assert [b["clients"] for b in broadcasts[:2]] == [2, 2]
     assert broadcasts[-1]["clients"] == 1
 
 
+async def test_a_client_whose_connection_closed_is_forgotten_on_the_next_event():
+    hub = Hub("t1")
+    client, sink, _ = live(hub)
+    sink.closing = True
+    publish_n(hub, 1)
+    assert hub.clients == 0 and client.reason == "client_gone" and client.done.is_set()
+    assert sink.take() == [] and sink.aborts == 0
+
+
+async def test_a_client_flooded_before_its_first_write_is_dropped():
+    hub = Hub("t1", pending_events=3)
+    sink = Sink()
+    client, _ = hub.connect(None, sink, chunked=False)
+    publish_n(hub, 4)
+    assert client.reason == "slow_client" and hub.clients == 0
+    hub.go_live(client)
+    assert sink.take() == []
+
+
 async def test_broadcast_log_line_carries_its_fields():
     hub = Hub("t1")
-    hub.connect(None, Aborts())
+    hub.connect(None, Sink(), chunked=False)
     with capture_logs() as logs:
         event = hub.publish(
             "new_message", {"x": 1}, dedupe_key="msg:1", conversation_id="c_1", user_id="u_1"
@@ -227,47 +274,42 @@ async def test_broadcast_log_line_carries_its_fields():
 
 async def test_disconnect_forgets_the_client():
     hub = Hub("t1")
-    client, _ = hub.connect(None, Aborts())
+    client, sink, _ = live(hub)
     hub.disconnect(client)
     hub.disconnect(client)  # twice is harmless: the handler's finally may follow a drop
     assert hub.clients == 0
     publish_n(hub, 1)
-    assert client.queue.empty()
+    assert sink.take() == []
 
 
 async def test_close_ends_every_client():
-    hub = Hub("t1", client_queue=2)
-    aborts = [Aborts() for _ in range(3)]
-    clients = [hub.connect(None, a)[0] for a in aborts]
-    # Two clients have one free slot, one has none: the end must reach all three.
+    hub = Hub("t1", client_buffer=100)
+    clients = [live(hub, sink=Sink(stalled=i == 2)) for i in range(3)]
+    # The first event takes the stalled one past its bound; the next finds it there.
+    hub.publish("conversation_updated", {"pad": "x" * 200})
     hub.publish("conversation_updated", {})
-    clients[0].queue.get_nowait()
-    clients[1].queue.get_nowait()
-    hub.publish("conversation_updated", {})
+    assert hub.clients == 2
     hub.close()
     assert hub.clients == 0
-    assert all(c.reason == "shutdown" for c in clients)
-    for client, abort in zip(clients, aborts, strict=True):
-        items = drain(client.queue)
-        if abort.calls:
-            assert client is clients[2]  # the full queue: its connection is closed instead
-        else:
-            assert items[-1] is None
+    for client, sink, _ in clients:
+        assert client.done.is_set()
+        assert client.reason == ("slow_client" if sink.stalled else "shutdown")
 
 
-async def test_close_wakes_a_waiting_reader():
+async def test_close_wakes_a_waiting_stream():
     hub = Hub("t1")
-    client, _ = hub.connect(None, Aborts())
-    waiter = asyncio.create_task(client.queue.get())
+    client, _, _ = live(hub)
+    waiter = asyncio.create_task(client.done.wait())
     await asyncio.sleep(0)
     hub.close()
-    assert await asyncio.wait_for(waiter, 1) is None
+    await asyncio.wait_for(waiter, 1)
+    assert client.reason == "shutdown"
 
 
 async def test_a_client_connecting_after_close_ends_at_once():
     hub = Hub("t1")
     hub.close()
-    client, _ = hub.connect(None, Aborts())
-    assert await asyncio.wait_for(client.queue.get(), 1) is None
+    client, _ = hub.connect(None, Sink(), chunked=False)
+    await asyncio.wait_for(client.done.wait(), 1)
     assert client.reason == "shutdown"
     assert hub.clients == 0

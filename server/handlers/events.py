@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any, Final
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp_sse import EventSourceResponse, sse_response
 
 from server import keys
-from server.hub import RETRY_MS, Event
+from server.hub import RETRY_MS
 
 log = structlog.get_logger(__name__)
 
@@ -24,8 +23,6 @@ SSE_HEADERS: Final = {
 }
 # A comment line this often keeps idle proxies and load balancers from closing the stream.
 HEARTBEAT_S: Final = 15.0
-# Frames written in one go when a client has several waiting (fewer syscalls under load).
-MAX_BATCH: Final = 64
 # On shutdown a healthy stream ends within milliseconds; one still writing after this is
 # stuck on a client that does not read, and its socket is closed.
 SHUTDOWN_GRACE_S: Final = 1.0
@@ -49,11 +46,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     hub = request.app[keys.HUB]
     last_event_id = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
     transport = request.transport
-
-    def abort() -> None:
-        # A stalled client: close its socket so its writer wakes up and the handler ends.
-        if transport is not None:
-            transport.abort()
+    if transport is None or transport.is_closing():
+        raise web.HTTPBadRequest(reason="the client has gone")
 
     async with sse_response(
         request,
@@ -63,23 +57,16 @@ async def events(request: web.Request) -> web.StreamResponse:
         sep="\n",
         response_cls=EventStream,
     ) as resp:
-        client, backlog = hub.connect(last_event_id, abort)
+        chunked = resp.headers.get(hdrs.TRANSFER_ENCODING, "").lower() == "chunked"
+        client, backlog = hub.connect(last_event_id, transport, chunked=chunked)
         streams = request.app[keys.STREAMS]
         streams.add(resp)
-
-        deadline: asyncio.TimerHandle | None = None
+        loop = asyncio.get_running_loop()
 
         def gone(_: object) -> None:
-            # The heartbeat failed (client left) or shutdown stopped the stream: wake the loop.
-            nonlocal deadline
-            if client.reason == "closed":
-                client.reason = "shutdown" if hub.closed else "client_gone"
-            with contextlib.suppress(asyncio.QueueFull):
-                client.queue.put_nowait(None)
-            if hub.closed:
-                # A writer stuck on a client that does not read would hold the server's
-                # stop for its whole shutdown timeout; close that socket instead.
-                deadline = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, abort)
+            # The heartbeat failed (the client left) or shutdown stopped the stream.
+            hub.drop(client, "shutdown" if hub.closed else "client_gone")
+            client.done.set()
 
         watcher = asyncio.ensure_future(resp.wait())
         watcher.add_done_callback(gone)
@@ -94,7 +81,10 @@ async def events(request: web.Request) -> web.StreamResponse:
                 preamble = [b"retry: %d\nid: %s\n\n" % (RETRY_MS, current)]
             else:
                 preamble = [b"retry: %d\n\n" % RETRY_MS, *(e.frame for e in backlog)]
+            # Through aiohttp: this first write also sends the headers. From here on the hub
+            # writes whole chunks straight to the transport.
             await resp.write(b"".join(preamble))
+            hub.go_live(client)
             log.info(
                 "sse.connected",
                 client_id=client.id,
@@ -105,7 +95,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                 resync=backlog is None,
                 duration_ms=round((time.perf_counter() - started) * 1000, 3),
             )
-            await _pump(client.queue, resp)
+            await client.done.wait()
         except ConnectionResetError:
             if client.reason == "closed":
                 client.reason = "client_gone"
@@ -118,10 +108,12 @@ async def events(request: web.Request) -> web.StreamResponse:
         finally:
             watcher.remove_done_callback(gone)
             watcher.cancel()
-            if deadline is not None:
-                deadline.cancel()
             hub.disconnect(client)
             streams.discard(resp)
+            if hub.closed:
+                # Ending the stream writes its last chunk; a client that does not read
+                # would hold the server's stop for its whole timeout. Close it instead.
+                loop.call_later(SHUTDOWN_GRACE_S, transport.abort)
             log.info(
                 "sse.disconnected",
                 client_id=client.id,
@@ -130,19 +122,3 @@ async def events(request: web.Request) -> web.StreamResponse:
                 connected_s=round(time.monotonic() - client.connected_at, 3),
             )
     return resp
-
-
-async def _pump(queue: asyncio.Queue[Event | None], resp: web.StreamResponse) -> None:
-    """Write queued frames until the sentinel; several waiting frames go in one write."""
-    while True:
-        event = await queue.get()
-        if event is None:
-            return
-        frames = [event.frame]
-        while not queue.empty() and len(frames) < MAX_BATCH:
-            nxt = queue.get_nowait()
-            if nxt is None:
-                await resp.write(b"".join(frames))
-                return
-            frames.append(nxt.frame)
-        await resp.write(b"".join(frames))
