@@ -182,7 +182,9 @@ class Snapshot:
             start = index.start_after(key)
         chosen = rows[start : start + limit]
         has_more = start + limit < len(rows)
-        past_window = not self.complete and not has_more and len(chosen) < limit
+        # The page reached the end of the rows held in memory: when they are only the newest
+        # window, the rest (or whether there is any) is in the store.
+        past_window = not self.complete and not has_more
         return Page(rows=chosen, has_more=has_more, total=len(rows), past_window=past_window)
 
 

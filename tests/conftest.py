@@ -14,15 +14,30 @@ from server import keys
 from server.app import create_app
 from server.config import Settings
 
+pytest_plugins = ["tests.firestore_emulator"]
+
 TOKEN = "test-token"
 APP_SECRET = "test-app-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+# Run a test on both stores: @pytest.mark.parametrize("store_kind", STORE_KINDS, indirect=True)
+STORE_KINDS = ["sqlite", pytest.param("firestore", marks=pytest.mark.firestore)]
+
+
 @pytest.fixture
-def settings(tmp_path) -> Settings:
-    """Settings for a test app on a fresh SQLite file; the AI is off unless a test turns it on."""
-    return Settings(
+def store_kind(request) -> str:
+    """The store the test app runs on: SQLite unless a test is parametrized with STORE_KINDS."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def settings(request, tmp_path, store_kind) -> Settings:
+    """Settings for a test app on a fresh store; the AI is off unless a test turns it on.
+
+    SQLite: a fresh file. Firestore: the session's emulator and a project of the test's own.
+    """
+    s = Settings(
         db=str(tmp_path / "test.db"),
         api_token=TOKEN,
         secret_key="test-secret-key",
@@ -30,7 +45,15 @@ def settings(tmp_path) -> Settings:
         whatsapp_verify_token="test-verify-token",
         ai_provider="off",
         instance_id="t1",
-    ).validated()
+    )
+    if store_kind == "firestore":
+        s = replace(
+            s,
+            store="firestore",
+            google_cloud_project=request.getfixturevalue("firestore_project"),
+            firestore_emulator_host=request.getfixturevalue("firestore_emulator").host,
+        )
+    return s.validated()
 
 
 MakeClient = Callable[..., Awaitable[TestClient]]
@@ -56,9 +79,21 @@ async def client(make_client) -> TestClient:
     return await make_client()
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=STORE_KINDS)
 async def store(request, tmp_path):
-    """A started, empty store of each kind; the contract suite runs on every one."""
+    """A started, empty store of each kind; the contract suite runs on every one.
+
+    Firestore's feed is a listener that sees a commit about 150 ms after it: the store comes
+    listening, wrapped so that each write returns once its change is on the feed.
+    """
+    if request.param == "firestore":
+        from tests.firestore_emulator import open_firestore_store
+
+        project = request.getfixturevalue("firestore_project")
+        emulator = request.getfixturevalue("firestore_emulator")
+        async with open_firestore_store(emulator, project) as s:
+            yield s
+        return
     from server.store.sqlite import SqliteStore
 
     s = SqliteStore(str(tmp_path / "contract.db"))

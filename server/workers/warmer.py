@@ -18,6 +18,7 @@ from server.hub import Hub
 from server.inbox import Inbox
 from server.snapshot import Snapshot
 from server.store.base import Change, ChatStore, StoreError
+from server.workers.listener import ListenedStore, ListenerSupervisor
 
 log = structlog.get_logger(__name__)
 
@@ -47,11 +48,18 @@ class Warmer:
         self.loaded = asyncio.Event()
 
     async def run(self) -> None:
-        """Subscribe, load, then let the feed apply every later change (until cancelled)."""
+        """Subscribe, load, then let the feed apply every later change (until cancelled).
+
+        A store whose feed is a listener that needs looking after (Firestore) is handed to
+        the ListenerSupervisor, which listens, loads, and resyncs after an outage.
+        """
         self._unsubscribe = self.store.subscribe(self._on_changes)
         try:
-            await self.load()
-            await asyncio.Event().wait()  # the feed does the rest; we stay to be cancelled
+            if isinstance(self.store, ListenedStore):
+                await ListenerSupervisor(self.store, self).run()
+            else:
+                await self.load()
+                await asyncio.Event().wait()  # the feed does the rest; we stay to be cancelled
         finally:
             if self._unsubscribe is not None:
                 self._unsubscribe()
@@ -60,29 +68,40 @@ class Warmer:
         """(Re)load the whole snapshot, retrying with backoff while the store is down."""
         delay = BACKOFF_START_S
         while True:
-            self._buffer = []
-            started = time.perf_counter()
             try:
-                conversations = await self.store.load_window(self.window)
+                await self.load_once()
             except StoreError as e:
                 log.warning("snapshot.load_failed", error=str(e), retry_in_s=round(delay, 2))
-                self._buffer = None
                 await asyncio.sleep(delay)
                 delay = min(BACKOFF_MAX_S, delay * 2) * random.uniform(0.8, 1.2)
                 continue
-            complete = self.window is None or len(conversations) < self.window
-            self.snapshot.load(conversations, complete=complete)
-            buffered, self._buffer = self._buffer, None
-            self.snapshot.apply(buffered)
-            self.loaded.set()
-            log.info(
-                "snapshot.loaded",
-                conversations=len(self.snapshot),
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                store=self.store.name,
-                complete=complete,
-            )
             return
+
+    async def load_once(self) -> None:
+        """(Re)load the whole snapshot once; StoreError when the store cannot answer.
+
+        Changes that arrive while the window is read are buffered and applied after it.
+        """
+        self._buffer = []
+        started = time.perf_counter()
+        try:
+            conversations = await self.store.load_window(self.window)
+        except BaseException:
+            self._buffer = None
+            raise
+        complete = self.window is None or len(conversations) < self.window
+        self.snapshot.load(conversations, complete=complete)
+        buffered, self._buffer = self._buffer, None
+        self.snapshot.apply(buffered)
+        self._check_complete()
+        self.loaded.set()
+        log.info(
+            "snapshot.loaded",
+            conversations=len(self.snapshot),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            store=self.store.name,
+            complete=complete,
+        )
 
     def _on_changes(self, changes: Sequence[Change]) -> None:
         """The feed's callback, on the event loop: apply at once so reads see every write."""
@@ -94,6 +113,7 @@ class Warmer:
             (c, self.snapshot.get(c.conversation.id) is None) for c in changes if not c.local
         ]
         applied = self.snapshot.apply(changes)
+        self._check_complete()
         for change, is_new in foreign:
             self._publish_foreign(change, is_new)
         log.info(
@@ -102,6 +122,15 @@ class Warmer:
             applied=applied,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
+
+    def _check_complete(self) -> None:
+        """A snapshot of a bounded window is complete only while the window is not full.
+
+        The listener holds min(window, all) conversations: below the window it holds all of
+        them; at the window the store may hold more, and pages past the end must read it.
+        """
+        if self.window is not None:
+            self.snapshot.complete = len(self.snapshot) < self.window
 
     def _publish_foreign(self, change: Change, is_new: bool) -> None:
         """Publish a change another instance made (the hub drops what was published here)."""

@@ -1,0 +1,844 @@
+"""The production store: Cloud Firestore (or its emulator).
+
+Data model (DESIGN.md "Stores"):
+
+- `users/{user_id}`: name, phone, channel, created_at, and `latest_conversation_id`, so the
+  one-open-conversation rule is a read of the user document inside the save transaction.
+  Reading it also serialises two concurrent first messages of one customer: both
+  transactions read and write the same document, so one retries and sees the other's
+  conversation instead of opening a second one.
+- `users/{user_id}/conversations/{conversation_id}`: the summary, in the flat form of
+  server/store/rules.py (times as integer ms), with its own id in the `id` field: a
+  collection-group query finds it by id and orders ties by it like the snapshot does.
+- `users/{user_id}/conversations/{conversation_id}/messages/{message_id}`.
+- `wamids/{message_id_for_wamid(wamid)}`: `{"path": <message document path>}`. A small
+  top-level index: it makes a redelivered webhook a one-document read (and a `create()` that
+  fails even if the customer's conversation changed in between), and it finds the message a
+  WhatsApp status names without a collection-group index on `wa_message_id`.
+
+Reads and writes use the AsyncClient. The change feed is a collection-group listener on the
+sync Client (the only one with listeners) over the newest `firestore_window` conversations;
+server/workers/listener.py supervises it. Its callback runs on the client's thread: it only
+converts documents and hands them to the event loop, and it never raises, because a
+callback that raises kills the listener for good without telling anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
+
+import structlog
+from google.api_core import exceptions as gexc
+from google.cloud import firestore
+from google.cloud.firestore_v1 import FieldFilter, async_transactional
+
+from server.config import Settings
+from server.models import Conversation, Message, MessageError, now_ms
+from server.store import rules
+from server.store.base import (
+    UNSET,
+    Change,
+    ChangeListener,
+    InboundMessage,
+    NotFound,
+    Saved,
+    StatusChange,
+    StoreError,
+    StoreUnavailable,
+    Unset,
+    message_id_for_wamid,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+USERS: Final = "users"
+CONVERSATIONS: Final = "conversations"
+MESSAGES: Final = "messages"
+WAMIDS: Final = "wamids"
+# A document that never exists: reading it is the cheapest round trip (one read).
+HEALTH_DOC: Final = "_livechat/health"
+
+# Every store call gives up after this long: a webhook must answer Meta long before Meta's
+# own 20 s timeout, and a page past the window must not hang while Firestore is down.
+OP_TIMEOUT_S: Final = 10.0
+# A health read answers in milliseconds when Firestore is up (an unreachable one fails at
+# once). The first read of a freshly started emulator takes about 2 s: allow for it.
+PING_TIMEOUT_S: Final = 5.0
+# The listener's first snapshot of the window: about 7.5 s for 20,000 conversations on the
+# emulator here (DESIGN.md), and the client's watch gets slower than linear as it grows.
+FIRST_SNAPSHOT_TIMEOUT_S: Final = 120.0
+# Stopping a listener normally takes well under a second (the library waits up to 1 s for
+# its thread); past this it is stuck and left behind on its daemon thread.
+STOP_TIMEOUT_S: Final = 5.0
+# (conversation id, updated_at) pairs this process wrote, to mark their echo on the feed as
+# local. A bulk import of 20,000 conversations fits; an evicted pair only means the hub
+# dedupes the event instead (by message id or by conversation version).
+LOCAL_WRITES: Final = 50_000
+# Firestore accepts at most 500 writes in one batch.
+BATCH_WRITES: Final = 500
+# Batches committed at once by a bulk import: enough to hide round trips, few enough not
+# to trip the emulator's (or Firestore's) write throttling.
+BATCH_CONCURRENCY: Final = 4
+
+# Writes of one customer's documents are serialised in this process. The emulator's locks
+# deadlock two transactions that read and then write the same document until a 10 s lock
+# timeout (Firestore itself aborts one and retries it); serialising them here costs
+# nothing, as one customer's messages arrive one after another anyway. Striped: bounded
+# memory, and two busy customers rarely share a stripe.
+LOCK_STRIPES: Final = 256
+# Where conversations live (id -> document path): ids never move, so a path found once is
+# good forever. Enough for every conversation that is active at once.
+PATHS_CACHED: Final = 20_000
+# A transaction aborted by contention (or a lock timeout) is run again, at most this often.
+TRANSACTION_ATTEMPTS: Final = 3
+
+_UNAVAILABLE: Final = (
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    gexc.RetryError,
+    gexc.InternalServerError,
+    gexc.Unknown,
+    gexc.Cancelled,
+)
+
+
+class _Feed:
+    """One listener (one `on_snapshot` watch) and what it delivered so far.
+
+    Each (re)listen makes a new feed; a callback from an older feed is ignored on the loop,
+    so a watch that is being shut down can never apply a stale change.
+    """
+
+    def __init__(self, generation: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.generation = generation
+        self.first: asyncio.Future[list[Conversation]] = loop.create_future()
+        self.first_taken = False
+        self.watch: Any = None
+        self.client: Any = None
+        self.failed: str | None = None
+        self.pushes = 0
+        # Touched only on the client's thread: whether the first snapshot was handed over.
+        self.pushed_first = False
+
+
+class FirestoreStore:
+    """ChatStore on Cloud Firestore: AsyncClient for reads and writes, a listener for the feed."""
+
+    name = "firestore"
+
+    def __init__(self, settings: Settings) -> None:
+        self.project = settings.google_cloud_project
+        self.emulator_host = settings.firestore_emulator_host
+        self.window = settings.firestore_window
+        self._db: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[ChangeListener] = []
+        self._feed: _Feed | None = None
+        self._generation = 0
+        self._local: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._paths: OrderedDict[str, str] = OrderedDict()
+        self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
+        self._closed = False
+        # Clients replaced by recover(), with when: closed once no call can still use them.
+        self._retired: list[tuple[float, Any]] = []
+        # Serialises listen/unlisten (the supervisor and close may race on shutdown).
+        self._feed_lock = asyncio.Lock()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the clients (no network yet: Firestore is reached on the first call)."""
+        self._loop = asyncio.get_running_loop()
+        if self.emulator_host:
+            # The one environment write of the server: the client library reads the
+            # emulator address only from the environment, when a client is created.
+            os.environ["FIRESTORE_EMULATOR_HOST"] = self.emulator_host
+        self._db = firestore.AsyncClient(project=self.project)
+
+    async def close(self) -> None:
+        """Stop the listener and forget every subscriber; nothing is called after this."""
+        self._closed = True
+        self._listeners.clear()
+        await self.unlisten()
+        clients = [client for _, client in self._retired]
+        self._retired.clear()
+        if self._db is not None:
+            clients.append(self._db)
+            self._db = None
+        for client in clients:
+            await _close_async_channel(client)
+
+    async def recover(self) -> None:
+        """Ping through a brand-new client; once one answers, it replaces the current one.
+
+        After an outage gRPC backs off reconnecting a channel, for up to two minutes; a new
+        client connects at once, so the end of an outage is seen when it happens. The old
+        client may still be serving a request: it is closed only once any call on it must
+        have timed out.
+        """
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        fresh = firestore.AsyncClient(project=self.project)
+        try:
+            await self._ping(fresh)
+        except StoreUnavailable:
+            await _close_async_channel(fresh)  # nothing else has seen this one
+            raise
+        now = time.monotonic()
+        if self._db is not None:
+            self._retired.append((now, self._db))
+        self._db = fresh
+        expired = [c for at, c in self._retired if now - at > OP_TIMEOUT_S + PING_TIMEOUT_S]
+        self._retired = [(at, c) for at, c in self._retired if c not in expired]
+        for client in expired:
+            await _close_async_channel(client)
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when Firestore does not answer a one-document read."""
+        await self._ping(self._client)
+
+    @staticmethod
+    async def _ping(client: Any) -> None:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_S):
+                await client.document(HEALTH_DOC).get(retry=None, timeout=PING_TIMEOUT_S)
+        except TimeoutError as e:
+            raise StoreUnavailable("firestore did not answer the health read") from e
+        except gexc.GoogleAPICallError as e:
+            raise StoreUnavailable(f"firestore health read failed: {type(e).__name__}") from e
+
+    @property
+    def _client(self) -> Any:
+        if self._db is None or self._closed:
+            raise StoreUnavailable("the store is not open")
+        return self._db
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, what: str) -> AsyncIterator[None]:
+        """Bound a call in time and turn the client's errors into store errors."""
+        try:
+            async with asyncio.timeout(OP_TIMEOUT_S):
+                yield
+        except TimeoutError as e:
+            raise StoreUnavailable(f"firestore did not answer ({what})") from e
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"firestore unavailable ({what}): {type(e).__name__}") from e
+        except gexc.GoogleAPICallError as e:
+            raise StoreError(f"firestore refused {what}: {type(e).__name__}") from e
+
+    async def _transact(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run `fn(transaction)` in a transaction; run it again when contention aborts it."""
+        async with self._guard(what):
+            for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+                try:
+                    result: T = await async_transactional(fn)(self._client.transaction())
+                except gexc.Aborted:
+                    if attempt == TRANSACTION_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
+                    continue
+                except ValueError as e:  # the client's "commit retries exhausted"
+                    raise StoreUnavailable(f"firestore transaction kept aborting ({what})") from e
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _lock(self, user_id: str) -> asyncio.Lock:
+        """The in-process lock serialising writes to one customer's documents."""
+        return self._locks[hash(user_id) % LOCK_STRIPES]
+
+    def _remember_path(self, conversation_id: str, path: str) -> None:
+        self._paths[conversation_id] = path
+        self._paths.move_to_end(conversation_id)
+        while len(self._paths) > PATHS_CACHED:
+            self._paths.popitem(last=False)
+
+    async def _conversation_path(self, conversation_id: str) -> str:
+        """Where a conversation lives (users/{user}/conversations/{id}); NotFound if nowhere."""
+        path = self._paths.get(conversation_id)
+        if path is None:
+            async with self._guard("find conversation"):
+                path = (await self._conversation_snap(conversation_id)).reference.path
+            self._remember_path(conversation_id, path)
+        return path
+
+    # -- change feed --------------------------------------------------------------------
+
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        """Call `listener` on the event loop with each batch of changes the listener sees."""
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    @property
+    def listening(self) -> bool:
+        """True while the listener is alive (its watch streams and its callback never failed)."""
+        feed = self._feed
+        return (
+            feed is not None
+            and feed.failed is None
+            and feed.watch is not None
+            and bool(feed.watch.is_active)
+        )
+
+    async def listen(self) -> None:
+        """Start a new listener on the newest `window` conversations (stopping any old one)."""
+        async with self._feed_lock:
+            await self._stop_feed()
+            if self._closed:
+                return
+            loop = asyncio.get_running_loop()
+            self._generation += 1
+            feed = _Feed(self._generation, loop)
+            # A new sync client per listener: a fresh channel, not one in gRPC's reconnect
+            # backoff from before an outage. The emulator address is in the environment.
+            feed.client = firestore.Client(project=self.project)
+            query = (
+                feed.client.collection_group(CONVERSATIONS)
+                .order_by("last_activity", direction=firestore.Query.DESCENDING)
+                .order_by("id")
+                .limit(self.window)
+            )
+            self._feed = feed
+
+            def callback(docs: Any, changes: Any, read_time: Any) -> None:
+                self._on_snapshot(feed, loop, docs, changes)
+
+            # on_snapshot starts the client's threads and opens the stream: not on the loop.
+            feed.watch = await asyncio.to_thread(query.on_snapshot, callback)
+            log.info("firestore.listening", generation=feed.generation, window=self.window)
+
+    async def unlisten(self) -> None:
+        """Stop the listener (during an outage its client would spin reconnecting)."""
+        async with self._feed_lock:
+            await self._stop_feed()
+
+    async def _stop_feed(self) -> None:
+        feed, self._feed = self._feed, None
+        if feed is None:
+            return
+        if not feed.first.done():
+            feed.first.set_exception(StoreUnavailable("the listener was stopped"))
+            feed.first.exception()  # retrieved: nobody may be waiting for it
+        if feed.watch is not None:
+            # unsubscribe joins the client's threads, which can take a moment.
+            await _blocking(feed.watch.unsubscribe, "unsubscribe")
+        if feed.client is not None:
+            # During an outage unsubscribing is not enough: the stream's thread goes on
+            # re-opening a stream that fails at once, a whole core's worth, until it sees a
+            # non-retryable error. A closed channel is one, so the thread exits.
+            await _blocking(lambda: _close_channel(feed.client), "close channel")
+        log.info("firestore.unlistened", generation=feed.generation, pushes=feed.pushes)
+
+    def _on_snapshot(
+        self, feed: _Feed, loop: asyncio.AbstractEventLoop, docs: Any, changes: Any
+    ) -> None:
+        """The listener's callback, on the client's thread. Must never raise."""
+        try:
+            if not feed.pushed_first:
+                feed.pushed_first = True
+                first = _conversations(d.to_dict() for d in docs)
+                loop.call_soon_threadsafe(self._deliver_first, feed, first)
+            else:
+                batch = [
+                    (change.type.name == "REMOVED", change.document.to_dict()) for change in changes
+                ]
+                loop.call_soon_threadsafe(self._deliver, feed, batch)
+        except BaseException as e:  # raising here would kill the listener silently
+            with contextlib.suppress(BaseException):
+                loop.call_soon_threadsafe(self._feed_failed, feed, repr(e))
+
+    def _feed_failed(self, feed: _Feed, error: str) -> None:
+        if feed is self._feed:
+            feed.failed = error
+            log.error("firestore.listener_failed", generation=feed.generation, error=error)
+
+    def _deliver_first(self, feed: _Feed, conversations: list[Conversation]) -> None:
+        if feed is not self._feed or self._closed or feed.first.done():
+            return
+        feed.pushes += 1
+        feed.first.set_result(conversations)
+
+    def _deliver(self, feed: _Feed, batch: list[tuple[bool, dict[str, Any] | None]]) -> None:
+        """On the loop: turn one pushed snapshot into Change records for every subscriber."""
+        if feed is not self._feed or self._closed:
+            return
+        feed.pushes += 1
+        changes: list[Change] = []
+        for removed, doc in batch:
+            try:
+                conversation = rules.conversation_from_doc(doc or {})
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("firestore.bad_document", error=repr(e))
+                continue
+            if removed:
+                # With .limit(window) REMOVED means it left the window, not that it is gone.
+                changes.append(Change(conversation, removed=True))
+                continue
+            key = (conversation.id, conversation.updated_at)
+            local = key in self._local
+            if local:
+                del self._local[key]
+            changes.append(Change(conversation, local=local))
+        if changes:
+            for listener in list(self._listeners):
+                listener(changes)
+
+    def _remember_local(self, conversation: Conversation) -> None:
+        """Remember a version this process writes, so its echo on the feed counts as local.
+
+        `updated_at` grows strictly with every write of a conversation (rules.after_message,
+        and each write reads the previous version in its transaction), so two instances
+        never write the same (id, updated_at): the pair names this process's write exactly.
+        """
+        self._local[(conversation.id, conversation.updated_at)] = None
+        while len(self._local) > LOCAL_WRITES:
+            self._local.popitem(last=False)
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _by_activity(self, status: str | None) -> Any:
+        query = self._client.collection_group(CONVERSATIONS)
+        if status is not None:
+            query = query.where(filter=FieldFilter("status", "==", status))
+        return query.order_by("last_activity", direction=firestore.Query.DESCENDING).order_by("id")
+
+    async def load_window(self, limit: int | None) -> list[Conversation]:
+        """The newest `limit` conversations; for the listener's window, its first snapshot.
+
+        Taking the listener's own first snapshot makes the snapshot exactly what the listener
+        sees, with every later change a delta on top of it, and reads the window once.
+        """
+        feed = self._feed
+        if (
+            limit is not None
+            and limit == self.window
+            and feed is not None
+            and not feed.first_taken
+            and feed.failed is None
+        ):
+            feed.first_taken = True
+            try:
+                async with asyncio.timeout(FIRST_SNAPSHOT_TIMEOUT_S):
+                    return await asyncio.shield(feed.first)
+            except TimeoutError as e:
+                raise StoreUnavailable("the listener sent no first snapshot") from e
+        return await self.page_after(None, -1 if limit is None else limit, None)
+
+    async def page_after(
+        self, after: tuple[int, str] | None, limit: int, status: str | None
+    ) -> list[Conversation]:
+        """Conversations after a keyset, newest activity first (limit -1: no limit)."""
+        if limit == 0:
+            return []
+        query = self._by_activity(status)
+        if after is not None:
+            query = query.start_after({"last_activity": after[0], "id": after[1]})
+        if limit > 0:
+            query = query.limit(limit)
+        async with self._guard("page"):
+            snaps = await query.get()
+        return _conversations(s.to_dict() for s in snaps)
+
+    async def count(self, status: str | None) -> int:
+        """How many conversations (with that status) there are: one aggregation query."""
+        query = self._client.collection_group(CONVERSATIONS)
+        if status is not None:
+            query = query.where(filter=FieldFilter("status", "==", status))
+        async with self._guard("count"):
+            result = await query.count(alias="n").get()
+        return int(result[0][0].value)
+
+    async def _conversation_snap(self, conversation_id: str, transaction: Any = None) -> Any:
+        """The document of a conversation, found by its id across every user."""
+        query = (
+            self._client.collection_group(CONVERSATIONS)
+            .where(filter=FieldFilter("id", "==", conversation_id))
+            .limit(1)
+        )
+        snaps = await query.get(transaction=transaction)
+        if not snaps:
+            raise NotFound(f"no conversation {conversation_id!r}")
+        self._remember_path(conversation_id, snaps[0].reference.path)
+        return snaps[0]
+
+    async def _conversation_doc(self, conversation_id: str, transaction: Any = None) -> Any:
+        """A conversation's document: one read where its path is known, else a query."""
+        path = self._paths.get(conversation_id)
+        if path is not None:
+            snap = await self._client.document(path).get(transaction=transaction)
+            if snap.exists:
+                return snap
+        return await self._conversation_snap(conversation_id, transaction)
+
+    async def get_conversation(self, conversation_id: str) -> Conversation:
+        """One conversation summary."""
+        async with self._guard("get conversation"):
+            snap = await self._conversation_doc(conversation_id)
+        return rules.conversation_from_doc(snap.to_dict())
+
+    async def list_messages(
+        self, conversation_id: str, limit: int, before: tuple[int, str] | None
+    ) -> tuple[list[Message], bool]:
+        """A page of messages older than `before`, oldest first."""
+        async with self._guard("list messages"):
+            snap = await self._conversation_doc(conversation_id)
+            query = (
+                snap.reference.collection(MESSAGES)
+                .order_by("at", direction=firestore.Query.DESCENDING)
+                .order_by("id", direction=firestore.Query.DESCENDING)
+            )
+            if before is not None:
+                query = query.start_after({"at": before[0], "id": before[1]})
+            docs = await query.limit(limit + 1).get()
+        messages = [rules.message_from_doc(d.to_dict()) for d in docs[:limit]]
+        messages.reverse()
+        return messages, len(docs) > limit
+
+    # -- writes -----------------------------------------------------------------------
+
+    def _conversation_ref(self, user_id: str, conversation_id: str) -> Any:
+        return (
+            self._client.collection(USERS)
+            .document(user_id)
+            .collection(CONVERSATIONS)
+            .document(conversation_id)
+        )
+
+    async def _latest_conversation(self, user_ref: Any, user: Any, tx: Any) -> Conversation | None:
+        """The customer's most recent conversation (the user document names it)."""
+        latest_id = user.get("latest_conversation_id") if user.exists else None
+        if latest_id:
+            snap = await user_ref.collection(CONVERSATIONS).document(latest_id).get(transaction=tx)
+            if snap.exists:
+                return rules.conversation_from_doc(snap.to_dict())
+        # Users written without the pointer (older data, hand edits): ask the collection.
+        snaps = await (
+            user_ref.collection(CONVERSATIONS)
+            .order_by("created_at", direction=firestore.Query.DESCENDING)
+            .order_by("id", direction=firestore.Query.DESCENDING)
+            .limit(1)
+            .get(transaction=tx)
+        )
+        return rules.conversation_from_doc(snaps[0].to_dict()) if snaps else None
+
+    async def save_inbound(self, inbound: InboundMessage) -> Saved | None:
+        """Store a customer's message and its summary in one transaction; None when a repeat."""
+        db = self._client
+        message_id = message_id_for_wamid(inbound.wa_message_id)
+        wamid_ref = db.collection(WAMIDS).document(message_id)
+        user_ref = db.collection(USERS).document(inbound.user_id)
+
+        async def write(tx: Any) -> Saved | None:
+            if (await wamid_ref.get(transaction=tx)).exists:
+                return None
+            user = await user_ref.get(transaction=tx)
+            latest = await self._latest_conversation(user_ref, user, tx)
+            now = now_ms()
+            created = rules.needs_new_conversation(latest)
+            if created or latest is None:
+                latest = rules.open_conversation(inbound, now)
+            else:
+                latest = latest.with_changes(user_name=inbound.user_name, phone=inbound.phone)
+            message = rules.inbound_message(inbound, latest.id)
+            conversation = rules.after_message(latest, message, now)
+            conversation_ref = user_ref.collection(CONVERSATIONS).document(conversation.id)
+            message_ref = conversation_ref.collection(MESSAGES).document(message.id)
+            self._remember_path(conversation.id, conversation_ref.path)
+            profile: dict[str, Any] = {
+                "name": inbound.user_name,
+                "phone": inbound.phone,
+                "channel": inbound.channel,
+                "latest_conversation_id": conversation.id,
+            }
+            if not user.exists:
+                profile["created_at"] = now
+            self._remember_local(conversation)
+            tx.set(user_ref, profile, merge=True)
+            tx.set(conversation_ref, rules.conversation_to_doc(conversation))
+            # create(): a redelivery racing this one fails the commit, never writes twice.
+            tx.create(message_ref, rules.message_to_doc(message))
+            tx.create(wamid_ref, {"path": message_ref.path})
+            return Saved(conversation, message, new_conversation=created)
+
+        try:
+            async with self._lock(inbound.user_id):
+                return await self._transact("save inbound", write)
+        except StoreError as e:
+            if isinstance(e.__cause__, gexc.AlreadyExists):
+                return None
+            raise
+
+    async def save_outbound(
+        self,
+        conversation_id: str,
+        *,
+        sender: str,
+        text: str,
+        agent_id: str | None = None,
+        take_over: bool = False,
+    ) -> Saved:
+        """Store an AI or agent reply as queued, with its summary, in one transaction."""
+
+        path = await self._conversation_path(conversation_id)
+
+        async def write(tx: Any) -> Saved:
+            snap = await self._conversation_doc(conversation_id, tx)
+            now = now_ms()
+            conversation = rules.conversation_from_doc(snap.to_dict())
+            message = rules.outbound_message(conversation_id, sender, text, agent_id, now)
+            conversation = rules.after_message(conversation, message, now)
+            if take_over:
+                conversation = conversation.with_changes(ai_enabled=False)
+            self._remember_local(conversation)
+            tx.set(snap.reference, rules.conversation_to_doc(conversation))
+            tx.create(
+                snap.reference.collection(MESSAGES).document(message.id),
+                rules.message_to_doc(message),
+            )
+            return Saved(conversation, message)
+
+        async with self._lock(_user_of(path)):
+            return await self._transact("save outbound", write)
+
+    async def _deliver_status(
+        self,
+        tx: Any,
+        message_snap: Any,
+        status: str,
+        wa_message_id: str | None,
+        error: MessageError | None,
+    ) -> StatusChange | None:
+        """Move a message's delivery status forward, and its conversation's tick with it."""
+        if not message_snap.exists:
+            return None
+        message = rules.message_from_doc(message_snap.to_dict())
+        updated = rules.with_delivery(message, status, wa_message_id, error)
+        if updated is None:
+            return None
+        conversation_ref = message_snap.reference.parent.parent
+        conversation_snap = await conversation_ref.get(transaction=tx)
+        if not conversation_snap.exists:
+            return None
+        conversation = rules.conversation_from_doc(conversation_snap.to_dict())
+        after = rules.after_status(conversation, updated, now_ms())
+        tx.set(message_snap.reference, rules.message_to_doc(updated))
+        if updated.wa_message_id and updated.wa_message_id != message.wa_message_id:
+            wamid_ref = self._client.collection(WAMIDS).document(
+                message_id_for_wamid(updated.wa_message_id)
+            )
+            tx.set(wamid_ref, {"path": message_snap.reference.path})
+        if after is not conversation:
+            self._remember_local(after)
+            tx.set(conversation_ref, rules.conversation_to_doc(after))
+        return StatusChange(after, updated)
+
+    async def set_delivery(
+        self,
+        message_id: str,
+        *,
+        status: str,
+        wa_message_id: str | None = None,
+        error: MessageError | None = None,
+    ) -> StatusChange | None:
+        """Record the outcome of sending an outbound message (never moves it backwards)."""
+        query = (
+            self._client.collection_group(MESSAGES)
+            .where(filter=FieldFilter("id", "==", message_id))
+            .limit(1)
+        )
+        async with self._guard("find message"):
+            found = await query.get()
+        if not found:
+            return None
+        return await self._set_status(found[0].reference.path, status, wa_message_id, error)
+
+    async def _set_status(
+        self,
+        message_path: str,
+        status: str,
+        wa_message_id: str | None,
+        error: MessageError | None,
+    ) -> StatusChange | None:
+        message_ref = self._client.document(message_path)
+
+        async def write(tx: Any) -> StatusChange | None:
+            snap = await message_ref.get(transaction=tx)
+            return await self._deliver_status(tx, snap, status, wa_message_id, error)
+
+        async with self._lock(_user_of(message_path)):
+            return await self._transact("set status", write)
+
+    async def apply_status(
+        self, wa_message_id: str, status: str, error: MessageError | None
+    ) -> StatusChange | None:
+        """Apply a WhatsApp status to the message it names (found through `wamids`)."""
+        pointer_ref = self._client.collection(WAMIDS).document(message_id_for_wamid(wa_message_id))
+        async with self._guard("find message"):
+            pointer = await pointer_ref.get()
+        path = pointer.get("path") if pointer.exists else None
+        if not path:
+            return None
+        return await self._set_status(path, status, None, error)
+
+    async def update_conversation(
+        self,
+        conversation_id: str,
+        *,
+        status: str | None = None,
+        ai_enabled: bool | None = None,
+        assignee: str | Unset | None = UNSET,
+        mark_read: bool = False,
+    ) -> Conversation:
+        """Change status, AI switch, assignee or unread count."""
+
+        path = await self._conversation_path(conversation_id)
+
+        async def write(tx: Any) -> Conversation:
+            snap = await self._conversation_doc(conversation_id, tx)
+            conversation = rules.conversation_from_doc(snap.to_dict())
+            changes: dict[str, Any] = {}
+            if status is not None:
+                changes["status"] = status
+            if ai_enabled is not None:
+                changes["ai_enabled"] = ai_enabled
+            if not isinstance(assignee, Unset):
+                changes["assignee"] = assignee
+            if mark_read:
+                changes["unread_count"] = 0
+            changes["updated_at"] = max(now_ms(), conversation.updated_at + 1)
+            updated = conversation.with_changes(**changes)
+            self._remember_local(updated)
+            tx.set(snap.reference, rules.conversation_to_doc(updated))
+            return updated
+
+        async with self._lock(_user_of(path)):
+            return await self._transact("update conversation", write)
+
+    async def import_conversations(
+        self, conversations: Sequence[Conversation], messages: Sequence[Message]
+    ) -> None:
+        """Bulk-load conversations and messages in batches of 500 writes (not atomic)."""
+        db = self._client
+        latest: dict[str, Conversation] = {}
+        for c in conversations:
+            held = latest.get(c.user_id)
+            if held is None or (c.created_at, c.id) > (held.created_at, held.id):
+                latest[c.user_id] = c
+        owner = {c.id: c.user_id for c in conversations}
+        writes: list[tuple[Any, dict[str, Any], bool]] = []
+        for user_id, c in latest.items():
+            profile = {
+                "name": c.user_name,
+                "phone": c.phone,
+                "channel": c.channel,
+                "created_at": c.created_at,
+                "latest_conversation_id": c.id,
+            }
+            writes.append((db.collection(USERS).document(user_id), profile, True))
+        for c in conversations:
+            self._remember_local(c)
+            writes.append(
+                (self._conversation_ref(c.user_id, c.id), rules.conversation_to_doc(c), False)
+            )
+        for m in messages:
+            ref = self._conversation_ref(owner[m.conversation_id], m.conversation_id)
+            message_ref = ref.collection(MESSAGES).document(m.id)
+            writes.append((message_ref, rules.message_to_doc(m), False))
+            if m.wa_message_id:
+                pointer = db.collection(WAMIDS).document(message_id_for_wamid(m.wa_message_id))
+                writes.append((pointer, {"path": message_ref.path}, False))
+        gate = asyncio.Semaphore(BATCH_CONCURRENCY)
+
+        async def commit(chunk: list[tuple[Any, dict[str, Any], bool]]) -> None:
+            async with gate:
+                batch = db.batch()
+                for ref, doc, merge in chunk:
+                    batch.set(ref, doc, merge=merge)
+                async with self._guard("import"):
+                    await batch.commit()
+
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(commit(writes[i : i + BATCH_WRITES]) for i in range(0, len(writes), BATCH_WRITES))
+        )
+        log.info(
+            "firestore.imported",
+            conversations=len(conversations),
+            messages=len(messages),
+            writes=len(writes),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+
+async def _blocking(fn: Callable[[], object], what: str) -> None:
+    """Run a blocking call of the client library off the loop, waiting a bounded time.
+
+    Stopping a listener joins the library's threads and closes its channel; seen here to
+    hang now and then when the stream was mid-reconnect. A daemon thread (not the loop's
+    executor, which is joined at exit) runs it, so such a hang can stall neither the
+    supervisor nor the process's exit; it is logged.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finished() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception as e:  # the stream is being discarded: its errors are moot
+            log.debug("firestore.stop_error", call=what, error=repr(e))
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop may have closed meanwhile
+                loop.call_soon_threadsafe(finished)
+
+    threading.Thread(target=run, name=f"firestore-{what}", daemon=True).start()
+    try:
+        async with asyncio.timeout(STOP_TIMEOUT_S):
+            await done
+    except TimeoutError:
+        log.warning("firestore.stop_stuck", call=what, waited_s=STOP_TIMEOUT_S)
+
+
+async def _close_async_channel(client: Any) -> None:
+    """Close an AsyncClient's gRPC channel (the client library offers no close of its own)."""
+    with contextlib.suppress(Exception):  # a channel already broken may fail to close
+        await client._firestore_api.transport.close()
+
+
+def _close_channel(client: Any) -> None:
+    """Close a client's gRPC channel (the client library offers no close of its own)."""
+    with contextlib.suppress(Exception):  # a channel already broken may fail to close
+        client._firestore_api.transport.close()
+
+
+def _user_of(path: str) -> str:
+    """The user id in a document path under users/{user_id}/..."""
+    return path.split("/", 2)[1]
+
+
+def _conversations(docs: Any) -> list[Conversation]:
+    """Conversation summaries from documents, skipping any that are not one of ours."""
+    out: list[Conversation] = []
+    for doc in docs:
+        try:
+            out.append(rules.conversation_from_doc(doc))
+        except (KeyError, TypeError, ValueError):
+            continue  # a malformed document must not take the whole list down
+    return out

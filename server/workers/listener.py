@@ -1,0 +1,129 @@
+"""The listener's supervisor: keeps a store's realtime listener alive, and honest when it is not.
+
+The Firestore client's listener cannot be trusted to look after itself (DESIGN.md): on a lost
+connection it reconnects in a tight loop that burns a whole core, and errors it does not
+retry close it without telling anyone. So the supervisor
+
+- starts the listener and loads the snapshot from its first snapshot;
+- checks every CHECK_INTERVAL_S that the listener is still streaming and that the store
+  answers a one-document health read;
+- on a failure marks the snapshot stale (pages are still served, with `"stale": true`,
+  and /readyz reports degraded), stops the listener so it cannot spin, and probes the store
+  with exponential backoff and jitter;
+- once the store answers, listens again, reloads the snapshot and tells every SSE client to
+  `resync` (events during the outage were never seen here, so they cannot be replayed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
+
+import structlog
+
+from server.store.base import StoreError
+
+if TYPE_CHECKING:
+    from server.workers.warmer import Warmer
+
+log = structlog.get_logger(__name__)
+
+# How often a healthy listener is checked. It bounds how long a dead listener goes unnoticed
+# (and how long the client may spin before it is stopped) at the price of one document read
+# a second per instance (about 86,000 reads a day, a few cents).
+CHECK_INTERVAL_S: Final = 1.0
+# Outage probes: soon after a blip, then at most every 3 s, so the end of an outage is
+# noticed within seconds; a probe is one failed connection attempt, which costs nothing.
+BACKOFF_START_S: Final = 0.5
+BACKOFF_MAX_S: Final = 3.0
+# Jitter spreads the probes of many instances that lost the store at the same moment.
+JITTER: Final = 0.2
+
+
+@runtime_checkable
+class ListenedStore(Protocol):
+    """A store whose change feed is a listener that must be supervised (Firestore)."""
+
+    name: str
+
+    @property
+    def listening(self) -> bool:
+        """True while the listener streams."""
+
+    async def listen(self) -> None:
+        """Start a new listener (stopping any old one)."""
+
+    async def unlisten(self) -> None:
+        """Stop the listener."""
+
+    async def recover(self) -> None:
+        """Ping through fresh connections, which replace the old ones once they answer."""
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot be reached."""
+
+
+class ListenerSupervisor:
+    """Runs until cancelled: listen, load, watch; on failure back off, listen again, resync."""
+
+    def __init__(self, store: ListenedStore, warmer: Warmer) -> None:
+        self.store = store
+        self.warmer = warmer
+        self.outages = 0
+        # True from an outage of a ready snapshot until the snapshot is fresh again.
+        self._served_stale = False
+
+    async def run(self) -> None:
+        """Supervise the listener until cancelled (the warmer's task owns this coroutine)."""
+        delay = BACKOFF_START_S
+        probe = self.store.ping
+        try:
+            while True:
+                try:
+                    await probe()
+                    await self.store.listen()
+                    await self.warmer.load_once()
+                except StoreError as e:
+                    await self._outage(str(e))
+                    log.info("firestore.probe_failed", error=str(e), retry_in_s=round(delay, 2))
+                    await asyncio.sleep(_jittered(delay))
+                    delay = min(BACKOFF_MAX_S, delay * 2)
+                    probe = self.store.recover
+                    continue
+                if self._served_stale:
+                    self._served_stale = False
+                    log.info("firestore.recovered", outages=self.outages)
+                    # Events of the outage were never seen here: dashboards must reload.
+                    self.warmer.hub.publish("resync", {})
+                delay = BACKOFF_START_S
+                reason = await self._watch()
+                await self._outage(reason)
+                probe = self.store.recover
+        finally:
+            await asyncio.shield(self.store.unlisten())
+
+    async def _watch(self) -> str:
+        """Return why the listener stopped being trustworthy (it never returns while healthy)."""
+        while True:
+            await asyncio.sleep(CHECK_INTERVAL_S)
+            if not self.store.listening:
+                return "the listener stopped"
+            try:
+                await self.store.ping()
+            except StoreError as e:
+                return str(e)
+
+    async def _outage(self, reason: str) -> None:
+        """Serve the last good snapshot as stale and stop the listener so it cannot spin."""
+        snapshot = self.warmer.snapshot
+        if snapshot.fresh or not snapshot.ready:
+            self.outages += 1
+            log.warning("firestore.outage", reason=reason, snapshot_ready=snapshot.ready)
+        snapshot.fresh = False
+        self._served_stale = self._served_stale or snapshot.ready
+        await self.store.unlisten()
+
+
+def _jittered(delay: float) -> float:
+    return delay * random.uniform(1 - JITTER, 1 + JITTER)

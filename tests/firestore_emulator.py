@@ -1,0 +1,287 @@
+"""pytest plugin: the Firestore emulator, started by the tests themselves.
+
+One emulator serves the whole session on a free loopback port. Each test gets its own
+project id (the emulator keeps projects apart), and that project is wiped when the test ends.
+Without the gcloud CLI the Firestore tests skip, saying why; under CI=true they fail instead,
+because a CI run that silently skipped them would prove nothing.
+
+gcloud starts a shell wrapper that starts java, and neither execs: killing gcloud leaves java
+running. So the emulator runs in its own process group and the whole group is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# The emulator is ready in 10-20 s here; a cold JVM on a busy CI machine can take longer.
+START_TIMEOUT_S = 60.0
+# SIGTERM first so java can exit cleanly; whatever is left after this is killed.
+STOP_GRACE_S = 5.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Emulator:
+    """One Firestore emulator process group on 127.0.0.1:port."""
+
+    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = None
+
+    @property
+    def host(self) -> str:
+        """What FIRESTORE_EMULATOR_HOST must say."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def start(self, import_data: str | None = None) -> None:
+        """Start the emulator and wait until it answers Ok (fails the test after a minute)."""
+        args = ["gcloud", "emulators", "firestore", "start", f"--host-port={self.host}"]
+        if import_data:
+            args.append(f"--import-data={import_data}")
+        log_path = (self.workdir or Path("/tmp")) / f"firestore-emulator-{self.port}.log"
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() reaches java too
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the Firestore emulator exited; see {log_path}")
+            if self.answers():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"the Firestore emulator did not answer within {START_TIMEOUT_S} s")
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/", timeout=1) as resp:
+                return resp.read().strip() == b"Ok"
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def stop(self) -> None:
+        """Stop the whole process group: SIGTERM, then SIGKILL what is left."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        self._signal(process, signal.SIGTERM)
+        try:
+            process.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        # The wrapper may be gone while java lingers in the group: always sweep it.
+        self._signal(process, signal.SIGKILL)
+        process.wait()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def kill(self) -> None:
+        """An outage: kill the whole group at once, as a crash or a network cut would."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        self._signal(process, signal.SIGKILL)
+        process.wait()
+        self._close_log()
+        deadline = time.monotonic() + STOP_GRACE_S
+        while self.answers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    @staticmethod
+    def _signal(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _request(self, method: str, path: str, body: bytes | None = None) -> None:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            resp.read()
+
+    def wipe(self, project: str) -> None:
+        """Delete every document of a project."""
+        self._request("DELETE", f"/emulator/v1/projects/{project}/databases/(default)/documents")
+
+    def export(self, project: str, directory: Path) -> str:
+        """Export a project's data; returns the path --import-data takes."""
+        directory.mkdir(parents=True, exist_ok=True)
+        body = json.dumps(
+            {
+                "database": f"projects/{project}/databases/(default)",
+                "export_directory": str(directory),
+            }
+        ).encode()
+        self._request("POST", f"/emulator/v1/projects/{project}:export", body)
+        return str(next(directory.glob("*/*.overall_export_metadata")))
+
+
+def require_gcloud() -> None:
+    """Skip (or under CI=true, fail) when the emulator cannot run here."""
+    if shutil.which("gcloud") is not None:
+        return
+    reason = "the Firestore emulator needs the gcloud CLI, which is not on PATH"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator(tmp_path_factory) -> Iterator[Emulator]:
+    """The session's emulator on a free port, stopped (java included) at the end."""
+    require_gcloud()
+    emulator = Emulator(workdir=tmp_path_factory.mktemp("firestore"))
+    emulator.start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+_projects = itertools.count(1)
+
+
+@pytest.fixture
+def firestore_project(firestore_emulator) -> Iterator[str]:
+    """A project of its own for one test (so leftovers never leak), wiped afterwards."""
+    project = f"livechat-test-{os.getpid()}-{next(_projects)}"
+    yield project
+    try:
+        firestore_emulator.wipe(project)
+    except OSError:
+        pass  # a test that stopped the emulator on purpose has nothing left to wipe
+
+
+# A commit reaches the listener in about 150 ms on the emulator; this only bounds a hang.
+FEED_WAIT_S = 10.0
+
+
+class SettledStore:
+    """A Firestore store whose writes return once their change has arrived on the feed.
+
+    The contract suite checks the feed right after a write, which an in-process feed
+    (SQLite) satisfies at once and a listener only ~150 ms later. The contract is that every
+    commit appears on the feed: this waits for exactly that, and fails if it never comes.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._seen: set[tuple[str, int]] = set()
+        self._changed = asyncio.Event()
+        store.subscribe(self._on_changes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def _on_changes(self, changes) -> None:
+        for change in changes:
+            if not change.removed:
+                self._seen.add((change.conversation.id, change.conversation.updated_at))
+        self._changed.set()
+
+    async def settle(self, conversation) -> None:
+        """Wait until this version of the conversation was on the feed."""
+        key = (conversation.id, conversation.updated_at)
+
+        async def wait() -> None:
+            while key not in self._seen:
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(wait(), FEED_WAIT_S)
+        except TimeoutError:
+            raise AssertionError(f"the write of {key} never reached the change feed") from None
+
+    async def save_inbound(self, *args, **kwargs):
+        saved = await self._store.save_inbound(*args, **kwargs)
+        if saved is not None:
+            await self.settle(saved.conversation)
+        return saved
+
+    async def save_outbound(self, *args, **kwargs):
+        saved = await self._store.save_outbound(*args, **kwargs)
+        await self.settle(saved.conversation)
+        return saved
+
+    async def set_delivery(self, *args, **kwargs):
+        change = await self._store.set_delivery(*args, **kwargs)
+        if change is not None:
+            await self.settle(change.conversation)
+        return change
+
+    async def apply_status(self, *args, **kwargs):
+        change = await self._store.apply_status(*args, **kwargs)
+        if change is not None:
+            await self.settle(change.conversation)
+        return change
+
+    async def update_conversation(self, *args, **kwargs):
+        conversation = await self._store.update_conversation(*args, **kwargs)
+        await self.settle(conversation)
+        return conversation
+
+
+def firestore_settings(emulator: Emulator, project: str, **overrides: Any):
+    """Settings for a FirestoreStore on the emulator."""
+    from server.config import Settings
+
+    return Settings(
+        store="firestore",
+        google_cloud_project=project,
+        firestore_emulator_host=emulator.host,
+        **overrides,
+    ).validated()
+
+
+@contextlib.asynccontextmanager
+async def open_firestore_store(
+    emulator: Emulator, project: str, **overrides: Any
+) -> AsyncIterator[Any]:
+    """A started FirestoreStore that listens (its first snapshot taken), settled, closed after."""
+    from server.store.firestore import FirestoreStore
+
+    store = FirestoreStore(firestore_settings(emulator, project, **overrides))
+    await store.start()
+    try:
+        await store.listen()
+        await store.load_window(store.window)
+        yield SettledStore(store)
+    finally:
+        await store.close()

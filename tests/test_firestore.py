@@ -1,0 +1,251 @@
+"""Firestore in production shape: realtime on both stores, two instances, pages past the
+listener window, and an outage of the store the server must live through."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from structlog.testing import capture_logs
+
+from server import keys
+from server.demo import build_demo
+from server.models import now_ms
+from server.store.base import InboundMessage, message_id_for_wamid
+from tests.conftest import STORE_KINDS
+from tests.firestore_emulator import Emulator, require_gcloud
+from tests.webhooks import SseStream, post_webhook, text, wait_until, webhook
+
+LIST = "/api/live-chat/unified-chats"
+
+
+def is_message(message_id: str):
+    """Matches the new_message/new_conversation event of one stored message."""
+
+    def match(event) -> bool:
+        return (
+            event.name in ("new_message", "new_conversation")
+            and event.data["message"]["id"] == message_id
+        )
+
+    return match
+
+
+async def all_pages(client, limit: int = 7, **params) -> list[dict]:
+    """Every chat of the list, page after page, as the dashboard scrolls."""
+    chats: list[dict] = []
+    cursor = None
+    while True:
+        query = {"limit": str(limit), **params}
+        if cursor:
+            query["cursor"] = cursor
+        resp = await client.get(LIST, params=query)
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        chats += body["chats"]
+        cursor = body["next_cursor"]
+        if not body["has_more"]:
+            return chats
+
+
+async def listed_ids(client) -> list[str]:
+    return [c["id"] for c in await all_pages(client, limit=100)]
+
+
+@pytest.mark.parametrize("store_kind", STORE_KINDS, indirect=True)
+async def test_a_webhook_message_is_listed_and_broadcast_once_on_either_store(client):
+    stream = await SseStream.open(client)
+    m = text("is my order on its way?")
+    assert (await post_webhook(client, webhook([m]))).status == 200
+    mid = message_id_for_wamid(m["id"])
+    event, _ = await stream.until(is_message(mid), within=5)
+    assert event.name == "new_conversation"
+    # The feed brings the same write back (Firestore: ~150 ms later); it is not sent again.
+    again = [e for e in await stream.nothing_for(1.0) if is_message(mid)(e)]
+    assert again == []
+    chats = await wait_until(lambda: listed_ids(client))
+    assert chats == [event.data["conversation"]["id"]]
+    # An agent action is broadcast once as well.
+    cid = chats[0]
+    assert (await client.post(f"/api/live-chat/conversations/{cid}/read")).status == 200
+    updated, _ = await stream.until(lambda e: e.name == "conversation_updated")
+    assert updated.data["conversation"]["unread_count"] == 0
+    assert [e.name for e in await stream.nothing_for(0.5)] == []
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["status"] == "ok"
+    stream.close()
+
+
+@pytest.mark.firestore
+@pytest.mark.parametrize("store_kind", ["firestore"], indirect=True)
+async def test_two_instances_share_every_message_and_serve_the_same_pages(make_client):
+    a = await make_client(instance_id="a")
+    b = await make_client(instance_id="b")
+    conversations, messages = build_demo(25)
+    await a.app[keys.STORE].import_conversations(conversations, messages)
+    await wait_until(lambda: _holds(b, 25), within=10)
+    stream_b = await SseStream.open(b)
+
+    m = text("hello from instance A's customer", frm="966509999999")
+    sent = time.monotonic()
+    assert (await post_webhook(a, webhook([m]))).status == 200
+    mid = message_id_for_wamid(m["id"])
+    event, _ = await stream_b.until(is_message(mid), within=5)
+    assert time.monotonic() - sent < 1.0, "A's message took over a second to reach B"
+    assert event.id.startswith("b-") and event.name == "new_conversation"
+    assert event.data["conversation"]["user_id"] == "966509999999"
+    # Exactly once on B, though B also sees later versions of the conversation on its feed.
+    later = await stream_b.nothing_for(1.5)
+    assert [e for e in later if is_message(mid)(e)] == []
+
+    await wait_until(lambda: _holds(a, 26))
+    pages_a = await all_pages(a)
+    pages_b = await all_pages(b)
+    assert pages_a == pages_b and len(pages_a) == 26
+    assert len({c["id"] for c in pages_a}) == 26
+    stream_b.close()
+
+
+async def _holds(client, n: int) -> bool:
+    return len(client.app[keys.SNAPSHOT]) == n
+
+
+@pytest.mark.firestore
+@pytest.mark.parametrize("store_kind", ["firestore"], indirect=True)
+async def test_pages_past_the_listener_window_are_read_from_the_store_seamlessly(make_client):
+    client = await make_client(firestore_window=10)
+    conversations, messages = build_demo(35)
+    await client.app[keys.STORE].import_conversations(conversations, messages)
+    snapshot = client.app[keys.SNAPSHOT]
+    await wait_until(lambda: _holds(client, 10), within=10)
+    expected = [c.id for c in sorted(conversations, key=lambda c: (-c.last_activity, c.id))]
+    with capture_logs() as logs:
+        chats = await all_pages(client, limit=7)
+    assert [c["id"] for c in chats] == expected
+    sources = [e["source"] for e in logs if e["event"] == "unified_chats.served"]
+    assert sources[0] == "snapshot" and "store" in sources
+    assert not snapshot.complete
+    # Filters cross the boundary too.
+    for status in ("open", "resolved"):
+        want = [
+            c.id
+            for c in sorted(conversations, key=lambda c: (-c.last_activity, c.id))
+            if c.status == status
+        ]
+        got = await all_pages(client, limit=4, status=status)
+        assert [c["id"] for c in got] == want
+        assert all(c["status"] == status for c in got)
+    # An old conversation that gets a message moves into the window, another one leaves it.
+    oldest = next(c for c in conversations if c.id == expected[-1])
+    await client.app[keys.STORE].update_conversation(oldest.id, status="open")
+    await client.app[keys.INBOX].receive(
+        InboundMessage(
+            wa_message_id="wamid.back",
+            user_id=oldest.user_id,
+            user_name=oldest.user_name,
+            phone=oldest.phone,
+            type="text",
+            text="me again",
+            at=now_ms(),
+        )
+    )
+    await wait_until(lambda: _first_is(client, oldest.id))
+    assert len(snapshot) == 10
+    chats = await all_pages(client, limit=7)
+    assert chats[0]["id"] == oldest.id
+    assert sorted(c["id"] for c in chats) == sorted(expected)
+
+
+async def _first_is(client, conversation_id: str) -> bool:
+    resp = await client.get(LIST, params={"limit": "1"})
+    return (await resp.json())["chats"][0]["id"] == conversation_id
+
+
+# -- an outage ---------------------------------------------------------------------------
+
+OUTAGE_S = 10.0
+
+
+@pytest.fixture
+def own_emulator(tmp_path):
+    """An emulator of this test's own: it is stopped and started again on the same port."""
+    require_gcloud()
+    emulator = Emulator(workdir=tmp_path)
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.mark.firestore
+@pytest.mark.timeout(240)
+async def test_the_server_lives_through_a_store_outage_and_resyncs(
+    make_client, settings, own_emulator, tmp_path
+):
+    from dataclasses import replace
+
+    s = replace(
+        settings,
+        store="firestore",
+        google_cloud_project="livechat-outage",
+        firestore_emulator_host=own_emulator.host,
+    )
+    client = await make_client(s)
+    store = client.app[keys.STORE]
+    snapshot = client.app[keys.SNAPSHOT]
+    conversations, messages = build_demo(40)
+    await store.import_conversations(conversations, messages)
+    await wait_until(lambda: _holds(client, 40), within=10)
+    before = await listed_ids(client)
+    assert len(before) == 40
+
+    # Firestore keeps its data through an outage; the emulator forgets it when it stops.
+    # So what it holds is exported just before the outage and imported at the restart:
+    # the restarted emulator holds exactly what Firestore would still hold. Nothing is
+    # written during the outage (a write would fail: that is the outage).
+    export = own_emulator.export("livechat-outage", tmp_path / "export")
+
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    own_emulator.kill()
+    # The supervisor notices within a health check or two; /readyz asks the store itself.
+    degraded = await wait_until(lambda: _readyz(client, 503), within=5, interval=0.2)
+    assert degraded["status"] == "degraded"
+    await wait_until(lambda: _stale(client), within=5, interval=0.2)
+    while time.monotonic() - wall0 < OUTAGE_S:
+        resp = await client.get(LIST, params={"limit": "100"})
+        assert resp.status == 200
+        body = await resp.json()
+        assert body["stale"] is True
+        assert [c["id"] for c in body["chats"]] == before
+        await asyncio.sleep(0.5)
+    cpu = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+    assert cpu < 0.20, f"the server used {cpu:.0%} of a core while the store was down"
+
+    await asyncio.to_thread(own_emulator.start, export)
+    recovered = time.monotonic()
+    await wait_until(lambda: _readyz(client, 200), within=10, interval=0.1)
+    assert time.monotonic() - recovered < 10
+    assert snapshot.fresh
+    stored = [c.id for c in await store.load_window(None)]
+    after = await listed_ids(client)
+    assert after == stored == before
+    assert len(set(after)) == 40
+
+    # The listener works again: a new message reaches the list through the feed.
+    m = text("back online", frm="966508888888")
+    assert (await post_webhook(client, webhook([m]))).status == 200
+    await wait_until(lambda: _count(client, 41), within=5)
+
+
+async def _readyz(client, status: int):
+    resp = await client.get("/readyz")
+    return await resp.json() if resp.status == status else None
+
+
+async def _stale(client) -> bool:
+    resp = await client.get(LIST, params={"limit": "1"})
+    return resp.status == 200 and (await resp.json())["stale"]
+
+
+async def _count(client, n: int) -> bool:
+    return len(await listed_ids(client)) == n
