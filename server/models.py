@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
+
+import orjson
 
 Direction = Literal["in", "out"]
 Sender = Literal["user", "ai", "agent", "system"]
@@ -225,4 +226,6 @@ class Conversation:
 
 def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON, the one encoding of every response body and event."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    # orjson: the list, every event and every snapshot row go through here; it is several
+    # times faster than the standard library and writes the same compact UTF-8.
+    return orjson.dumps(value)

@@ -36,10 +36,20 @@ class Sink:
         self.aborts += 1
         self.closing = True
 
-    def take(self) -> list[bytes]:
+    def take(self) -> bytes:
         """What was written since the last take, in order."""
         taken, self.written = self.written, []
-        return taken
+        return b"".join(taken)
+
+
+def received(hub: Hub, sink: Sink) -> bytes:
+    """What the client has been sent once the hub flushed what it published."""
+    hub.flush()
+    return sink.take()
+
+
+def frames(events) -> bytes:
+    return b"".join(e.frame for e in events)
 
 
 def live(hub: Hub, last_event_id: str | None = None, sink: Sink | None = None):
@@ -110,8 +120,9 @@ async def test_dedupe_key_publishes_once():
     assert other is not None
     # Events without a key are never deduped.
     publish_n(hub, 2)
-    received = [parse_frame(f)["id"][0] for f in sink.take()]
-    assert received == [first.id, other.id, *(f"t1-{other.seq + i}" for i in (1, 2))]
+    got = received(hub, sink).split(b"\n\n")[:-1]
+    ids = [parse_frame(f + b"\n\n")["id"][0] for f in got]
+    assert ids == [first.id, other.id, *(f"t1-{other.seq + i}" for i in (1, 2))]
     assert seq_of(other.id, "t1") == seq_of(first.id, "t1") + 1  # no id burnt on a duplicate
 
 
@@ -124,10 +135,20 @@ async def test_replay_after_an_id_returns_exactly_the_missed_events():
     assert hub.clients == 1
     # Events published while the backlog is being written wait, then follow it in order.
     during = publish_n(hub, 2)
-    assert sink.take() == []
+    assert sink.take() == b""
     hub.go_live(client)
     later = publish_n(hub, 2)
-    assert sink.take() == [e.frame for e in during + later]
+    assert received(hub, sink) == frames(during + later)
+
+
+async def test_events_published_together_go_out_in_one_write_per_client():
+    hub = Hub("t1")
+    sinks = [live(hub)[1] for _ in range(3)]
+    events = publish_n(hub, 5)
+    assert all(s.written == [] for s in sinks)  # not yet: the flush is scheduled
+    await asyncio.sleep(0.05)
+    for sink in sinks:
+        assert sink.written == [frames(events)]
 
 
 async def test_http_chunks_frame_each_event_whole():
@@ -137,7 +158,7 @@ async def test_http_chunks_frame_each_event_whole():
     hub.go_live(client)
     event = publish_n(hub, 1)[0]
     size = len(event.frame)
-    assert sink.take() == [b"%x\r\n" % size + event.frame + b"\r\n"]
+    assert received(hub, sink) == b"%x\r\n" % size + event.frame + b"\r\n"
 
 
 async def test_replay_of_the_newest_id_is_empty():
@@ -213,20 +234,20 @@ async def test_a_stalled_client_is_dropped_while_others_keep_receiving():
     hub = Hub("t1", client_buffer=4000)
     stalled, stalled_sink, _ = live(hub, sink=Sink(stalled=True))
     healthy, healthy_sink, _ = live(hub)
-    received: list[bytes] = []
+    delivered: list[Event] = []
     with capture_logs() as logs:
         for _ in range(5):
             batch = [hub.publish("conversation_updated", {"pad": "x" * 500}) for _ in range(3)]
-            got = healthy_sink.take()
-            assert got == [e.frame for e in batch]
-            received += got
+            got = received(hub, healthy_sink)
+            assert got == frames(batch)
+            delivered += batch
     assert stalled_sink.aborts == 1 and healthy_sink.aborts == 0
     assert stalled.reason == "slow_client" and stalled.done.is_set()
     assert not healthy.done.is_set()
     assert hub.clients == 1
-    assert len(received) == 15
-    # The stalled client got nothing once past its bound.
-    assert 4000 < stalled_sink.buffered < 4000 + 2 * 600
+    assert len(delivered) == 15
+    # The stalled client got nothing once past its bound (three events a flush).
+    assert 4000 < stalled_sink.buffered < 4000 + 2 * 3 * 600
     broadcasts = [e for e in logs if e["event"] == "sse.broadcast"]
     assert [b["clients"] for b in broadcasts[:2]] == [2, 2]
     assert broadcasts[-1]["clients"] == 1
@@ -237,8 +258,8 @@ async def test_a_client_whose_connection_closed_is_forgotten_on_the_next_event()
     client, sink, _ = live(hub)
     sink.closing = True
     publish_n(hub, 1)
+    assert received(hub, sink) == b"" and sink.aborts == 0
     assert hub.clients == 0 and client.reason == "client_gone" and client.done.is_set()
-    assert sink.take() == [] and sink.aborts == 0
 
 
 async def test_a_client_flooded_before_its_first_write_is_dropped():
@@ -248,7 +269,7 @@ async def test_a_client_flooded_before_its_first_write_is_dropped():
     publish_n(hub, 4)
     assert client.reason == "slow_client" and hub.clients == 0
     hub.go_live(client)
-    assert sink.take() == []
+    assert received(hub, sink) == b""
 
 
 async def test_broadcast_log_line_carries_its_fields():
@@ -279,15 +300,17 @@ async def test_disconnect_forgets_the_client():
     hub.disconnect(client)  # twice is harmless: the handler's finally may follow a drop
     assert hub.clients == 0
     publish_n(hub, 1)
-    assert sink.take() == []
+    assert received(hub, sink) == b""
 
 
 async def test_close_ends_every_client():
     hub = Hub("t1", client_buffer=100)
     clients = [live(hub, sink=Sink(stalled=i == 2)) for i in range(3)]
-    # The first event takes the stalled one past its bound; the next finds it there.
+    # The first flush takes the stalled one past its bound; the next finds it there.
     hub.publish("conversation_updated", {"pad": "x" * 200})
+    hub.flush()
     hub.publish("conversation_updated", {})
+    hub.flush()
     assert hub.clients == 2
     hub.close()
     assert hub.clients == 0
@@ -313,3 +336,15 @@ async def test_a_client_connecting_after_close_ends_at_once():
     await asyncio.wait_for(client.done.wait(), 1)
     assert client.reason == "shutdown"
     assert hub.clients == 0
+
+
+async def test_a_client_joining_mid_batch_gets_each_event_once():
+    hub = Hub("t1")
+    _, early, _ = live(hub)
+    first = publish_n(hub, 1)  # not flushed yet
+    _, late, backlog = live(hub, last_event_id=hub.last_event_id)
+    assert backlog == []  # it is current: the unflushed event is not its to receive again
+    second = publish_n(hub, 1)
+    hub.flush()
+    assert early.take() == frames(first + second)
+    assert late.take() == frames(second)
