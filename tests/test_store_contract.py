@@ -217,3 +217,18 @@ async def test_bulk_import_loads_conversations_with_their_messages(store):
     some = conversations[7]
     stored, _ = await store.list_messages(some.id, 50, None)
     assert [m.id for m in stored] == [m.id for m in messages if m.conversation_id == some.id]
+
+
+async def test_a_failing_write_among_concurrent_ones_fails_alone(store):
+    results = await asyncio.gather(
+        store.save_inbound(inbound("wamid.X1", user="966500000301")),
+        store.save_outbound("c_missing", sender="agent", text="lost"),
+        store.save_inbound(inbound("wamid.X2", user="966500000302")),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], NotFound)
+    assert results[0].conversation.id != results[2].conversation.id
+    assert await store.count(None) == 2
+    for saved in (results[0], results[2]):
+        messages, _ = await store.list_messages(saved.conversation.id, 10, None)
+        assert [m.id for m in messages] == [saved.message.id]

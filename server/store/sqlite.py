@@ -7,12 +7,13 @@ After each commit the store calls its listeners on the event loop: that is the c
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import orjson
 import structlog
 
 from server.models import Conversation, Message, MessageError, now_ms
@@ -63,7 +64,7 @@ CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id
 
 
 def _dump(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    return orjson.dumps(doc).decode()
 
 
 class SqliteStore:
@@ -77,6 +78,10 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         self._listeners: list[ChangeListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Writes waiting for the store's thread, and whether a batch is on its way there.
+        self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._pending_lock = threading.Lock()
+        self._batch_scheduled = False
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -161,7 +166,7 @@ class SqliteStore:
                 sql += " WHERE " + " AND ".join(where)
             sql += " ORDER BY last_activity DESC, id LIMIT ?"
             rows = self._db.execute(sql, [*args, limit]).fetchall()
-            return [rules.conversation_from_doc(json.loads(r[0])) for r in rows]
+            return [rules.conversation_from_doc(orjson.loads(r[0])) for r in rows]
 
         return await self._run(read)
 
@@ -185,7 +190,7 @@ class SqliteStore:
         ).fetchone()
         if row is None:
             raise NotFound(f"no conversation {conversation_id!r}")
-        return rules.conversation_from_doc(json.loads(row[0]))
+        return rules.conversation_from_doc(orjson.loads(row[0]))
 
     async def get_conversation(self, conversation_id: str) -> Conversation:
         """One conversation summary."""
@@ -205,7 +210,7 @@ class SqliteStore:
                 args += [before[0], before[0], before[1]]
             sql += " ORDER BY at DESC, id DESC LIMIT ?"
             rows = self._db.execute(sql, [*args, limit + 1]).fetchall()
-            messages = [rules.message_from_doc(json.loads(r[0])) for r in rows[:limit]]
+            messages = [rules.message_from_doc(orjson.loads(r[0])) for r in rows[:limit]]
             messages.reverse()
             return messages, len(rows) > limit
 
@@ -243,23 +248,58 @@ class SqliteStore:
                 (m.wa_message_id, doc, m.id),
             )
 
-    def _transaction(self, fn: Callable[[], T]) -> T:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn()
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return result
-
     async def _write(self, fn: Callable[[], T], changes: Callable[[T], Sequence[Change]]) -> T:
-        result = await self._run(lambda: self._transaction(fn))
+        """Run `fn` in a write transaction, then tell the change feed what it committed.
+
+        Writes that arrive together share one transaction (each in its own savepoint, so
+        one that fails changes nothing and fails alone): a burst of webhooks costs one
+        commit and one wake-up of the event loop instead of one each.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._pending_lock:
+            self._pending.append((fn, future))
+            if not self._batch_scheduled:
+                self._batch_scheduled = True
+                self._executor.submit(self._write_batch, loop)
+        result: T = await future
         emitted = changes(result)
         if emitted:
             self._emit(emitted)
         return result
+
+    def _write_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the store's thread: every waiting write in one transaction."""
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            for fn, future in batch:
+                db.execute("SAVEPOINT write")
+                try:
+                    result = fn()
+                except Exception as e:  # the caller gets it; the other writes go on
+                    db.execute("ROLLBACK TO write")
+                    db.execute("RELEASE write")
+                    outcomes.append((future, None, e))
+                else:
+                    db.execute("RELEASE write")
+                    outcomes.append((future, result, None))
+            db.execute("COMMIT")
+        except (sqlite3.Error, StoreUnavailable) as e:
+            if self._conn is not None and self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            failure = StoreUnavailable(f"write failed: {e}")
+            outcomes = [(future, None, failure) for _, future in batch]
+        finally:
+            with self._pending_lock:
+                if self._pending:
+                    self._executor.submit(self._write_batch, loop)
+                else:
+                    self._batch_scheduled = False
+        loop.call_soon_threadsafe(_settle, outcomes)
 
     async def save_inbound(self, inbound: InboundMessage) -> Saved | None:
         """Store a customer's message and its summary in one transaction."""
@@ -281,7 +321,7 @@ class SqliteStore:
                 " ORDER BY created_at DESC, id DESC LIMIT 1",
                 (inbound.user_id,),
             ).fetchone()
-            latest = rules.conversation_from_doc(json.loads(row[0])) if row else None
+            latest = rules.conversation_from_doc(orjson.loads(row[0])) if row else None
             created = rules.needs_new_conversation(latest)
             if created or latest is None:
                 latest = rules.open_conversation(inbound, now)
@@ -321,7 +361,7 @@ class SqliteStore:
 
     def _message(self, where: str, arg: str) -> Message | None:
         row = self._db.execute(f"SELECT doc FROM messages WHERE {where} = ?", (arg,)).fetchone()
-        return rules.message_from_doc(json.loads(row[0])) if row else None
+        return rules.message_from_doc(orjson.loads(row[0])) if row else None
 
     def _deliver(
         self,
@@ -445,3 +485,14 @@ class SqliteStore:
             )
 
         await self._write(write, lambda _: [Change(c, local=True) for c in conversations])
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """On the event loop: hand each write's result or error to its caller."""
+    for future, result, error in outcomes:
+        if future.cancelled():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
