@@ -33,6 +33,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import structlog
@@ -112,6 +113,16 @@ _UNAVAILABLE: Final = (
 )
 
 
+@dataclass(slots=True)
+class Reads:
+    """Documents read, as Firestore bills them: each one a get, a query or the listener
+    returned; a query that returns nothing costs one, an aggregation one per 1,000 entries."""
+
+    listener: int = 0
+    direct: int = 0
+    health: int = 0
+
+
 class _Feed:
     """One listener (one `on_snapshot` watch) and what it delivered so far.
 
@@ -149,6 +160,7 @@ class FirestoreStore:
         self._paths: OrderedDict[str, str] = OrderedDict()
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._closed = False
+        self.reads = Reads()
         # Clients replaced by recover(), with when: closed once no call can still use them.
         self._retired: list[tuple[float, Any]] = []
         # Serialises listen/unlisten (the supervisor and close may race on shutdown).
@@ -189,6 +201,7 @@ class FirestoreStore:
         if self._closed:
             raise StoreUnavailable("the store is closed")
         fresh = firestore.AsyncClient(project=self.project)
+        self.reads.health += 1
         try:
             await self._ping(fresh)
         except StoreUnavailable:
@@ -205,6 +218,7 @@ class FirestoreStore:
 
     async def ping(self) -> None:
         """Raise StoreUnavailable when Firestore does not answer a one-document read."""
+        self.reads.health += 1
         await self._ping(self._client)
 
     @staticmethod
@@ -370,6 +384,7 @@ class FirestoreStore:
         if feed is not self._feed or self._closed or feed.first.done():
             return
         feed.pushes += 1
+        self.reads.listener += len(conversations)
         feed.first.set_result(conversations)
 
     def _deliver(self, feed: _Feed, batch: list[tuple[bool, dict[str, Any] | None]]) -> None:
@@ -377,6 +392,7 @@ class FirestoreStore:
         if feed is not self._feed or self._closed:
             return
         feed.pushes += 1
+        self.reads.listener += sum(1 for removed, _ in batch if not removed)
         changes: list[Change] = []
         for removed, doc in batch:
             try:
@@ -451,6 +467,7 @@ class FirestoreStore:
             query = query.limit(limit)
         async with self._guard("page"):
             snaps = await query.get()
+        self.reads.direct += max(1, len(snaps))
         return _conversations(s.to_dict() for s in snaps)
 
     async def count(self, status: str | None) -> int:
@@ -460,7 +477,9 @@ class FirestoreStore:
             query = query.where(filter=FieldFilter("status", "==", status))
         async with self._guard("count"):
             result = await query.count(alias="n").get()
-        return int(result[0][0].value)
+        n = int(result[0][0].value)
+        self.reads.direct += 1 + n // 1000
+        return n
 
     async def _conversation_snap(self, conversation_id: str, transaction: Any = None) -> Any:
         """The document of a conversation, found by its id across every user."""
@@ -470,6 +489,7 @@ class FirestoreStore:
             .limit(1)
         )
         snaps = await query.get(transaction=transaction)
+        self.reads.direct += max(1, len(snaps))
         if not snaps:
             raise NotFound(f"no conversation {conversation_id!r}")
         self._remember_path(conversation_id, snaps[0].reference.path)
@@ -480,6 +500,7 @@ class FirestoreStore:
         path = self._paths.get(conversation_id)
         if path is not None:
             snap = await self._client.document(path).get(transaction=transaction)
+            self.reads.direct += 1
             if snap.exists:
                 return snap
         return await self._conversation_snap(conversation_id, transaction)
@@ -504,6 +525,7 @@ class FirestoreStore:
             if before is not None:
                 query = query.start_after({"at": before[0], "id": before[1]})
             docs = await query.limit(limit + 1).get()
+        self.reads.direct += max(1, len(docs))
         messages = [rules.message_from_doc(d.to_dict()) for d in docs[:limit]]
         messages.reverse()
         return messages, len(docs) > limit
@@ -520,12 +542,17 @@ class FirestoreStore:
 
     async def _latest_conversation(self, user_ref: Any, user: Any, tx: Any) -> Conversation | None:
         """The customer's most recent conversation (the user document names it)."""
-        latest_id = user.get("latest_conversation_id") if user.exists else None
+        if not user.exists:
+            return None  # the user document is written with a customer's first conversation
+        latest_id = user.get("latest_conversation_id")
         if latest_id:
             snap = await user_ref.collection(CONVERSATIONS).document(latest_id).get(transaction=tx)
+            self.reads.direct += 1
             if snap.exists:
                 return rules.conversation_from_doc(snap.to_dict())
         # Users written without the pointer (older data, hand edits): ask the collection.
+        # (A query in a transaction is avoided otherwise: the emulator locks coarsely for
+        # it, and concurrent first messages then wait on each other.)
         snaps = await (
             user_ref.collection(CONVERSATIONS)
             .order_by("created_at", direction=firestore.Query.DESCENDING)
@@ -533,6 +560,7 @@ class FirestoreStore:
             .limit(1)
             .get(transaction=tx)
         )
+        self.reads.direct += max(1, len(snaps))
         return rules.conversation_from_doc(snaps[0].to_dict()) if snaps else None
 
     async def save_inbound(self, inbound: InboundMessage) -> Saved | None:
@@ -543,8 +571,7 @@ class FirestoreStore:
         user_ref = db.collection(USERS).document(inbound.user_id)
 
         async def write(tx: Any) -> Saved | None:
-            if (await wamid_ref.get(transaction=tx)).exists:
-                return None
+            self.reads.direct += 1
             user = await user_ref.get(transaction=tx)
             latest = await self._latest_conversation(user_ref, user, tx)
             now = now_ms()
@@ -574,6 +601,15 @@ class FirestoreStore:
             tx.create(wamid_ref, {"path": message_ref.path})
             return Saved(conversation, message, new_conversation=created)
 
+        # A redelivery is caught by this plain read, outside the transaction: reading a
+        # missing document inside one locks it, and the emulator then makes concurrent
+        # deliveries of different messages wait on each other until its lock timeout.
+        # The create() of the same document in the transaction is the guarantee.
+        async with self._guard("check redelivery"):
+            seen = (await wamid_ref.get()).exists
+        self.reads.direct += 1
+        if seen:
+            return None
         try:
             async with self._lock(inbound.user_id):
                 return await self._transact("save inbound", write)
@@ -631,6 +667,7 @@ class FirestoreStore:
             return None
         conversation_ref = message_snap.reference.parent.parent
         conversation_snap = await conversation_ref.get(transaction=tx)
+        self.reads.direct += 1
         if not conversation_snap.exists:
             return None
         conversation = rules.conversation_from_doc(conversation_snap.to_dict())
@@ -662,6 +699,7 @@ class FirestoreStore:
         )
         async with self._guard("find message"):
             found = await query.get()
+        self.reads.direct += max(1, len(found))
         if not found:
             return None
         return await self._set_status(found[0].reference.path, status, wa_message_id, error)
@@ -677,6 +715,7 @@ class FirestoreStore:
 
         async def write(tx: Any) -> StatusChange | None:
             snap = await message_ref.get(transaction=tx)
+            self.reads.direct += 1
             return await self._deliver_status(tx, snap, status, wa_message_id, error)
 
         async with self._lock(_user_of(message_path)):
@@ -689,6 +728,7 @@ class FirestoreStore:
         pointer_ref = self._client.collection(WAMIDS).document(message_id_for_wamid(wa_message_id))
         async with self._guard("find message"):
             pointer = await pointer_ref.get()
+        self.reads.direct += 1
         path = pointer.get("path") if pointer.exists else None
         if not path:
             return None

@@ -1,0 +1,558 @@
+"""Firestore: the seed's per-user scan against this server, side by side, on the emulator.
+
+`python bench/bench_firestore.py` (about 10 minutes; `--users 500 --per-user 4` for a quick
+look). It starts a Firestore emulator on a free loopback port (the gcloud CLI must be
+installed), seeds it, and runs two servers against it, each in a process of its own:
+
+- **baseline**: the seed's `/unified-chats`, written as the seed describes it (SEED.md,
+  problem 1 and its patch): loop over every user, fetch that user's conversations, merge,
+  sort, cache the result for 60 s, invalidate the cache on every new message. Pages are
+  slices of the cached list.
+- **this server**: the real app from `create_app` on the Firestore store: a snapshot kept
+  warm by the collection-group listener, pages served from memory.
+
+Both count Firestore document reads as Firestore bills them: every document a get, a query
+or a listener returns (the baseline counts its scan; this server its `FirestoreStore.reads`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from common import (
+    APP_SECRET,
+    AUTH,
+    HOST,
+    ServerProcess,
+    app_settings,
+    load_average,
+    markdown_table,
+    percentile,
+    quiet_logs,
+    raise_nofile,
+    serve,
+    verdict,
+)
+
+LIST: Final = "/api/live-chat/unified-chats"
+PROJECT: Final = "livechat-bench"
+# The seed's cache lifetime after its patch (SEED.md, problem 1).
+SEED_TTL_S: Final = 60.0
+# New messages a second during the "under load" phase (the issue's figure).
+RATE: Final = 10
+# Timed first-page requests per warm phase, and how long this server is loaded.
+WARM_REQUESTS: Final = 300
+LOAD_S: Final = 20.0
+# This server's listener window. The Python client's listener re-sorts its whole result
+# set in Python on every change it delivers (Watch.push, a cmp_to_key sort holding the GIL):
+# about 8 us a document, so 20,000 documents cost ~160 ms a change and 10 changes a second
+# more than a core. The window holds the newest conversations (every first page and the
+# pages near it); pages past it are read from the store by keyset.
+OURS_WINDOW: Final = 1_000
+# The baseline under load: every open after a message is a full scan, each one taking
+# as long as the cold open; two of them are enough to show it (and bound the run time).
+BASELINE_LOADED_OPENS: Final = 2
+
+
+# -- the emulator ---------------------------------------------------------------------
+
+
+class Emulator:
+    """`gcloud emulators firestore start` in its own process group (java included)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            self.port = sock.getsockname()[1]
+        self.host = f"{HOST}:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if shutil.which("gcloud") is None:
+            raise SystemExit("the Firestore emulator needs the gcloud CLI on PATH")
+        self.process = subprocess.Popen(
+            ["gcloud", "emulators", "firestore", "start", f"--host-port={self.host}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://{self.host}/", timeout=1) as resp:
+                    if resp.read().strip() == b"Ok":
+                        return
+            time.sleep(0.25)
+        self.stop()
+        raise SystemExit("the Firestore emulator did not start within 60 s")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(5)
+        self.process = None
+
+
+# -- seeding ----------------------------------------------------------------------------
+
+
+def build(users: int, per_user: int) -> list[Any]:
+    """`users` customers with `per_user` conversations each: the latest open, older resolved."""
+    from server.models import Conversation, LastMessage
+
+    rng = random.Random(11)
+    now = int(time.time() * 1000)
+    conversations = []
+    for u in range(users):
+        user_id = f"9665{u:08d}"
+        at = now - rng.randrange(3_600_000, 30 * 86_400_000)
+        for k in range(per_user):
+            cid = f"c_bench{u:05d}{k:02d}"
+            created = at
+            at += rng.randrange(60_000, 86_400_000)
+            conversations.append(
+                Conversation(
+                    id=cid,
+                    user_id=user_id,
+                    user_name=f"Customer {u}",
+                    phone="+" + user_id,
+                    channel="whatsapp",
+                    status="open" if k == per_user - 1 else "resolved",
+                    unread_count=rng.randrange(0, 3),
+                    ai_enabled=True,
+                    assignee=None,
+                    created_at=created,
+                    last_activity=min(at, now),
+                    last_message=LastMessage(
+                        id=f"m_{cid}",
+                        type="text",
+                        text="When will my order arrive?",
+                        direction="in",
+                        sender="user",
+                        at=min(at, now),
+                    ),
+                    updated_at=min(at, now),
+                    last_inbound_at=min(at, now),
+                )
+            )
+    return conversations
+
+
+async def seed(emulator_host: str, users: int, per_user: int) -> float:
+    """Write the data set in batches of 500 writes; returns the seconds it took."""
+    from server.config import Settings
+    from server.store.firestore import FirestoreStore
+
+    settings = Settings(
+        store="firestore", google_cloud_project=PROJECT, firestore_emulator_host=emulator_host
+    ).validated()
+    store = FirestoreStore(settings)
+    await store.start()
+    started = time.perf_counter()
+    try:
+        await store.import_conversations(build(users, per_user), [])
+    finally:
+        await store.close()
+    return time.perf_counter() - started
+
+
+# -- this server ------------------------------------------------------------------------
+
+
+def ours_main(settings_kwargs: dict[str, Any], conn: Connection) -> None:
+    """Process entry: the real app on Firestore, plus a bench-only route with its reads."""
+    raise_nofile()
+    quiet_logs()
+    if os.environ.get("BENCH_SERVER_LOG"):  # to look into a run: the server's log lines
+        from server.logging import configure_logging
+
+        sys.stdout = open(os.environ["BENCH_SERVER_LOG"], "w", encoding="utf-8")
+        configure_logging("json", "info")
+    from server import keys
+    from server.app import create_app
+    from server.config import Settings
+
+    async def main() -> None:
+        app = create_app(Settings(**settings_kwargs).validated())
+
+        async def reads(request: web.Request) -> web.Response:
+            r = request.app[keys.STORE].reads  # type: ignore[attr-defined]
+            return web.json_response({"listener": r.listener, "direct": r.direct})
+
+        app.router.add_get("/bench/reads", reads)
+
+        async def warm() -> None:
+            await asyncio.wait_for(app[keys.WARMER].loaded.wait(), 600)
+
+        await serve(app, conn, warm())
+
+    asyncio.run(main())
+
+
+# -- the baseline -----------------------------------------------------------------------
+
+
+def seed_main(emulator_host: str, conn: Connection) -> None:
+    """Process entry: the seed's unified-chats (scan, 60 s cache, invalidate on a message)."""
+    raise_nofile()
+    quiet_logs()
+    from google.cloud import firestore
+
+    from server.config import Settings
+    from server.models import dumps, now_ms
+    from server.store.base import InboundMessage
+    from server.store.firestore import FirestoreStore
+    from server.store.rules import conversation_from_doc
+
+    async def main() -> None:
+        settings = Settings(
+            store="firestore", google_cloud_project=PROJECT, firestore_emulator_host=emulator_host
+        ).validated()
+        store = FirestoreStore(settings)  # its writes: the same transaction as this server
+        await store.start()
+        db = firestore.AsyncClient(project=PROJECT)
+        state: dict[str, Any] = {"cache": None, "at": 0.0, "reads": 0}
+
+        async def scan() -> list[dict[str, Any]]:
+            """The seed's heavy scan: every user, then that user's conversations."""
+            chats = []
+            async for user in db.collection("users").stream():
+                state["reads"] += 1
+                async for doc in user.reference.collection("conversations").stream():
+                    state["reads"] += 1
+                    chats.append(conversation_from_doc(doc.to_dict()).to_json())
+            chats.sort(key=lambda c: c["last_activity"], reverse=True)
+            return chats
+
+        async def unified_chats(request: web.Request) -> web.Response:
+            limit = int(request.query.get("limit", "30"))
+            offset = int(request.query.get("cursor") or 0)
+            fresh = time.monotonic() - state["at"] < SEED_TTL_S
+            if state["cache"] is None or not fresh:
+                state["cache"] = await scan()
+                state["at"] = time.monotonic()
+            chats = state["cache"]
+            page = chats[offset : offset + limit]
+            has_more = offset + limit < len(chats)
+            body = {
+                "chats": page,
+                "next_cursor": str(offset + limit) if has_more else None,
+                "has_more": has_more,
+            }
+            return web.Response(body=dumps(body), content_type="application/json")
+
+        async def message(request: web.Request) -> web.Response:
+            """save_conversation_message_to_firestore, then the patch's invalidation."""
+            data = await request.json()
+            await store.save_inbound(
+                InboundMessage(
+                    wa_message_id=data["wamid"],
+                    user_id=data["user_id"],
+                    user_name=data["user_name"],
+                    phone="+" + data["user_id"],
+                    type="text",
+                    text="any news?",
+                    at=now_ms(),
+                )
+            )
+            state["cache"] = None
+            return web.json_response({"ok": True})
+
+        async def reads(request: web.Request) -> web.Response:
+            return web.json_response({"scan": state["reads"], "direct": store.reads.direct})
+
+        app = web.Application()
+        app.router.add_get(LIST, unified_chats)
+        app.router.add_post("/bench/message", message)
+        app.router.add_get("/bench/reads", reads)
+        await serve(app, conn, None)
+        await store.close()
+
+    asyncio.run(main())
+
+
+# -- load and timing --------------------------------------------------------------------
+
+
+def webhook_body(seq: int, user: int) -> tuple[bytes, dict[str, str]]:
+    """A signed WhatsApp Cloud API webhook with one text message from an existing customer."""
+    user_id = f"9665{user:08d}"
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550783881", "phone_number_id": "123"},
+        "contacts": [{"profile": {"name": f"Customer {user}"}, "wa_id": user_id}],
+        "messages": [
+            {
+                "from": user_id,
+                "id": f"wamid.bench.{seq}",
+                "timestamp": str(int(time.time())),
+                "type": "text",
+                "text": {"body": "any news?"},
+            }
+        ],
+    }
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1", "changes": [{"field": "messages", "value": value}]}],
+    }
+    raw = json.dumps(body).encode()
+    mac = hmac.new(APP_SECRET.encode(), raw, hashlib.sha256).hexdigest()
+    return raw, {"Content-Type": "application/json", "X-Hub-Signature-256": f"sha256={mac}"}
+
+
+async def first_page(session: aiohttp.ClientSession, server: ServerProcess) -> float:
+    """Seconds one first-page request took (its body is read and checked)."""
+    started = time.perf_counter()
+    async with session.get(server.url(LIST), params={"limit": "30"}) as resp:
+        body = await resp.read()
+    elapsed = time.perf_counter() - started
+    assert resp.status == 200, body[:200]
+    assert len(json.loads(body)["chats"]) == 30
+    return elapsed
+
+
+async def reads_of(session: aiohttp.ClientSession, server: ServerProcess) -> dict[str, int]:
+    async with session.get(server.url("/bench/reads")) as resp:
+        result: dict[str, int] = await resp.json()
+        return result
+
+
+async def sequential(session: aiohttp.ClientSession, server: ServerProcess, n: int) -> list[float]:
+    return sorted([await first_page(session, server) for _ in range(n)])
+
+
+async def send_messages(
+    stop: asyncio.Event, post: Any, users: int, counter: list[int], first_seq: int
+) -> None:
+    """RATE new messages a second from random existing customers until `stop`."""
+    rng = random.Random(first_seq)
+    started = time.monotonic()
+    sent = 0
+    pending: set[asyncio.Task[None]] = set()
+    while not stop.is_set():
+        due = started + sent / RATE
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        task = asyncio.create_task(post(first_seq + sent, rng.randrange(users)))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        sent += 1
+        counter[0] = sent
+    if pending:
+        await asyncio.gather(*pending)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.1f}"
+
+
+async def measure(
+    ours: ServerProcess, baseline: ServerProcess, users: int, total: int
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with aiohttp.ClientSession(headers=AUTH) as session:
+        # This server: cold (the first request after start), warm, then under load.
+        r0 = await reads_of(session, ours)
+        out["ours_cold"] = await first_page(session, ours)
+        out["ours_warm"] = await sequential(session, ours, WARM_REQUESTS)
+        r1 = await reads_of(session, ours)
+        out["ours_reads_per_open"] = (
+            r1["listener"] + r1["direct"] - r0["listener"] - r0["direct"]
+        ) / (WARM_REQUESTS + 1)
+
+        failed: list[str] = []
+
+        async def post_ours(seq: int, user: int) -> None:
+            raw, headers = webhook_body(seq, user)
+            async with session.post(ours.url("/webhooks/whatsapp"), data=raw, headers=headers) as r:
+                if r.status != 200:  # Meta would deliver it again; counted and reported
+                    failed.append(f"{r.status} {await r.text()}")
+
+        stop = asyncio.Event()
+        sent = [0]
+        loader = asyncio.create_task(send_messages(stop, post_ours, users, sent, 1_000_000))
+        loaded: list[float] = []
+        deadline = time.monotonic() + LOAD_S
+        while time.monotonic() < deadline:
+            loaded.append(await first_page(session, ours))
+            await asyncio.sleep(0.05)
+        stop.set()
+        await loader
+        await asyncio.sleep(2.0)  # the listener delivers the last messages' changes
+        r2 = await reads_of(session, ours)
+        out["ours_loaded"] = sorted(loaded)
+        out["ours_messages"] = sent[0]
+        out["ours_failed"] = failed
+        out["ours_listener_per_message"] = (r2["listener"] - r1["listener"]) / sent[0]
+        out["ours_direct_per_message"] = (r2["direct"] - r1["direct"]) / sent[0]
+
+        # The baseline: cold (a full scan), warm (cache hits), then under load.
+        b0 = await reads_of(session, baseline)
+        out["base_cold"] = await first_page(session, baseline)
+        b1 = await reads_of(session, baseline)
+        out["base_reads_cold"] = b1["scan"] - b0["scan"]
+        out["base_warm"] = await sequential(session, baseline, WARM_REQUESTS)
+        b2 = await reads_of(session, baseline)
+        out["base_reads_warm"] = (b2["scan"] - b1["scan"]) / WARM_REQUESTS
+
+        async def post_base(seq: int, user: int) -> None:
+            body = {"wamid": f"wamid.base.{seq}", "user_id": f"9665{user:08d}"}
+            body["user_name"] = f"Customer {user}"
+            async with session.post(baseline.url("/bench/message"), json=body) as r:
+                assert r.status == 200, await r.text()
+
+        stop = asyncio.Event()
+        sent = [0]
+        loader = asyncio.create_task(send_messages(stop, post_base, users, sent, 2_000_000))
+        await asyncio.sleep(0.5)  # a message has invalidated the cache
+        loaded = [await first_page(session, baseline) for _ in range(BASELINE_LOADED_OPENS)]
+        stop.set()
+        await loader
+        b3 = await reads_of(session, baseline)
+        out["base_loaded"] = sorted(loaded)
+        out["base_messages"] = sent[0]
+        out["base_reads_loaded"] = b3["scan"] - b2["scan"]
+        out["total"] = total
+    return out
+
+
+def report(
+    r: dict[str, Any], seeded_s: float, users: int, total: int, warm_s: float, window: int
+) -> str:
+    def p(values: list[float], q: float) -> str:
+        return ms(percentile(values, q))
+
+    rows = [
+        ["first page, cold (ms)", ms(r["base_cold"]), ms(r["ours_cold"])],
+        [
+            f"first page, warm p50 / p99 (ms, n={WARM_REQUESTS})",
+            f"{p(r['base_warm'], 50)} / {p(r['base_warm'], 99)}",
+            f"{p(r['ours_warm'], 50)} / {p(r['ours_warm'], 99)}",
+        ],
+        [
+            f"first page while {RATE} new messages/s arrive, p50 / p99 (ms)",
+            f"{p(r['base_loaded'], 50)} / {p(r['base_loaded'], 99)} (n={len(r['base_loaded'])})",
+            f"{p(r['ours_loaded'], 50)} / {p(r['ours_loaded'], 99)} (n={len(r['ours_loaded'])})",
+        ],
+        [
+            "documents read per dashboard open",
+            f"{r['base_reads_cold']:,} on a miss, {r['base_reads_warm']:g} on a hit",
+            f"{r['ours_reads_per_open']:g}",
+        ],
+        [
+            "documents read to show a new message in the list",
+            f"{r['base_reads_cold']:,} (the next open rescans)",
+            f"{r['ours_listener_per_message']:.2f} (listener)",
+        ],
+    ]
+    speedup = r["base_cold"] / percentile(r["ours_warm"], 99)
+    loaded_speedup = percentile(r["base_loaded"], 50) / percentile(r["ours_loaded"], 99)
+    checks = [
+        [
+            "at least 100x faster than the baseline's cache miss (ours: warm p99)",
+            f"{speedup:,.0f}x",
+            verdict(speedup >= 100),
+        ],
+        [
+            "under load: baseline p50 over ours p99",
+            f"{loaded_speedup:,.0f}x",
+            verdict(loaded_speedup >= 100),
+        ],
+        [
+            "zero documents read per dashboard open",
+            f"{r['ours_reads_per_open']:g}",
+            verdict(r["ours_reads_per_open"] == 0),
+        ],
+        [
+            "one document read per new message (listener)",
+            f"{r['ours_listener_per_message']:.2f}",
+            verdict(0.9 <= r["ours_listener_per_message"] <= 1.1),
+        ],
+    ]
+    lines = [
+        f"{users:,} users, {total:,} conversations; seeded in {seeded_s:.1f} s"
+        f" (batches of 500); this server (listener window {window:,}) warm in {warm_s:.1f} s;"
+        f" load average {load_average()}",
+        "",
+        markdown_table(["", "baseline (seed: scan + 60 s cache)", "this server"], rows),
+        "",
+        markdown_table(["target", "measured", ""], checks),
+        "",
+        f"Write path, both servers: {r['ours_direct_per_message']:.2f} documents read per"
+        " saved message (the transaction: redelivery check, customer, conversation).",
+        f"Webhooks this server answered with an error under load: {len(r['ours_failed'])}"
+        f" of {r['ours_messages']} {sorted(set(r['ours_failed']))[:2]}.",
+        f"Baseline under load: {r['base_messages']} messages in"
+        f" {len(r['base_loaded'])} opens, {r['base_reads_loaded']:,} documents read.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=5_000)
+    parser.add_argument("--per-user", type=int, default=4)
+    parser.add_argument("--window", type=int, default=OURS_WINDOW)
+    args = parser.parse_args(argv)
+    total = args.users * args.per_user
+    print(
+        f"python {platform.python_version()}, aiohttp {aiohttp.__version__},"
+        f" {platform.machine()}, Firestore emulator on loopback {HOST}",
+        file=sys.stderr,
+    )
+    emulator = Emulator()
+    emulator.start()
+    ours = baseline = None
+    try:
+        seeded_s = asyncio.run(seed(emulator.host, args.users, args.per_user))
+        print(f"seeded {total:,} conversations in {seeded_s:.1f} s", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = app_settings(
+                str(Path(tmp) / "unused.db"),
+                store="firestore",
+                google_cloud_project=PROJECT,
+                firestore_emulator_host=emulator.host,
+                firestore_window=args.window,
+            )
+            started = time.perf_counter()
+            ours = ServerProcess(ours_main, settings)
+            warm_s = time.perf_counter() - started
+            print(f"this server warm in {warm_s:.1f} s", file=sys.stderr)
+            baseline = ServerProcess(seed_main, emulator.host)
+            result = asyncio.run(measure(ours, baseline, args.users, total))
+        print(report(result, seeded_s, args.users, total, warm_s, args.window))
+    finally:
+        for server in (ours, baseline):
+            if server is not None:
+                server.stop()
+        emulator.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
