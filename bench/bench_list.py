@@ -62,7 +62,7 @@ DEEP_PAGES: Final = 200
 ROUNDS: Final = 8
 BATCH: Final = 625
 WARMUP: Final = 500
-# Targets of issue 2 (a benchmark, not a test).
+# The list's targets (a benchmark, not a test).
 TARGET_P99_MS: Final = 2.0  # at TARGET_SIZE conversations
 TARGET_SIZE: Final = 100_000
 TARGET_RATIO: Final = 1.5

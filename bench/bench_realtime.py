@@ -76,7 +76,7 @@ INGEST_USERS: Final = 200
 # Every client must have every message within this long after the last webhook answered.
 DELIVERY_TIMEOUT_S: Final = 60.0
 POLL_S: Final = 0.05
-# Targets of issue 3 (a benchmark, not a test).
+# The realtime targets (a benchmark, not a test).
 TARGET_P99_MS: Final = 50.0
 TARGET_CLIENTS: Final = 1000
 TARGET_RATE: Final = 1000.0

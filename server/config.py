@@ -74,6 +74,11 @@ class Settings:
         _choice("AI_PROVIDER", self.ai_provider, AI_PROVIDERS)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"PORT must be 0..65535, got {self.port}")
+        _choice("LOG_LEVEL", self.log_level, ("debug", "info", "warning", "error"))
+        if self.ai_timeout_s <= 0:
+            raise ConfigError("AI_TIMEOUT must be a positive number of seconds")
+        if self.ai_max_retries < 0:
+            raise ConfigError("AI_MAX_RETRIES must not be negative")
         if self.firestore_window < 1:
             raise ConfigError("LIVECHAT_FIRESTORE_WINDOW must be at least 1")
         if self.demo_conversations < 0:

@@ -14,7 +14,15 @@ import structlog
 
 from server.hub import Hub
 from server.models import Conversation, Message, MessageError
-from server.store.base import UNSET, ChatStore, InboundMessage, Saved, StatusChange, Unset
+from server.store.base import (
+    UNSET,
+    ChatStore,
+    InboundMessage,
+    Saved,
+    StatusChange,
+    StoreError,
+    Unset,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -158,13 +166,31 @@ class Inbox:
 
     async def deliver(self, conversation: Conversation, message: Message) -> None:
         """Send a stored outbound message through WhatsApp and record the outcome."""
-        result = await self.sender.send_text(conversation.phone, message.text or "")
-        change = await self.store.set_delivery(
-            message.id,
-            status=result.status,
-            wa_message_id=result.wa_message_id,
-            error=result.error,
-        )
+        try:
+            result = await self.sender.send_text(conversation.phone, message.text or "")
+        except Exception as e:
+            # A bug in sending, not a WhatsApp answer: the message must not sit in "queued"
+            # looking as if it were on its way.
+            log.exception("whatsapp.send_error", conversation_id=conversation.id)
+            result = SendResult("failed", error=MessageError("internal_error", repr(e)[:300]))
+        try:
+            change = await self.store.set_delivery(
+                message.id,
+                status=result.status,
+                wa_message_id=result.wa_message_id,
+                error=result.error,
+            )
+        except StoreError as e:
+            # Sent (or refused) but not recorded: say so loudly with what we know.
+            log.error(
+                "whatsapp.outcome_not_stored",
+                conversation_id=conversation.id,
+                message_id=message.id,
+                status=result.status,
+                wa_message_id=result.wa_message_id,
+                error=str(e),
+            )
+            return
         log.info(
             "whatsapp.sent" if result.status == "sent" else "whatsapp.not_sent",
             conversation_id=conversation.id,

@@ -1,4 +1,4 @@
-"""Conversation and Message: the domain records and their JSON shapes (DESIGN.md)."""
+"""Conversation and Message: the domain records and their JSON shapes (the API's)."""
 
 from __future__ import annotations
 

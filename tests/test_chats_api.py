@@ -176,6 +176,7 @@ async def test_a_tampered_cursor_is_a_400(client):
         ({"limit": "101"}, "invalid_limit"),
         ({"limit": "ten"}, "invalid_limit"),
         ({"limit": "-5"}, "invalid_limit"),
+        ({"limit": "\u00b2"}, "invalid_limit"),  # a digit to str.isdigit(), not to int()
         ({"status": "archived"}, "invalid_status"),
         ({"q": "x" * 101}, "invalid_query"),
     ],
@@ -252,6 +253,7 @@ async def test_read_and_patch_update_the_conversation_and_the_list(client):
         (b'{"ai_enabled": "yes"}', "invalid_ai_enabled"),
         (b'{"assignee": 7}', "invalid_assignee"),
         (b'{"colour": "red"}', "invalid_field"),
+        pytest.param(b"[" * 5000 + b"]" * 5000, "invalid_json", id="nested-too-deep"),
     ],
 )
 async def test_a_malformed_patch_is_a_400_and_changes_nothing(client, body, code):

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from server.models import Media, MessageError, now_ms
-from server.store.base import Change, InboundMessage, NotFound, message_id_for_wamid
+from server.store.base import AiDisabled, Change, InboundMessage, NotFound, message_id_for_wamid
 
 
 def inbound(wamid: str, user: str = "966500000001", at: int | None = None, **kw) -> InboundMessage:
@@ -94,8 +94,11 @@ async def test_an_agent_reply_is_queued_reads_the_chat_and_turns_the_ai_off(stor
     assert reply.conversation.ai_enabled is False
     assert reply.conversation.unread_count == 0
     assert reply.conversation.last_message.id == m.id
-    ai = await store.save_outbound(s.conversation.id, sender="ai", text="Hi")
-    assert ai.message.sender == "ai" and ai.conversation.ai_enabled is False
+    # The AI's answer, arriving after the agent's, is refused in the same write.
+    with pytest.raises(AiDisabled):
+        await store.save_outbound(s.conversation.id, sender="ai", text="Hi")
+    messages, _ = await store.list_messages(s.conversation.id, 10, None)
+    assert [x.sender for x in messages] == ["user", "agent"]
 
 
 async def test_replying_to_an_unknown_conversation_is_not_found(store):
@@ -149,10 +152,12 @@ async def test_messages_page_backwards_and_read_oldest_first(store):
 
 async def test_every_message_kind_round_trips(store):
     media = Media(id="media-1", mime_type="image/jpeg", caption="the receipt", filename=None)
-    s = await store.save_inbound(inbound("wamid.M1", type="image", text=None, media=media))
+    at = now_ms()
+    s = await store.save_inbound(inbound("wamid.M1", at=at, type="image", text=None, media=media))
     loc = await store.save_inbound(
         inbound(
             "wamid.M2",
+            at=at + 1,
             type="location",
             text="Kingdom Centre",
             extra={"latitude": 24.7114, "longitude": 46.6744},

@@ -440,6 +440,16 @@ def _bad_timestamp() -> dict:
     return webhook([m])
 
 
+def _far_future_timestamp() -> dict:
+    m = text("x")
+    m["timestamp"] = "31690708000000"  # a year SQLite cannot hold, and no list should show
+    return webhook([text("first"), m])
+
+
+def _nested_too_deep() -> bytes:
+    return b'{"object": "whatsapp_business_account", "entry": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+
+
 def _bad_status() -> dict:
     return webhook([text("fine")], [{"status": "read", "timestamp": "1"}])
 
@@ -461,6 +471,8 @@ def _bad_location() -> dict:
         json.dumps(_bad_in_the_middle()).encode(),
         json.dumps(_bad_type_content()).encode(),
         json.dumps(_bad_timestamp()).encode(),
+        json.dumps(_far_future_timestamp()).encode(),
+        _nested_too_deep(),
         json.dumps(_bad_status()).encode(),
         json.dumps(_bad_location()).encode(),
     ],
@@ -475,6 +487,8 @@ def _bad_location() -> dict:
         "bad-message-mid-batch",
         "bad-text-body",
         "bad-timestamp",
+        "far-future-timestamp",
+        "nested-too-deep",
         "status-without-id",
         "bad-latitude",
     ],

@@ -26,7 +26,8 @@ def parse_limit(request: web.Request, bounds: tuple[int, int, int]) -> int:
     raw = request.query.get("limit")
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # isascii: str.isdigit() also accepts digits int() refuses ('²').
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise BadRequest(f"limit must be an integer from {low} to {high}", "invalid_limit")
     return int(raw)
 

@@ -40,7 +40,8 @@ def json_error(
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give each request an id for its log lines, and answer every failure in JSON."""
-    request_id = request.headers.get("X-Request-ID") or secrets.token_hex(8)
+    # A caller's id joins our log lines to theirs; bounded, since the caller chooses it.
+    request_id = request.headers.get("X-Request-ID", "")[:64] or secrets.token_hex(8)
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
     try:
@@ -88,6 +89,8 @@ async def read_json(request: web.Request, max_bytes: int = 64 * 1024) -> dict[st
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not valid JSON: {e}", "invalid_json") from e
+    except RecursionError as e:  # nesting deeper than any real request: refuse it whole
+        raise BadRequest("body is nested too deeply", "invalid_json") from e
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object", "invalid_json")
     return body

@@ -11,6 +11,7 @@ import hmac
 import json
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -28,6 +29,11 @@ MEDIA_TYPES: Final = ("image", "audio", "video", "document", "sticker")
 MAX_EXTRA_CHARS: Final = 1000
 MAX_ERRORS: Final = 5
 _DIGITS: Final = re.compile(r"\d{1,20}")
+
+
+# WhatsApp launched in 2009; clocks may disagree, but not by a day.
+EARLIEST_S: Final = 1_230_768_000
+MAX_AHEAD_S: Final = 24 * 3600
 
 
 class ParseError(ValueError):
@@ -77,6 +83,8 @@ def parse_body(raw: bytes, received_ms: int | None = None) -> Parsed:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ParseError(f"body is not valid JSON ({type(e).__name__})") from e
+    except RecursionError as e:
+        raise ParseError("body is nested too deeply") from e
     return parse_payload(body, received_ms)
 
 
@@ -341,8 +349,14 @@ def _refine(at: int, received_ms: int | None, position: int) -> int:
 
 def _timestamp(value: Any, where: str) -> int:
     """Unix seconds (WhatsApp sends a string of digits) as milliseconds."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value * 1000
-    if isinstance(value, str) and _DIGITS.fullmatch(value):
-        return int(value) * 1000
-    raise ParseError(f"{where} must be Unix seconds")
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, str) and _DIGITS.fullmatch(value):
+        seconds = int(value)
+    else:
+        raise ParseError(f"{where} must be Unix seconds")
+    # A time before WhatsApp existed, or more than a day ahead of our clock, is not one it
+    # sent; kept, it would pin a conversation to the top of the list for ever.
+    if not EARLIEST_S <= seconds <= time.time() + MAX_AHEAD_S:
+        raise ParseError(f"{where} is not a plausible time")
+    return seconds * 1000

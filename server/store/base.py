@@ -19,6 +19,10 @@ class NotFound(StoreError):
     """No such conversation or message."""
 
 
+class AiDisabled(StoreError):
+    """An AI reply to a conversation an agent has taken over: it is not stored."""
+
+
 class StoreUnavailable(StoreError):
     """The store cannot be reached right now (an outage, not a bad request)."""
 

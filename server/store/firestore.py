@@ -633,8 +633,9 @@ class FirestoreStore:
 
         async def write(tx: Any) -> Saved:
             snap = await self._conversation_doc(conversation_id, tx)
-            now = now_ms()
             conversation = rules.conversation_from_doc(snap.to_dict())
+            rules.check_reply(conversation, sender)
+            now = rules.reply_time(conversation, now_ms())
             message = rules.outbound_message(conversation_id, sender, text, agent_id, now)
             conversation = rules.after_message(conversation, message, now)
             if take_over:

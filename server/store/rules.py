@@ -17,7 +17,7 @@ from server.models import (
     Message,
     MessageError,
 )
-from server.store.base import InboundMessage, message_id_for_wamid, new_id
+from server.store.base import AiDisabled, InboundMessage, message_id_for_wamid, new_id
 
 
 def is_forward(current: str, new: str) -> bool:
@@ -86,6 +86,12 @@ def after_message(conversation: Conversation, message: Message, now: int) -> Con
         changes["unread_count"] = 0
         changes["ai_enabled"] = False
     return conversation.with_changes(**changes)
+
+
+def check_reply(conversation: Conversation, sender: str) -> None:
+    """Refuse an AI reply once an agent took the conversation over (checked in the write)."""
+    if sender == "ai" and not conversation.ai_enabled:
+        raise AiDisabled(f"the AI is off for {conversation.id}")
 
 
 def reply_time(conversation: Conversation, now: int) -> int:

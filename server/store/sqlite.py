@@ -33,6 +33,10 @@ from server.store.base import (
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+# A waiting write: its work, what it tells the change feed, and its caller's future.
+Pending = tuple[Callable[[], Any], Callable[[Any], Sequence[Change]], "asyncio.Future[Any]"]
+# A write's future, its result or error, and what it tells the change feed.
+Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None, Callable[[Any], Sequence[Change]]]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -79,7 +83,9 @@ class SqliteStore:
         self._listeners: list[ChangeListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         # Writes waiting for the store's thread, and whether a batch is on its way there.
-        self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._pending: list[
+            tuple[Callable[[], Any], Callable[[Any], Sequence[Change]], asyncio.Future[Any]]
+        ] = []
         self._pending_lock = threading.Lock()
         self._batch_scheduled = False
 
@@ -107,7 +113,7 @@ class SqliteStore:
         if self._conn is not None:
             await self._run(self._conn.close)
             self._conn = None
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     async def ping(self) -> None:
         """Raise StoreUnavailable when the database cannot answer."""
@@ -258,48 +264,63 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._pending_lock:
-            self._pending.append((fn, future))
+            self._pending.append((fn, changes, future))
             if not self._batch_scheduled:
                 self._batch_scheduled = True
                 self._executor.submit(self._write_batch, loop)
         result: T = await future
-        emitted = changes(result)
-        if emitted:
-            self._emit(emitted)
         return result
 
     def _write_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the store's thread: every waiting write in one transaction."""
         with self._pending_lock:
             batch, self._pending = self._pending, []
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        outcomes: list[Outcome] = []
         try:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
-            for fn, future in batch:
+            for fn, changes, future in batch:
                 db.execute("SAVEPOINT write")
                 try:
                     result = fn()
                 except Exception as e:  # the caller gets it; the other writes go on
                     db.execute("ROLLBACK TO write")
                     db.execute("RELEASE write")
-                    outcomes.append((future, None, e))
+                    outcomes.append((future, None, e, changes))
                 else:
                     db.execute("RELEASE write")
-                    outcomes.append((future, result, None))
+                    outcomes.append((future, result, None, changes))
             db.execute("COMMIT")
         except (sqlite3.Error, StoreUnavailable) as e:
             if self._conn is not None and self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
             failure = StoreUnavailable(f"write failed: {e}")
-            outcomes = [(future, None, failure) for _, future in batch]
+            outcomes = [(future, None, failure, changes) for _, changes, future in batch]
         finally:
             with self._pending_lock:
                 if self._pending:
                     self._executor.submit(self._write_batch, loop)
                 else:
                     self._batch_scheduled = False
-        loop.call_soon_threadsafe(_settle, outcomes)
+        loop.call_soon_threadsafe(self._settle, outcomes)
+
+    def _settle(self, outcomes: list[Outcome]) -> None:
+        """On the event loop: tell the change feed what was committed, then each caller.
+
+        The feed hears of a commit even when its caller has gone (cancelled on shutdown),
+        so the snapshot never misses a write.
+        """
+        for future, result, error, changes in outcomes:
+            if error is None:
+                emitted = changes(result)
+                if emitted:
+                    self._emit(emitted)
+            if future.cancelled():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
 
     async def save_inbound(self, inbound: InboundMessage) -> Saved | None:
         """Store a customer's message and its summary in one transaction."""
@@ -348,6 +369,7 @@ class SqliteStore:
 
         def write() -> Saved:
             conversation = self._conversation(conversation_id)
+            rules.check_reply(conversation, sender)
             now = rules.reply_time(conversation, now_ms())
             message = rules.outbound_message(conversation_id, sender, text, agent_id, now)
             conversation = rules.after_message(conversation, message, now)
@@ -485,14 +507,3 @@ class SqliteStore:
             )
 
         await self._write(write, lambda _: [Change(c, local=True) for c in conversations])
-
-
-def _settle(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    """On the event loop: hand each write's result or error to its caller."""
-    for future, result, error in outcomes:
-        if future.cancelled():
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)

@@ -11,7 +11,7 @@ from server.config import Settings
 from server.inbox import Inbox, Responder
 from server.integrations.ai import AiError
 from server.models import MessageError
-from server.store.base import ChatStore, NotFound
+from server.store.base import AiDisabled, ChatStore, NotFound
 
 log = structlog.get_logger(__name__)
 
@@ -96,11 +96,12 @@ class AiReplies:
             log.info("ai.discarded", conversation_id=conversation_id, reason="newer_message")
             return
         # An agent may have taken over while the model was thinking: theirs is the answer.
-        current = await self.store.get_conversation(conversation_id)
-        if not current.ai_enabled:
+        # The store checks it in the same transaction that would save the reply.
+        try:
+            saved = await self.inbox.reply(conversation_id, text, sender="ai")
+        except AiDisabled:
             log.info("ai.discarded", conversation_id=conversation_id, reason="ai_disabled")
             return
-        saved = await self.inbox.reply(conversation_id, text, sender="ai")
         log.info(
             "ai.replied",
             conversation_id=conversation_id,

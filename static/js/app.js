@@ -21,7 +21,7 @@ import { applyStatus, emptyThread, prependOlder, setLatestPage, upsertMessage } 
 import { avatar, createChatList } from "./views/chatlist.js";
 import { createThread } from "./views/thread.js";
 
-// The seed's rule, kept: after live events the list is re-read at most once every 3 s.
+// After live events the list is re-read at most once every 3 s, to reconcile.
 const RECONCILE_MS = 3000;
 // Typing in the search box waits for a pause before asking the server.
 const SEARCH_MS = 250;
