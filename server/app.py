@@ -27,6 +27,7 @@ from server.hub import Hub
 from server.inbox import Inbox
 from server.integrations.ai import make_responder
 from server.integrations.whatsapp import make_sender
+from server.logging import RequestIds
 from server.snapshot import Snapshot
 from server.store import make_store
 from server.workers.ai import AiReplies
@@ -48,6 +49,7 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=4 * 1024 * 1024,  # WhatsApp batches up to 3 MB of updates
     )
     app[keys.SETTINGS] = settings
+    app[keys.REQUEST_IDS] = RequestIds()
     app[keys.CURSORS] = CursorCodec(settings.secret_key.encode())
     app[keys.HUB] = Hub(settings.instance_id)
     app[keys.STREAMS] = weakref.WeakSet()

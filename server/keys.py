@@ -13,6 +13,7 @@ from server.config import Settings
 from server.cursor import CursorCodec
 from server.hub import Hub
 from server.inbox import Inbox
+from server.logging import RequestIds
 from server.snapshot import Snapshot
 from server.store.base import ChatStore
 from server.workers.warmer import Warmer
@@ -26,5 +27,6 @@ INBOX = web.AppKey("inbox", Inbox)
 WARMER = web.AppKey("warmer", Warmer)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 CHATLIST = web.AppKey("chatlist", ChatList)
+REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 # Open SSE responses, so shutdown can stop each one (aiohttp-sse's graceful-shutdown pattern).
 STREAMS: web.AppKey[weakref.WeakSet[EventSourceResponse]] = web.AppKey("streams")

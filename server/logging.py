@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import secrets
 import sys
 from typing import Any
 
@@ -43,3 +45,15 @@ def configure_logging(log_format: str = "console", level: str = "info") -> None:
     )
     # aiohttp's own access log repeats what our request lines say; keep its errors only.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+
+class RequestIds:
+    """Request ids: this app's random prefix, then a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(4) + "-"
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        """The next id."""
+        return f"{self._prefix}{next(self._counter):x}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -51,8 +52,14 @@ def now_ms() -> int:
 
 def iso(ms: int) -> str:
     """ISO 8601 UTC with milliseconds and Z, the one time format of the API."""
-    # gmtime + strftime is twice as fast as datetime here, and every summary needs three.
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+    return f"{_iso_second(ms // 1000)}.{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8192)
+def _iso_second(second: int) -> str:
+    # Every summary and message carries several times, mostly of the last few minutes:
+    # formatting each second once saves a gmtime and a strftime per field.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def parse_iso(value: str) -> int:
