@@ -55,10 +55,11 @@ def iso(ms: int) -> str:
     return f"{_iso_second(ms // 1000)}.{ms % 1000:03d}Z"
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=512)
 def _iso_second(second: int) -> str:
     # Every summary and message carries several times, mostly of the last few minutes:
-    # formatting each second once saves a gmtime and a strftime per field.
+    # formatting each second once saves a gmtime and a strftime per field. 512 seconds
+    # cover live traffic and keep the cache small beside the snapshot.
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
