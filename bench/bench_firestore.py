@@ -1,11 +1,11 @@
-"""Firestore: the seed's per-user scan against this server, side by side, on the emulator.
+"""Firestore: the previous per-user scan against this server, side by side, on the emulator.
 
 `python bench/bench_firestore.py` (about 10 minutes; `--users 500 --per-user 4` for a quick
 look). It starts a Firestore emulator on a free loopback port (the gcloud CLI must be
 installed), seeds it, and runs two servers against it, each in a process of its own:
 
-- **baseline**: the seed's `/unified-chats`, written as the seed describes it (SEED.md,
-  problem 1 and its patch): loop over every user, fetch that user's conversations, merge,
+- **baseline**: the previous service's `/unified-chats`, written as its change note
+  describes it after its last patch: loop over every user, fetch that user's conversations, merge,
   sort, cache the result for 60 s, invalidate the cache on every new message. Pages are
   slices of the cached list.
 - **this server**: the real app from `create_app` on the Firestore store: a snapshot kept
@@ -57,8 +57,8 @@ from common import (
 
 LIST: Final = "/api/live-chat/unified-chats"
 PROJECT: Final = "livechat-bench"
-# The seed's cache lifetime after its patch (SEED.md, problem 1).
-SEED_TTL_S: Final = 60.0
+# The previous service's cache lifetime after its last patch.
+OLD_TTL_S: Final = 60.0
 # New messages a second during the "under load" phase (the issue's figure).
 RATE: Final = 10
 # Timed first-page requests per warm phase, and how long this server is loaded.
@@ -218,8 +218,8 @@ def ours_main(settings_kwargs: dict[str, Any], conn: Connection) -> None:
 # -- the baseline -----------------------------------------------------------------------
 
 
-def seed_main(emulator_host: str, conn: Connection) -> None:
-    """Process entry: the seed's unified-chats (scan, 60 s cache, invalidate on a message)."""
+def baseline_main(emulator_host: str, conn: Connection) -> None:
+    """Process entry: the previous unified-chats (scan, 60 s cache, invalidate on a message)."""
     raise_nofile()
     quiet_logs()
     from google.cloud import firestore
@@ -240,7 +240,7 @@ def seed_main(emulator_host: str, conn: Connection) -> None:
         state: dict[str, Any] = {"cache": None, "at": 0.0, "reads": 0}
 
         async def scan() -> list[dict[str, Any]]:
-            """The seed's heavy scan: every user, then that user's conversations."""
+            """The previous heavy scan: every user, then that user's conversations."""
             chats = []
             async for user in db.collection("users").stream():
                 state["reads"] += 1
@@ -253,7 +253,7 @@ def seed_main(emulator_host: str, conn: Connection) -> None:
         async def unified_chats(request: web.Request) -> web.Response:
             limit = int(request.query.get("limit", "30"))
             offset = int(request.query.get("cursor") or 0)
-            fresh = time.monotonic() - state["at"] < SEED_TTL_S
+            fresh = time.monotonic() - state["at"] < OLD_TTL_S
             if state["cache"] is None or not fresh:
                 state["cache"] = await scan()
                 state["at"] = time.monotonic()
@@ -523,7 +523,7 @@ def report(
         f" (batches of 500); this server (listener window {window:,}) warm in {warm_s:.1f} s;"
         f" load average {load_average()}",
         "",
-        markdown_table(["", "baseline (seed: scan + 60 s cache)", "this server"], rows),
+        markdown_table(["", "baseline (previous: scan + 60 s cache)", "this server"], rows),
         "",
         markdown_table(["target", "measured", ""], checks),
         "",
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             ours = ServerProcess(ours_main, settings)
             warm_s = time.perf_counter() - started
             print(f"this server warm in {warm_s:.1f} s", file=sys.stderr)
-            baseline = ServerProcess(seed_main, emulator.host)
+            baseline = ServerProcess(baseline_main, emulator.host)
             result = asyncio.run(measure(ours, baseline, args.users, total))
         print(report(result, seeded_s, args.users, total, warm_s, args.window))
     finally:

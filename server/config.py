@@ -33,8 +33,10 @@ class Settings:
     google_cloud_project: str = "livechat-dev"
     firestore_emulator_host: str | None = None
     # How many of the newest conversations the Firestore listener keeps in memory; pages past
-    # it are read from the store. 100,000 rows fit in about 100 MB (docs/BENCHMARKS.md).
-    firestore_window: int = 100_000
+    # it are read from the store by keyset. The Python client re-sorts the listener's whole
+    # result set on every change, so a larger window makes every write slower
+    # (docs/BENCHMARKS.md, Firestore); 2,000 is about 66 pages of the list.
+    firestore_window: int = 2_000
     whatsapp_app_secret: str | None = None
     whatsapp_verify_token: str | None = None
     whatsapp_token: str | None = None
