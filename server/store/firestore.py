@@ -751,17 +751,14 @@ class FirestoreStore:
         async def write(tx: Any) -> Conversation:
             snap = await self._conversation_doc(conversation_id, tx)
             conversation = rules.conversation_from_doc(snap.to_dict())
-            changes: dict[str, Any] = {}
-            if status is not None:
-                changes["status"] = status
-            if ai_enabled is not None:
-                changes["ai_enabled"] = ai_enabled
-            if not isinstance(assignee, Unset):
-                changes["assignee"] = assignee
-            if mark_read:
-                changes["unread_count"] = 0
-            changes["updated_at"] = max(now_ms(), conversation.updated_at + 1)
-            updated = conversation.with_changes(**changes)
+            updated = rules.updated(
+                conversation,
+                status=status,
+                ai_enabled=ai_enabled,
+                assignee=assignee,
+                mark_read=mark_read,
+                now=now_ms(),
+            )
             self._remember_local(updated)
             tx.set(snap.reference, rules.conversation_to_doc(updated))
             return updated

@@ -17,7 +17,7 @@ from server.models import (
     Message,
     MessageError,
 )
-from server.store.base import AiDisabled, InboundMessage, message_id_for_wamid, new_id
+from server.store.base import AiDisabled, InboundMessage, Unset, message_id_for_wamid, new_id
 
 
 def is_forward(current: str, new: str) -> bool:
@@ -85,6 +85,28 @@ def after_message(conversation: Conversation, message: Message, now: int) -> Con
         # An agent who answers has read the conversation and taken it over from the AI.
         changes["unread_count"] = 0
         changes["ai_enabled"] = False
+    return conversation.with_changes(**changes)
+
+
+def updated(
+    conversation: Conversation,
+    *,
+    status: str | None,
+    ai_enabled: bool | None,
+    assignee: str | Unset | None,
+    mark_read: bool,
+    now: int,
+) -> Conversation:
+    """The summary after an agent changed its status, AI switch, assignee or unread count."""
+    changes: dict[str, Any] = {"updated_at": max(now, conversation.updated_at + 1)}
+    if status is not None:
+        changes["status"] = status
+    if ai_enabled is not None:
+        changes["ai_enabled"] = ai_enabled
+    if not isinstance(assignee, Unset):
+        changes["assignee"] = assignee
+    if mark_read:
+        changes["unread_count"] = 0
     return conversation.with_changes(**changes)
 
 

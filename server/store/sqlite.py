@@ -454,17 +454,14 @@ class SqliteStore:
 
         def write() -> Conversation:
             conversation = self._conversation(conversation_id)
-            changes: dict[str, Any] = {}
-            if status is not None:
-                changes["status"] = status
-            if ai_enabled is not None:
-                changes["ai_enabled"] = ai_enabled
-            if not isinstance(assignee, Unset):
-                changes["assignee"] = assignee
-            if mark_read:
-                changes["unread_count"] = 0
-            changes["updated_at"] = max(now_ms(), conversation.updated_at + 1)
-            updated = conversation.with_changes(**changes)
+            updated = rules.updated(
+                conversation,
+                status=status,
+                ai_enabled=ai_enabled,
+                assignee=assignee,
+                mark_read=mark_read,
+                now=now_ms(),
+            )
             self._put_conversation(updated)
             return updated
 
