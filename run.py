@@ -80,12 +80,35 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def simulate(argv: Sequence[str]) -> int:
+    """`run.py simulate`: signed WhatsApp webhooks to a running server; 0 when all got 200."""
+    import asyncio
+
+    from server.simulate import WEBHOOK_PATH, is_loopback, parse_args, report
+    from server.simulate import simulate as run_simulation
+
+    args = parse_args(argv)
+    if not args.allow_remote and not is_loopback(args.url):
+        print(
+            f"refusing to send to {args.url}: not a loopback address (use --allow-remote)",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"simulating WhatsApp webhooks to {args.url.rstrip('/')}{WEBHOOK_PATH}", flush=True)
+    try:
+        summary = asyncio.run(run_simulation(args))
+    except KeyboardInterrupt:
+        return 130
+    print(report(summary), flush=True)
+    if summary.answers.get("401"):
+        print("401: the server uses another app secret (--secret)", file=sys.stderr)
+    return 0 if summary.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run the chosen command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "simulate":
-        from server.simulate import main as simulate
-
         return simulate(argv[1:])
     if argv and argv[0] == "serve":
         argv = argv[1:]

@@ -16,7 +16,6 @@ import os
 import random
 import socket
 import string
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -371,23 +370,3 @@ def report(summary: Summary) -> str:
         f"latency: p50 {_percentile(summary.latencies_ms, 0.5):.1f} ms,"
         f" p99 {_percentile(summary.latencies_ms, 0.99):.1f} ms"
     )
-
-
-def main(argv: Sequence[str]) -> int:
-    """Run the simulator; 0 when every request was answered 200."""
-    args = parse_args(argv)
-    if not args.allow_remote and not is_loopback(args.url):
-        print(
-            f"refusing to send to {args.url}: not a loopback address (use --allow-remote)",
-            file=sys.stderr,
-        )
-        return 2
-    print(f"simulating WhatsApp webhooks to {args.url.rstrip('/')}{WEBHOOK_PATH}", flush=True)
-    try:
-        summary = asyncio.run(simulate(args))
-    except KeyboardInterrupt:
-        return 130
-    print(report(summary), flush=True)
-    if summary.answers.get("401"):
-        print("401: the server uses another app secret (--secret)", file=sys.stderr)
-    return 0 if summary.ok else 1

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from run import simulate as main
 from server.integrations.whatsapp_webhook import parse_payload
-from server.simulate import Traffic, main
+from server.simulate import Traffic
 from tests.conftest import APP_SECRET
 from tests.webhooks import all_messages, chats, wait_until
 
