@@ -100,3 +100,19 @@ async def store(request, tmp_path):
     await s.start()
     yield s
     await s.close()
+
+
+@pytest.fixture
+async def graph(aiohttp_server):
+    """A fake WhatsApp Cloud (Graph) API on loopback."""
+    from tests.fakes import FakeGraph
+
+    return await FakeGraph.serve(aiohttp_server)
+
+
+@pytest.fixture
+async def llm(aiohttp_server):
+    """A fake OpenAI-compatible chat-completions server on loopback."""
+    from tests.fakes import FakeLLM
+
+    return await FakeLLM.serve(aiohttp_server)

@@ -217,3 +217,12 @@ class FakeLLM(_Fake):
                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
             }
         )
+
+
+def graph_settings(graph: FakeGraph) -> dict:
+    """Settings overrides that point the app's WhatsApp client at a fake Graph API."""
+    return {
+        "whatsapp_token": "t",
+        "whatsapp_phone_number_id": "123",
+        "whatsapp_api_base": graph.base,
+    }

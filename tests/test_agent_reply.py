@@ -9,7 +9,7 @@ import pytest
 
 from server.config import Settings
 from server.integrations.whatsapp import WhatsAppClient
-from tests.fakes import FakeGraph, FakeLLM
+from tests.fakes import FakeGraph, graph_settings
 from tests.webhooks import (
     SseStream,
     all_messages,
@@ -21,24 +21,6 @@ from tests.webhooks import (
     wait_until,
     webhook,
 )
-
-
-@pytest.fixture
-async def graph(aiohttp_server):
-    return await FakeGraph.serve(aiohttp_server)
-
-
-@pytest.fixture
-async def llm(aiohttp_server):
-    return await FakeLLM.serve(aiohttp_server)
-
-
-def graph_settings(graph: FakeGraph) -> dict:
-    return {
-        "whatsapp_token": "t",
-        "whatsapp_phone_number_id": "123",
-        "whatsapp_api_base": graph.base,
-    }
 
 
 async def customer_writes(client, body: str = "hello", frm: str = "966501234567") -> dict:

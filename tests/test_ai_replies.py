@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.fakes import FakeGraph, FakeLLM
+from tests.fakes import FakeLLM
 from tests.webhooks import (
     SseStream,
     all_messages,
@@ -18,16 +18,6 @@ from tests.webhooks import (
     wait_until,
     webhook,
 )
-
-
-@pytest.fixture
-async def graph(aiohttp_server):
-    return await FakeGraph.serve(aiohttp_server)
-
-
-@pytest.fixture
-async def llm(aiohttp_server):
-    return await FakeLLM.serve(aiohttp_server)
 
 
 def llm_settings(llm: FakeLLM, **more) -> dict:

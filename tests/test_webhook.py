@@ -9,7 +9,7 @@ from structlog.testing import capture_logs
 
 from server.integrations.whatsapp_webhook import ParseError, parse_payload
 from tests.conftest import APP_SECRET
-from tests.fakes import FakeGraph
+from tests.fakes import graph_settings
 from tests.webhooks import (
     SseStream,
     all_messages,
@@ -23,19 +23,6 @@ from tests.webhooks import (
     wamid,
     webhook,
 )
-
-
-@pytest.fixture
-async def graph(aiohttp_server):
-    return await FakeGraph.serve(aiohttp_server)
-
-
-def graph_settings(graph: FakeGraph) -> dict:
-    return {
-        "whatsapp_token": "t",
-        "whatsapp_phone_number_id": "123",
-        "whatsapp_api_base": graph.base,
-    }
 
 
 async def conversation_of(client, user_id: str = "966501234567") -> dict:
