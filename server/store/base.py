@@ -78,6 +78,32 @@ class Change:
 ChangeListener = Callable[[Sequence[Change]], None]
 
 
+class ChangeFeed:
+    """A store's subscribers: each is called on the event loop with every batch of changes."""
+
+    def __init__(self) -> None:
+        self._listeners: list[ChangeListener] = []
+
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        """Add a listener; returns the call that removes it."""
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def emit(self, changes: Sequence[Change]) -> None:
+        """Tell every listener (a listener may unsubscribe while being told)."""
+        for listener in list(self._listeners):
+            listener(changes)
+
+    def clear(self) -> None:
+        """Forget every listener (the store is closing)."""
+        self._listeners.clear()
+
+
 class Unset:
     """Marks an argument that was not given (None is a meaningful value)."""
 

@@ -47,6 +47,7 @@ from server.store import rules
 from server.store.base import (
     UNSET,
     Change,
+    ChangeFeed,
     ChangeListener,
     InboundMessage,
     NotFound,
@@ -153,7 +154,7 @@ class FirestoreStore:
         self.window = settings.firestore_window
         self._db: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._listeners: list[ChangeListener] = []
+        self._subscribers = ChangeFeed()
         self._feed: _Feed | None = None
         self._generation = 0
         self._local: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -180,7 +181,7 @@ class FirestoreStore:
     async def close(self) -> None:
         """Stop the listener and forget every subscriber; nothing is called after this."""
         self._closed = True
-        self._listeners.clear()
+        self._subscribers.clear()
         await self.unlisten()
         clients = [client for _, client in self._retired]
         self._retired.clear()
@@ -289,13 +290,7 @@ class FirestoreStore:
 
     def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
         """Call `listener` on the event loop with each batch of changes the listener sees."""
-        self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return unsubscribe
+        return self._subscribers.subscribe(listener)
 
     @property
     def listening(self) -> bool:
@@ -410,8 +405,7 @@ class FirestoreStore:
                 del self._local[key]
             changes.append(Change(conversation, local=local))
         if changes:
-            for listener in list(self._listeners):
-                listener(changes)
+            self._subscribers.emit(changes)
 
     def _remember_local(self, conversation: Conversation) -> None:
         """Remember a version this process writes, so its echo on the feed counts as local.

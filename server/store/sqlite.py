@@ -21,6 +21,7 @@ from server.store import rules
 from server.store.base import (
     UNSET,
     Change,
+    ChangeFeed,
     ChangeListener,
     InboundMessage,
     NotFound,
@@ -80,7 +81,7 @@ class SqliteStore:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._listeners: list[ChangeListener] = []
+        self._subscribers = ChangeFeed()
         self._loop: asyncio.AbstractEventLoop | None = None
         # Writes waiting for the store's thread, and whether a batch is on its way there.
         self._pending: list[
@@ -109,7 +110,7 @@ class SqliteStore:
 
     async def close(self) -> None:
         """Close the connection and the store's thread."""
-        self._listeners.clear()
+        self._subscribers.clear()
         if self._conn is not None:
             await self._run(self._conn.close)
             self._conn = None
@@ -136,17 +137,7 @@ class SqliteStore:
 
     def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
         """Call `listener` on the event loop after every commit."""
-        self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-        return unsubscribe
-
-    def _emit(self, changes: Sequence[Change]) -> None:
-        for listener in list(self._listeners):
-            listener(changes)
+        return self._subscribers.subscribe(listener)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -314,7 +305,7 @@ class SqliteStore:
             if error is None:
                 emitted = changes(result)
                 if emitted:
-                    self._emit(emitted)
+                    self._subscribers.emit(emitted)
             if future.cancelled():
                 continue
             if error is not None:
