@@ -13,6 +13,12 @@ installed), seeds it, and runs two servers against it, each in a process of its 
 
 Both count Firestore document reads as Firestore bills them: every document a get, a query
 or a listener returns (the baseline counts its scan; this server its `FirestoreStore.reads`).
+
+Before the servers start, the **emulator floor**: what the emulator itself commits, with the
+raw client and no server code. Sequential transactions (read one conversation, write it back
+with `updated_at` and `last_activity` now, as a message write does), first with no listener,
+then with a collection-group listener attached; with it, how long each write takes to reach
+the listener. Neither server can do better than this floor.
 """
 
 from __future__ import annotations
@@ -73,6 +79,13 @@ OURS_WINDOW: Final = 1_000
 # The baseline under load: every open after a message is a full scan, each one taking
 # at least as long as the cold open; one is enough to show it (and bounds the run time).
 BASELINE_LOADED_OPENS: Final = 1
+# The emulator floor: sequential transactions per variant, the stride spreading them over
+# the customers, how long the listener may take to start and to deliver the last write.
+FLOOR_WRITES: Final = 50
+FLOOR_STRIDE: Final = 37
+FLOOR_START_TIMEOUT_S: Final = 30.0
+FLOOR_DELIVERY_TIMEOUT_S: Final = 10.0
+FLOOR_VARIANTS: Final = {"none": "no listener", "listener": "with a collection-group listener"}
 
 
 # -- the emulator ---------------------------------------------------------------------
@@ -180,6 +193,248 @@ async def seed(emulator_host: str, users: int, per_user: int) -> float:
     finally:
         await store.close()
     return time.perf_counter() - started
+
+
+# -- the emulator floor -----------------------------------------------------------------
+
+
+def floor_targets(users: int, per_user: int) -> list[tuple[str, str]]:
+    """(user id, conversation id) of the floor's writes: latest conversations, spread out."""
+    k = per_user - 1
+    targets = []
+    for i in range(FLOOR_WRITES):
+        u = (i * FLOOR_STRIDE) % users
+        targets.append((f"9665{u:08d}", f"c_bench{u:05d}{k:02d}"))
+    return targets
+
+
+def conversation_ref(db: Any, user_id: str, conversation_id: str) -> Any:
+    """users/{user_id}/conversations/{conversation_id}, with the raw client."""
+    return (
+        db.collection("users")
+        .document(user_id)
+        .collection("conversations")
+        .document(conversation_id)
+    )
+
+
+async def touch(db: Any, user_id: str, conversation_id: str) -> tuple[str, int]:
+    """One transaction: read a conversation, write it back with its times set to now.
+
+    `updated_at` and `last_activity` become now (ms) and the whole document is set, as a
+    message write does. Returns (conversation id, updated_at): what the listener will see.
+    """
+    from google.cloud.firestore_v1 import async_transactional
+
+    from server.models import now_ms
+
+    ref = conversation_ref(db, user_id, conversation_id)
+
+    async def write(tx: Any) -> int:
+        doc = (await ref.get(transaction=tx)).to_dict()
+        assert doc is not None, f"{ref.path} is not seeded"
+        now: int = now_ms()
+        doc["updated_at"] = doc["last_activity"] = now
+        tx.set(ref, doc)
+        return now
+
+    updated_at: int = await async_transactional(write)(db.transaction())
+    return conversation_id, updated_at
+
+
+async def commit_series(
+    db: Any, targets: list[tuple[str, str]]
+) -> tuple[list[float], list[tuple[tuple[str, int], float]]]:
+    """The transactions one after another: each one's seconds, and what it wrote, when.
+
+    A write's "when" is the moment its commit was acknowledged (time.perf_counter()).
+    """
+    latencies: list[float] = []
+    written: list[tuple[tuple[str, int], float]] = []
+    for user_id, conversation_id in targets:
+        started = time.perf_counter()
+        key = await touch(db, user_id, conversation_id)
+        done = time.perf_counter()
+        latencies.append(done - started)
+        written.append((key, done))
+    return latencies, written
+
+
+class FloorListener:
+    """A sync client's collection-group listener on conversations updated after it started.
+
+    Its result set starts empty; each floor write adds or changes one document in it. The
+    callback runs on the client's thread: it takes the time there and hands the
+    (conversation id, updated_at) pairs it saw to the event loop. It never raises.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.first: asyncio.Future[None] = loop.create_future()
+        self.seen: dict[tuple[str, int], float] = {}
+        self.arrived = asyncio.Event()
+        self.errors: list[str] = []
+        self.client: Any = None
+        self.watch: Any = None
+
+    async def start(self) -> None:
+        """Attach the listener and wait for its first (empty) snapshot."""
+        from google.cloud import firestore
+        from google.cloud.firestore_v1 import FieldFilter
+
+        from server.models import now_ms
+
+        self.client = firestore.Client(project=PROJECT)
+        query = self.client.collection_group("conversations").where(
+            filter=FieldFilter("updated_at", ">", now_ms())
+        )
+        # on_snapshot starts the client's threads and opens the stream: not on the loop.
+        self.watch = await asyncio.to_thread(query.on_snapshot, self._callback)
+        await asyncio.wait_for(asyncio.shield(self.first), FLOOR_START_TIMEOUT_S)
+
+    def _callback(self, docs: Any, changes: Any, read_time: Any) -> None:
+        """On the client's thread. Must never raise (that would stop the listener)."""
+        try:
+            at = time.perf_counter()
+            keys = [
+                (change.document.id, int(change.document.to_dict()["updated_at"]))
+                for change in changes
+                if change.type.name != "REMOVED"
+            ]
+            self.loop.call_soon_threadsafe(self._arrive, keys, at)
+        except BaseException as e:
+            with contextlib.suppress(BaseException):
+                self.loop.call_soon_threadsafe(self.errors.append, repr(e))
+
+    def _arrive(self, keys: list[tuple[str, int]], at: float) -> None:
+        """On the loop: the first snapshot, or the writes one snapshot delivered."""
+        if not self.first.done():
+            self.first.set_result(None)
+        for key in keys:
+            self.seen.setdefault(key, at)
+        self.arrived.set()
+
+    async def wait_for(self, keys: list[tuple[str, int]], timeout: float) -> None:
+        """Until every write in `keys` was delivered, or `timeout` seconds passed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not all(key in self.seen for key in keys):
+                    self.arrived.clear()
+                    await self.arrived.wait()
+
+    async def stop(self) -> None:
+        """Unsubscribe (it joins the client's threads) and close the client's channel."""
+        if self.watch is not None:
+            await asyncio.to_thread(self.watch.unsubscribe)
+            self.watch = None
+        if self.client is not None:
+            await asyncio.to_thread(close_channel, self.client)
+            self.client = None
+
+
+def close_channel(client: Any) -> None:
+    """Close a sync client's gRPC channel (the client library offers no close of its own)."""
+    with contextlib.suppress(Exception):  # a channel already broken may fail to close
+        client._firestore_api.transport.close()
+
+
+def floor_figures(
+    latencies: list[float], delays: list[float] | None, missing: int = 0
+) -> dict[str, Any]:
+    """One variant's figures: sorted commit latencies, sorted delivery delays (or None)."""
+    return {
+        "commits": sorted(latencies),
+        "per_s": len(latencies) / sum(latencies),  # 1 / mean latency, sequential
+        "delivery": None if delays is None else sorted(delays),
+        "missing": missing,
+    }
+
+
+def floor_line(name: str, f: dict[str, Any]) -> str:
+    """One variant on one line, for stderr."""
+    commits = f["commits"]
+    line = (
+        f"emulator floor, {name}: {len(commits)} sequential transactions, commit p50/p99"
+        f" {ms(percentile(commits, 50))}/{ms(percentile(commits, 99))} ms,"
+        f" {f['per_s']:,.0f} commits/s"
+    )
+    if f["delivery"] is not None:
+        line += (
+            f", listener delivery p50/p99 {ms(percentile(f['delivery'], 50))}/"
+            f"{ms(percentile(f['delivery'], 99))} ms, not delivered {f['missing']}"
+        )
+    return line
+
+
+async def emulator_floor(emulator_host: str, users: int, per_user: int) -> dict[str, Any]:
+    """The emulator's own commit latency, without and with a collection-group listener."""
+    from google.cloud import firestore
+
+    # The client library reads the emulator address only from the environment.
+    os.environ["FIRESTORE_EMULATOR_HOST"] = emulator_host
+    targets = floor_targets(users, per_user)
+    db = firestore.AsyncClient(project=PROJECT)
+    out: dict[str, Any] = {}
+    try:
+        await conversation_ref(db, *targets[0]).get()  # untimed: the channel connects
+        latencies, _ = await commit_series(db, targets)
+        out["none"] = floor_figures(latencies, None)
+        print(floor_line(FLOOR_VARIANTS["none"], out["none"]), file=sys.stderr)
+
+        listener = FloorListener(asyncio.get_running_loop())
+        try:
+            await listener.start()
+            latencies, written = await commit_series(db, targets)
+            await listener.wait_for([key for key, _ in written], FLOOR_DELIVERY_TIMEOUT_S)
+        finally:
+            await listener.stop()
+        delays = [listener.seen[key] - done for key, done in written if key in listener.seen]
+        out["listener"] = floor_figures(latencies, delays, len(written) - len(delays))
+        print(floor_line(FLOOR_VARIANTS["listener"], out["listener"]), file=sys.stderr)
+        if listener.errors:
+            print(
+                f"emulator floor: listener callback failed: {listener.errors[0]}", file=sys.stderr
+            )
+    finally:
+        with contextlib.suppress(Exception):  # a channel already broken may fail to close
+            await db._firestore_api.transport.close()
+    return out
+
+
+def floor_report(floor: dict[str, Any]) -> str:
+    """The floor as a markdown table, with a line saying what was measured."""
+    rows = []
+    for variant, name in FLOOR_VARIANTS.items():
+        f = floor[variant]
+        commits, delivery = f["commits"], f["delivery"]
+        rows.append(
+            [
+                name,
+                ms(percentile(commits, 50)),
+                ms(percentile(commits, 99)),
+                f"{f['per_s']:,.0f}",
+                "n/a"
+                if delivery is None
+                else f"{ms(percentile(delivery, 50))} / {ms(percentile(delivery, 99))}"
+                + (f" ({f['missing']} not delivered)" if f["missing"] else ""),
+            ]
+        )
+    header = [
+        "",
+        "commit p50 (ms)",
+        "commit p99 (ms)",
+        "sustainable commits/s (1 / mean, sequential)",
+        "listener delivery p50 / p99 (ms)",
+    ]
+    return "\n".join(
+        [
+            f"Emulator floor (raw client, no server code): {FLOOR_WRITES} sequential"
+            " transactions, each reading one conversation and writing it back; delivery is"
+            " from the commit's acknowledgement to the listener's callback.",
+            "",
+            markdown_table(header, rows),
+        ]
+    )
 
 
 # -- this server ------------------------------------------------------------------------
@@ -466,7 +721,13 @@ async def measure(
 
 
 def report(
-    r: dict[str, Any], seeded_s: float, users: int, total: int, warm_s: float, window: int
+    r: dict[str, Any],
+    floor: dict[str, Any],
+    seeded_s: float,
+    users: int,
+    total: int,
+    warm_s: float,
+    window: int,
 ) -> str:
     def p(values: list[float], q: float) -> str:
         return ms(percentile(values, q))
@@ -527,6 +788,8 @@ def report(
         "",
         markdown_table(["target", "measured", ""], checks),
         "",
+        floor_report(floor),
+        "",
         f"Write path, both servers: {r['ours_direct_per_message']:.2f} documents read per"
         " saved message (the transaction: redelivery check, customer, conversation).",
         f"Webhooks this server answered with an error under load: {len(r['ours_failed'])}"
@@ -557,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seeded_s = asyncio.run(seed(emulator.host, args.users, args.per_user))
         print(f"seeded {total:,} conversations in {seeded_s:.1f} s", file=sys.stderr)
+        floor = asyncio.run(emulator_floor(emulator.host, args.users, args.per_user))
         with tempfile.TemporaryDirectory() as tmp:
             settings = app_settings(
                 str(Path(tmp) / "unused.db"),
@@ -571,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"this server warm in {warm_s:.1f} s", file=sys.stderr)
             baseline = ServerProcess(baseline_main, emulator.host)
             result = asyncio.run(measure(ours, baseline, args.users, total))
-        print(report(result, seeded_s, args.users, total, warm_s, args.window))
+        print(report(result, floor, seeded_s, args.users, total, warm_s, args.window))
     finally:
         for server in (ours, baseline):
             if server is not None:
