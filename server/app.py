@@ -54,7 +54,7 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.HUB] = Hub(settings.instance_id)
     app[keys.STREAMS] = weakref.WeakSet()
     window = settings.firestore_window if settings.store == "firestore" else None
-    app[keys.SNAPSHOT] = Snapshot(complete=window is None)
+    app[keys.SNAPSHOT] = Snapshot(complete=window is None, window=window)
 
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_store)

@@ -91,9 +91,15 @@ class _Index:
 
 
 class Snapshot:
-    """The in-memory read model of the unified chat list."""
+    """The in-memory read model of the unified chat list.
 
-    def __init__(self, *, complete: bool = True) -> None:
+    With a `window` it holds at most the newest `window` conversations: a conversation that
+    moves into the window (a new message) pushes the oldest one out, and a change to one
+    older than every row held is left to the store, which serves the pages past the window.
+    """
+
+    def __init__(self, *, complete: bool = True, window: int | None = None) -> None:
+        self.window = window
         self._by_id: dict[str, Row] = {}
         self._all = _Index()
         self._by_status = {status: _Index() for status in CONVERSATION_STATUSES}
@@ -115,8 +121,19 @@ class Snapshot:
         return self._all.rows
 
     def load(self, conversations: Iterable[Conversation], *, complete: bool = True) -> None:
-        """Replace the whole content (the first load, or a resync) and mark it ready."""
-        rows = sorted(Row(c) for c in conversations)
+        """Replace the whole content (the first load, or a resync) and mark it ready.
+
+        A conversation read twice (a load in pages while it moved) keeps its newest version.
+        """
+        newest: dict[str, Conversation] = {}
+        for c in conversations:
+            held = newest.get(c.id)
+            if held is None or c.updated_at >= held.updated_at:
+                newest[c.id] = c
+        rows = sorted(Row(c) for c in newest.values())
+        if self.window is not None and len(rows) > self.window:
+            del rows[self.window :]
+            complete = False
         self._by_id = {r.id: r for r in rows}
         self._all.rows = rows
         for status, index in self._by_status.items():
@@ -152,6 +169,10 @@ class Snapshot:
         old = self._by_id.get(conversation.id)
         if old is not None and conversation.updated_at < old.updated_at:
             return 0  # an older version than what we hold: changes can cross on the wire
+        key = sort_key(conversation.last_activity, conversation.id)
+        rows = self._all.rows
+        if old is None and not self.complete and (not rows or key > rows[-1].key):
+            return 0  # older than the whole window: its page is read from the store
         if old is not None:
             self._remove(old.id)
         row = Row(conversation)
@@ -160,6 +181,9 @@ class Snapshot:
         index = self._index(row.status)
         if index is not None:
             index.add(row)
+        if self.window is not None and len(self._by_id) > self.window:
+            self._remove(rows[-1].id)  # pushed out of the window by a newer one
+            self.complete = False
         return 1
 
     def page(

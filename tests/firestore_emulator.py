@@ -274,14 +274,13 @@ def firestore_settings(emulator: Emulator, project: str, **overrides: Any):
 async def open_firestore_store(
     emulator: Emulator, project: str, **overrides: Any
 ) -> AsyncIterator[Any]:
-    """A started FirestoreStore that listens (its first snapshot taken), settled, closed after."""
+    """A started FirestoreStore that listens (streaming already), settled, closed after."""
     from server.store.firestore import FirestoreStore
 
     store = FirestoreStore(firestore_settings(emulator, project, **overrides))
     await store.start()
     try:
         await store.listen()
-        await store.load_window(store.window)
         yield SettledStore(store)
     finally:
         await store.close()

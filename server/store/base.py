@@ -64,15 +64,19 @@ class StatusChange:
 class Change:
     """One entry of the change feed: a conversation summary after a committed write.
 
-    `removed` means the conversation left what the feed covers (deleted, or pushed out of
-    a bounded listener window), so the snapshot must drop it. `local` means this process
-    made the write and has published its event already; other changes came from elsewhere
-    (another instance) and the warmer publishes them.
+    `removed` means the conversation was deleted, so the snapshot must drop it. `local`
+    means this process made the write and has published its event already; other changes
+    came from elsewhere (another instance) and the warmer publishes them. `message` is the
+    whole message the write stored, when the feed carries it (the summary holds only a
+    preview of its text), and `new_conversation` whether that message opened the
+    conversation: another instance's SSE clients then get the very event its writer sent.
     """
 
     conversation: Conversation
     removed: bool = False
     local: bool = False
+    message: Message | None = None
+    new_conversation: bool = False
 
 
 ChangeListener = Callable[[Sequence[Change]], None]

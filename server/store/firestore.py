@@ -16,8 +16,15 @@ Data model (DESIGN.md "Stores"):
   fails even if the customer's conversation changed in between), and it finds the message a
   WhatsApp status names without a collection-group index on `wa_message_id`.
 
-Reads and writes use the AsyncClient. The change feed is a collection-group listener on the
-sync Client (the only one with listeners) over the newest `firestore_window` conversations;
+A conversation document written with a message also holds that message whole in
+`feed_message` (`{"message": ..., "new_conversation": ...}`; the summary keeps only a
+140-character preview): another instance that sees the change on its listener sends its
+SSE clients the very event the writer sent, without reading the message.
+
+Reads and writes use the AsyncClient; the window of newest conversations is read once by
+keyset (in chunks). The change feed is a collection-group listener on the sync Client (the
+only one with listeners) over the conversations changed recently (`updated_at` after a
+mark a few seconds before it started), moved to a newer mark as it grows; see _Feed.
 server/workers/listener.py supervises it. Its callback runs on the client's thread: it only
 converts documents and hands them to the event loop, and it never raises, because a
 callback that raises kills the listener for good without telling anyone.
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import threading
@@ -76,9 +84,23 @@ OP_TIMEOUT_S: Final = 10.0
 # A health read answers in milliseconds when Firestore is up (an unreachable one fails at
 # once). The first read of a freshly started emulator takes about 2 s: allow for it.
 PING_TIMEOUT_S: Final = 5.0
-# The listener's first snapshot of the window: about 7.5 s for 20,000 conversations on the
-# emulator here (DESIGN.md), and the client's watch gets slower than linear as it grows.
-FIRST_SNAPSHOT_TIMEOUT_S: Final = 120.0
+# A listener's first snapshot: the changes of the last MARK_MARGIN_MS, normally in well
+# under a second; a freshly started emulator takes a few seconds to answer at all.
+FIRST_SNAPSHOT_TIMEOUT_S: Final = 30.0
+# How far before "now" a listener's mark is set: writes stamped by another instance whose
+# clock is up to this much behind are still seen (keep clocks in sync: NTP, PRODUCTION.md).
+MARK_MARGIN_MS: Final = 10_000
+# Once a listener's result set holds this many conversations it moves to a newer mark:
+# the client's per-change sort stays cheap (about 8 us a document), and the re-read of
+# the margin's changes that a new listener costs is paid rarely.
+RELISTEN_DOCS: Final = 1_000
+# ...but never sooner than this after its mark, so that a burst of changes (more than
+# RELISTEN_DOCS conversations within the margin) cannot make it re-listen every check.
+ADVANCE_AFTER_MS: Final = 3 * MARK_MARGIN_MS
+# The window is loaded by keyset in chunks of this many documents.
+LOAD_CHUNK: Final = 1_000
+# Versions remembered to drop a change delivered twice (by two listeners in a hand-over).
+VERSIONS_KEPT: Final = 100_000
 # Stopping a listener normally takes well under a second (the library waits up to 1 s for
 # its thread); past this it is stuck and left behind on its daemon thread.
 STOP_TIMEOUT_S: Final = 5.0
@@ -127,20 +149,29 @@ class Reads:
 class _Feed:
     """One listener (one `on_snapshot` watch) and what it delivered so far.
 
-    Each (re)listen makes a new feed; a callback from an older feed is ignored on the loop,
-    so a watch that is being shut down can never apply a stale change.
+    It listens to the conversations changed after its `mark` (ms): a result set that starts
+    with the last few seconds' changes and grows by one document per conversation changed
+    since. The Python client re-sorts the whole result set on every change it delivers, and
+    the cost of a listener to Firestore grows with it too, so once it has grown the store
+    moves to a newer mark (FirestoreStore.advance). Callbacks of a feed that was stopped
+    are ignored on the loop, so a watch being shut down can never apply a stale change.
     """
 
-    def __init__(self, generation: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, generation: int, loop: asyncio.AbstractEventLoop, *, mark: int) -> None:
         self.generation = generation
-        self.first: asyncio.Future[list[Conversation]] = loop.create_future()
-        self.first_taken = False
+        self.mark = mark
+        self.first: asyncio.Future[None] = loop.create_future()
         self.watch: Any = None
         self.client: Any = None
         self.failed: str | None = None
         self.pushes = 0
-        # Touched only on the client's thread: whether the first snapshot was handed over.
-        self.pushed_first = False
+        # Written on the client's thread (an int assignment): documents in the result set.
+        self.size = 0
+
+    @property
+    def alive(self) -> bool:
+        """The watch streams and its callback never failed."""
+        return self.failed is None and self.watch is not None and bool(self.watch.is_active)
 
 
 class FirestoreStore:
@@ -155,8 +186,12 @@ class FirestoreStore:
         self._db: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribers = ChangeFeed()
-        self._feed: _Feed | None = None
+        # The listeners, oldest first: one, or two while advance() hands over to a new one.
+        self._feeds: list[_Feed] = []
         self._generation = 0
+        # The version (updated_at) of each conversation the feed delivered last: a change
+        # delivered by two listeners during a hand-over reaches the subscribers once.
+        self._versions: OrderedDict[str, int] = OrderedDict()
         self._local: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._paths: OrderedDict[str, str] = OrderedDict()
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
@@ -295,117 +330,153 @@ class FirestoreStore:
     @property
     def listening(self) -> bool:
         """True while the listener is alive (its watch streams and its callback never failed)."""
-        feed = self._feed
-        return (
-            feed is not None
-            and feed.failed is None
-            and feed.watch is not None
-            and bool(feed.watch.is_active)
-        )
+        return bool(self._feeds) and self._feeds[-1].alive
+
+    @property
+    def needs_advance(self) -> bool:
+        """True when the listener's result set has grown enough to listen from a newer mark."""
+        if not self._feeds:
+            return False
+        feed = self._feeds[-1]
+        return feed.size > RELISTEN_DOCS and now_ms() - feed.mark > ADVANCE_AFTER_MS
 
     async def listen(self) -> None:
-        """Start a new listener on the newest `window` conversations (stopping any old one)."""
+        """Start a new listener on recent changes (stopping any old one); wait until it streams."""
         async with self._feed_lock:
-            await self._stop_feed()
+            await self._stop_feeds(self._feeds)
             if self._closed:
                 return
-            loop = asyncio.get_running_loop()
-            self._generation += 1
-            feed = _Feed(self._generation, loop)
-            # A new sync client per listener: a fresh channel, not one in gRPC's reconnect
-            # backoff from before an outage. The emulator address is in the environment.
-            feed.client = firestore.Client(project=self.project)
-            query = (
-                feed.client.collection_group(CONVERSATIONS)
-                .order_by("last_activity", direction=firestore.Query.DESCENDING)
-                .order_by("id")
-                .limit(self.window)
-            )
-            self._feed = feed
+            feed = await self._start_feed()
+            await self._first_snapshot(feed)
 
-            def callback(docs: Any, changes: Any, read_time: Any) -> None:
-                self._on_snapshot(feed, loop, docs, changes)
+    async def advance(self) -> None:
+        """Listen from a newer mark, so the listener's result set stays small.
 
-            # on_snapshot starts the client's threads and opens the stream: not on the loop.
-            feed.watch = await asyncio.to_thread(query.on_snapshot, callback)
-            log.info("firestore.listening", generation=feed.generation, window=self.window)
+        The new listener is started first and the old one stopped once the new one streams:
+        a change in between is delivered by one of them, or by both (the second copy is
+        dropped by version). StoreUnavailable when the new one does not stream (the old one
+        then goes on).
+        """
+        async with self._feed_lock:
+            old = list(self._feeds)
+            if self._closed or not old:
+                return
+            feed = await self._start_feed()
+            try:
+                await self._first_snapshot(feed)
+            except StoreUnavailable:
+                await self._stop_feeds([feed])
+                raise
+            await self._stop_feeds(old)
+            log.info("firestore.advanced", generation=feed.generation, mark=feed.mark)
 
     async def unlisten(self) -> None:
         """Stop the listener (during an outage its client would spin reconnecting)."""
         async with self._feed_lock:
-            await self._stop_feed()
+            await self._stop_feeds(self._feeds)
 
-    async def _stop_feed(self) -> None:
-        feed, self._feed = self._feed, None
-        if feed is None:
-            return
-        if not feed.first.done():
-            feed.first.set_exception(StoreUnavailable("the listener was stopped"))
-            feed.first.exception()  # retrieved: nobody may be waiting for it
-        if feed.watch is not None:
-            # unsubscribe joins the client's threads, which can take a moment.
-            await _blocking(feed.watch.unsubscribe, "unsubscribe")
-        if feed.client is not None:
-            # During an outage unsubscribing is not enough: the stream's thread goes on
-            # re-opening a stream that fails at once, a whole core's worth, until it sees a
-            # non-retryable error. A closed channel is one, so the thread exits.
-            await _blocking(lambda: _close_channel(feed.client), "close channel")
-        log.info("firestore.unlistened", generation=feed.generation, pushes=feed.pushes)
+    async def _start_feed(self) -> _Feed:
+        loop = asyncio.get_running_loop()
+        self._generation += 1
+        feed = _Feed(self._generation, loop, mark=now_ms() - MARK_MARGIN_MS)
+        # A new sync client per listener: a fresh channel, not one in gRPC's reconnect
+        # backoff from before an outage. The emulator address is in the environment.
+        feed.client = firestore.Client(project=self.project)
+        query = feed.client.collection_group(CONVERSATIONS).where(
+            filter=FieldFilter("updated_at", ">", feed.mark)
+        )
+        self._feeds.append(feed)
+
+        def callback(docs: Any, changes: Any, read_time: Any) -> None:
+            self._on_snapshot(feed, loop, docs, changes)
+
+        # on_snapshot starts the client's threads and opens the stream: not on the loop.
+        feed.watch = await asyncio.to_thread(query.on_snapshot, callback)
+        log.info("firestore.listening", generation=feed.generation, mark=feed.mark)
+        return feed
+
+    async def _first_snapshot(self, feed: _Feed) -> None:
+        """Wait for a listener's first snapshot: it streams. StoreUnavailable if it does not."""
+        try:
+            async with asyncio.timeout(FIRST_SNAPSHOT_TIMEOUT_S):
+                await asyncio.shield(feed.first)
+        except TimeoutError as e:
+            raise StoreUnavailable("the listener sent no first snapshot") from e
+
+    async def _stop_feeds(self, feeds: list[_Feed]) -> None:
+        for feed in list(feeds):
+            self._feeds.remove(feed)
+            if not feed.first.done():
+                feed.first.set_exception(StoreUnavailable("the listener was stopped"))
+                feed.first.exception()  # retrieved: nobody may be waiting for it
+            if feed.watch is not None:
+                # unsubscribe joins the client's threads, which can take a moment.
+                await _blocking(feed.watch.unsubscribe, "unsubscribe")
+            if feed.client is not None:
+                # During an outage unsubscribing is not enough: the stream's thread goes on
+                # re-opening a stream that fails at once, a whole core's worth, until it sees
+                # a non-retryable error. A closed channel is one, so the thread exits.
+                await _blocking(functools.partial(_close_channel, feed.client), "close channel")
+            log.info("firestore.unlistened", generation=feed.generation, pushes=feed.pushes)
 
     def _on_snapshot(
         self, feed: _Feed, loop: asyncio.AbstractEventLoop, docs: Any, changes: Any
     ) -> None:
         """The listener's callback, on the client's thread. Must never raise."""
         try:
-            if not feed.pushed_first:
-                feed.pushed_first = True
-                first = _conversations(d.to_dict() for d in docs)
-                loop.call_soon_threadsafe(self._deliver_first, feed, first)
-            else:
-                batch = [
-                    (change.type.name == "REMOVED", change.document.to_dict()) for change in changes
-                ]
-                loop.call_soon_threadsafe(self._deliver, feed, batch)
+            feed.size = len(docs)
+            batch = [
+                (change.type.name == "REMOVED", change.document.to_dict()) for change in changes
+            ]
+            loop.call_soon_threadsafe(self._deliver, feed, batch)
         except BaseException as e:  # raising here would kill the listener silently
             with contextlib.suppress(BaseException):
                 loop.call_soon_threadsafe(self._feed_failed, feed, repr(e))
 
     def _feed_failed(self, feed: _Feed, error: str) -> None:
-        if feed is self._feed:
+        if feed in self._feeds:
             feed.failed = error
             log.error("firestore.listener_failed", generation=feed.generation, error=error)
 
-    def _deliver_first(self, feed: _Feed, conversations: list[Conversation]) -> None:
-        if feed is not self._feed or self._closed or feed.first.done():
-            return
-        feed.pushes += 1
-        self.reads.listener += len(conversations)
-        feed.first.set_result(conversations)
-
     def _deliver(self, feed: _Feed, batch: list[tuple[bool, dict[str, Any] | None]]) -> None:
         """On the loop: turn one pushed snapshot into Change records for every subscriber."""
-        if feed is not self._feed or self._closed:
+        if feed not in self._feeds or self._closed:
             return
         feed.pushes += 1
         self.reads.listener += sum(1 for removed, _ in batch if not removed)
         changes: list[Change] = []
         for removed, doc in batch:
-            try:
-                conversation = rules.conversation_from_doc(doc or {})
-            except (KeyError, TypeError, ValueError) as e:
-                log.warning("firestore.bad_document", error=repr(e))
-                continue
-            if removed:
-                # With .limit(window) REMOVED means it left the window, not that it is gone.
-                changes.append(Change(conversation, removed=True))
-                continue
-            key = (conversation.id, conversation.updated_at)
-            local = key in self._local
-            if local:
-                del self._local[key]
-            changes.append(Change(conversation, local=local))
+            change = self._change(removed, doc or {})
+            if change is not None:
+                changes.append(change)
         if changes:
             self._subscribers.emit(changes)
+        if not feed.first.done():
+            feed.first.set_result(None)
+
+    def _change(self, removed: bool, doc: dict[str, Any]) -> Change | None:
+        """The Change of one document; None for a malformed one or a version already seen."""
+        try:
+            conversation = rules.conversation_from_doc(doc)
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("firestore.bad_document", error=repr(e))
+            return None
+        if removed:  # deleted (a change never leaves `updated_at > mark`)
+            self._versions.pop(conversation.id, None)
+            return Change(conversation, removed=True)
+        seen = self._versions.get(conversation.id)
+        if seen is not None and seen >= conversation.updated_at:
+            return None  # delivered already, by the listener this one replaces
+        self._versions[conversation.id] = conversation.updated_at
+        self._versions.move_to_end(conversation.id)
+        if len(self._versions) > VERSIONS_KEPT:
+            self._versions.popitem(last=False)
+        key = (conversation.id, conversation.updated_at)
+        local = key in self._local
+        if local:
+            del self._local[key]
+        message, opened = _feed_message(doc, conversation)
+        return Change(conversation, local=local, message=message, new_conversation=opened)
 
     def _remember_local(self, conversation: Conversation) -> None:
         """Remember a version this process writes, so its echo on the feed counts as local.
@@ -427,26 +498,24 @@ class FirestoreStore:
         return query.order_by("last_activity", direction=firestore.Query.DESCENDING).order_by("id")
 
     async def load_window(self, limit: int | None) -> list[Conversation]:
-        """The newest `limit` conversations; for the listener's window, its first snapshot.
+        """The newest `limit` conversations (all with None), read by keyset in chunks.
 
-        Taking the listener's own first snapshot makes the snapshot exactly what the listener
-        sees, with every later change a delta on top of it, and reads the window once.
+        Chunks bound each query (and the memory its response takes while being decoded). A
+        conversation that moves while the chunks are read may come twice, or not at all:
+        the listener, started before, delivers its change, and the snapshot keeps the
+        newest version of each.
         """
-        feed = self._feed
-        if (
-            limit is not None
-            and limit == self.window
-            and feed is not None
-            and not feed.first_taken
-            and feed.failed is None
-        ):
-            feed.first_taken = True
-            try:
-                async with asyncio.timeout(FIRST_SNAPSHOT_TIMEOUT_S):
-                    return await asyncio.shield(feed.first)
-            except TimeoutError as e:
-                raise StoreUnavailable("the listener sent no first snapshot") from e
-        return await self.page_after(None, -1 if limit is None else limit, None)
+        out: list[Conversation] = []
+        after: tuple[int, str] | None = None
+        while limit is None or len(out) < limit:
+            size = LOAD_CHUNK if limit is None else min(LOAD_CHUNK, limit - len(out))
+            snaps = await self._query_after(after, size, None)
+            out.extend(_conversations(s.to_dict() for s in snaps))
+            if len(snaps) < size:
+                break
+            last = snaps[-1]
+            after = (last.get("last_activity"), last.get("id"))
+        return out
 
     async def page_after(
         self, after: tuple[int, str] | None, limit: int, status: str | None
@@ -454,15 +523,22 @@ class FirestoreStore:
         """Conversations after a keyset, newest activity first (limit -1: no limit)."""
         if limit == 0:
             return []
+        snaps = await self._query_after(after, limit, status)
+        return _conversations(s.to_dict() for s in snaps)
+
+    async def _query_after(
+        self, after: tuple[int, str] | None, limit: int, status: str | None
+    ) -> list[Any]:
+        """The documents of a keyset page (limit -1: no limit)."""
         query = self._by_activity(status)
         if after is not None:
             query = query.start_after({"last_activity": after[0], "id": after[1]})
         if limit > 0:
             query = query.limit(limit)
         async with self._guard("page"):
-            snaps = await query.get()
+            snaps: list[Any] = await query.get()
         self.reads.direct += max(1, len(snaps))
-        return _conversations(s.to_dict() for s in snaps)
+        return snaps
 
     async def count(self, status: str | None) -> int:
         """How many conversations (with that status) there are: one aggregation query."""
@@ -589,7 +665,7 @@ class FirestoreStore:
                 profile["created_at"] = now
             self._remember_local(conversation)
             tx.set(user_ref, profile, merge=True)
-            tx.set(conversation_ref, rules.conversation_to_doc(conversation))
+            tx.set(conversation_ref, _with_feed_message(conversation, message, created))
             # create(): a redelivery racing this one fails the commit, never writes twice.
             tx.create(message_ref, rules.message_to_doc(message))
             tx.create(wamid_ref, {"path": message_ref.path})
@@ -635,7 +711,7 @@ class FirestoreStore:
             if take_over:
                 conversation = conversation.with_changes(ai_enabled=False)
             self._remember_local(conversation)
-            tx.set(snap.reference, rules.conversation_to_doc(conversation))
+            tx.set(snap.reference, _with_feed_message(conversation, message, False))
             tx.create(
                 snap.reference.collection(MESSAGES).document(message.id),
                 rules.message_to_doc(message),
@@ -781,7 +857,11 @@ class FirestoreStore:
                 "latest_conversation_id": c.id,
             }
             writes.append((db.collection(USERS).document(user_id), profile, True))
+        now = now_ms()
         for c in conversations:
+            # Written now: the listener (on `updated_at` after its mark) must see it, even
+            # when the imported history's own times are older.
+            c = c.with_changes(updated_at=max(c.updated_at, now))
             self._remember_local(c)
             writes.append(
                 (self._conversation_ref(c.user_id, c.id), rules.conversation_to_doc(c), False)
@@ -863,6 +943,33 @@ def _close_channel(client: Any) -> None:
 def _user_of(path: str) -> str:
     """The user id in a document path under users/{user_id}/..."""
     return path.split("/", 2)[1]
+
+
+def _with_feed_message(
+    conversation: Conversation, message: Message, new_conversation: bool
+) -> dict[str, Any]:
+    """A conversation's document written with a message: the message rides along whole."""
+    doc = rules.conversation_to_doc(conversation)
+    doc["feed_message"] = {
+        "message": rules.message_to_doc(message),
+        "new_conversation": new_conversation,
+    }
+    return doc
+
+
+def _feed_message(doc: dict[str, Any], conversation: Conversation) -> tuple[Message | None, bool]:
+    """The message a conversation's document carries, if it is its latest one."""
+    carried = doc.get("feed_message")
+    last = conversation.last_message
+    if not isinstance(carried, dict) or last is None:
+        return None, False
+    try:
+        message = rules.message_from_doc(carried["message"])
+    except (KeyError, TypeError, ValueError):
+        return None, False
+    if message.id != last.id:
+        return None, False
+    return message, bool(carried.get("new_conversation"))
 
 
 def _conversations(docs: Any) -> list[Conversation]:

@@ -4,9 +4,10 @@ The Firestore client's listener cannot be trusted to look after itself (DESIGN.m
 connection it reconnects in a tight loop that burns a whole core, and errors it does not
 retry close it without telling anyone. So the supervisor
 
-- starts the listener and loads the snapshot from its first snapshot;
+- starts the listener, then loads the snapshot;
 - checks every CHECK_INTERVAL_S that the listener is still streaming and that the store
-  answers a one-document health read;
+  answers a one-document health read, and moves the listener on to a newer start when
+  its result set has grown (the store hands over with no gap);
 - on a failure marks the snapshot stale (pages are still served, with `"stale": true`,
   and /readyz reports degraded), stops the listener so it cannot spin, and probes the store
   with exponential backoff and jitter;
@@ -56,6 +57,13 @@ class ListenedStore(Protocol):
 
     async def unlisten(self) -> None:
         """Stop the listener."""
+
+    @property
+    def needs_advance(self) -> bool:
+        """True when the listener should move on to a newer start (its result set grew)."""
+
+    async def advance(self) -> None:
+        """Replace the listener by one from a newer start, with no gap between the two."""
 
     async def recover(self) -> None:
         """Ping through fresh connections, which replace the old ones once they answer."""
@@ -111,6 +119,8 @@ class ListenerSupervisor:
                 return "the listener stopped"
             try:
                 await self.store.ping()
+                if self.store.needs_advance:
+                    await self.store.advance()
             except StoreError as e:
                 return str(e)
 

@@ -17,7 +17,7 @@ import structlog
 from server.hub import Hub
 from server.inbox import Inbox
 from server.snapshot import Snapshot
-from server.store.base import Change, ChatStore, StoreError
+from server.store.base import Change, ChatStore, Saved, StoreError
 from server.workers.listener import ListenedStore, ListenerSupervisor
 
 log = structlog.get_logger(__name__)
@@ -93,7 +93,6 @@ class Warmer:
         self.snapshot.load(conversations, complete=complete)
         buffered, self._buffer = self._buffer, None
         self.snapshot.apply(buffered)
-        self._check_complete()
         self.loaded.set()
         log.info(
             "snapshot.loaded",
@@ -113,7 +112,6 @@ class Warmer:
             (c, self.snapshot.get(c.conversation.id) is None) for c in changes if not c.local
         ]
         applied = self.snapshot.apply(changes)
-        self._check_complete()
         for change, is_new in foreign:
             self._publish_foreign(change, is_new)
         log.info(
@@ -123,19 +121,14 @@ class Warmer:
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
-    def _check_complete(self) -> None:
-        """A snapshot of a bounded window is complete only while the window is not full.
-
-        The listener holds min(window, all) conversations: below the window it holds all of
-        them; at the window the store may hold more, and pages past the end must read it.
-        """
-        if self.window is not None:
-            self.snapshot.complete = len(self.snapshot) < self.window
-
     def _publish_foreign(self, change: Change, is_new: bool) -> None:
         """Publish a change another instance made (the hub drops what was published here)."""
         conversation = change.conversation
         if change.removed:
+            return
+        if change.message is not None:  # the hub drops it if this instance published it
+            opened = change.new_conversation
+            self.inbox.publish_message(Saved(conversation, change.message, new_conversation=opened))
             return
         last = conversation.last_message
         if last is not None and not self.hub.seen(f"msg:{last.id}"):
