@@ -32,11 +32,11 @@ class Settings:
     db: str = "livechat.db"
     google_cloud_project: str = "livechat-dev"
     firestore_emulator_host: str | None = None
-    # How many of the newest conversations the Firestore listener keeps in memory; pages past
-    # it are read from the store by keyset. The Python client re-sorts the listener's whole
-    # result set on every change, so a larger window makes every write slower
-    # (docs/BENCHMARKS.md, Firestore); 2,000 is about 66 pages of the list.
-    firestore_window: int = 2_000
+    # How many of the newest conversations each instance keeps in memory (about 1 KiB each);
+    # pages past them are read from Firestore by keyset. The window is read once at start
+    # and after an outage (one document read each); the listener follows recent changes
+    # only, so the window does not slow writes. 10,000 is about 330 pages of the list.
+    firestore_window: int = 10_000
     whatsapp_app_secret: str | None = None
     whatsapp_verify_token: str | None = None
     whatsapp_token: str | None = None

@@ -61,7 +61,7 @@ class Page:
     has_more: bool
     total: int
     # True when the page ran past the rows held in memory of a snapshot that holds only
-    # the newest conversations (a bounded listener window): the rest comes from the store.
+    # the newest conversations (a bounded window): the rest comes from the store.
     past_window: bool = False
 
 

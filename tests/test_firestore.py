@@ -87,7 +87,9 @@ async def test_two_instances_share_every_message_and_serve_the_same_pages(make_c
     await wait_until(lambda: _holds(b, 25), within=10)
     stream_b = await SseStream.open(b)
 
-    m = text("hello from instance A's customer", frm="966509999999")
+    # Longer than the list's 140-character preview: B sends it whole, as A did.
+    body = "hello from instance A's customer. " * 10
+    m = text(body, frm="966509999999")
     sent = time.monotonic()
     assert (await post_webhook(a, webhook([m]))).status == 200
     mid = message_id_for_wamid(m["id"])
@@ -95,6 +97,8 @@ async def test_two_instances_share_every_message_and_serve_the_same_pages(make_c
     assert time.monotonic() - sent < 1.0, "A's message took over a second to reach B"
     assert event.id.startswith("b-") and event.name == "new_conversation"
     assert event.data["conversation"]["user_id"] == "966509999999"
+    assert event.data["message"]["text"] == body
+    assert len(event.data["conversation"]["last_message"]["text"]) == 140
     # Exactly once on B, though B also sees later versions of the conversation on its feed.
     later = await stream_b.nothing_for(1.5)
     assert [e for e in later if is_message(mid)(e)] == []
@@ -155,6 +159,89 @@ async def test_pages_past_the_listener_window_are_read_from_the_store_seamlessly
     chats = await all_pages(client, limit=7)
     assert chats[0]["id"] == oldest.id
     assert sorted(c["id"] for c in chats) == sorted(expected)
+
+
+@pytest.mark.firestore
+async def test_the_listener_moves_to_a_newer_start_losing_and_repeating_nothing(
+    firestore_emulator, firestore_project, monkeypatch
+):
+    from server.store import firestore as firestore_module
+    from tests.firestore_emulator import open_firestore_store
+
+    monkeypatch.setattr(firestore_module, "RELISTEN_DOCS", 3)
+    monkeypatch.setattr(firestore_module, "ADVANCE_AFTER_MS", 0)
+    async with open_firestore_store(firestore_emulator, firestore_project) as store:
+        seen: list[tuple[str, int]] = []
+        store.subscribe(
+            lambda changes: seen.extend(
+                (c.conversation.id, c.conversation.updated_at) for c in changes
+            )
+        )
+        written: list[tuple[str, int]] = []
+
+        async def write(i: int) -> None:
+            saved = await store.save_inbound(_inbound(f"wamid.handover.{i}", f"96650000{i:04d}"))
+            written.append((saved.conversation.id, saved.conversation.updated_at))
+
+        for i in range(5):
+            await write(i)
+        await wait_until(lambda: _async(len(seen) >= 5))
+        assert store.needs_advance, "5 conversations changed: more than RELISTEN_DOCS"
+        # Writes keep coming while the new listener takes over from the old one.
+        writer = asyncio.gather(*(write(i) for i in range(5, 15)))
+        with capture_logs() as logs:
+            await store.advance()
+        await writer
+        assert [e["event"] for e in logs].count("firestore.advanced") == 1
+        assert store.listening
+        await wait_until(lambda: _async(set(written) <= set(seen)))
+        await asyncio.sleep(0.5)  # time for a second copy to show up, if there were one
+        assert sorted(seen) == sorted(written), "each change exactly once"
+
+
+@pytest.mark.firestore
+@pytest.mark.parametrize("store_kind", ["firestore"], indirect=True)
+async def test_a_running_server_keeps_its_listener_small(make_client, monkeypatch):
+    from server.store import firestore as firestore_module
+
+    monkeypatch.setattr(firestore_module, "RELISTEN_DOCS", 2)
+    monkeypatch.setattr(firestore_module, "ADVANCE_AFTER_MS", 0)
+    client = await make_client()
+    stream = await SseStream.open(client)
+    with capture_logs() as logs:
+        for i in range(4):
+            m = text(f"message {i}", frm=f"96650000{i:04d}")
+            assert (await post_webhook(client, webhook([m]))).status == 200
+        await wait_until(
+            lambda: _async(any(e["event"] == "firestore.advanced" for e in logs)), within=10
+        )
+    m = text("after the hand-over", frm="966500009999")
+    assert (await post_webhook(client, webhook([m]))).status == 200
+    await stream.until(is_message(message_id_for_wamid(m["id"])), within=5)
+    chats = await wait_until(lambda: _listed(client, 5))
+    assert len(set(chats)) == 5
+    stream.close()
+
+
+async def _listed(client, n: int) -> list[str] | None:
+    ids = await listed_ids(client)
+    return ids if len(ids) == n else None
+
+
+async def _async(value):
+    return value
+
+
+def _inbound(wamid: str, user: str) -> InboundMessage:
+    return InboundMessage(
+        wa_message_id=wamid,
+        user_id=user,
+        user_name="Customer",
+        phone="+" + user,
+        type="text",
+        text="hello",
+        at=now_ms(),
+    )
 
 
 async def _first_is(client, conversation_id: str) -> bool:

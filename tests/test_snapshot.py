@@ -76,6 +76,40 @@ def test_removed_conversations_leave_every_index():
     assert s.page(limit=10, status="resolved").total == 0
 
 
+def test_a_bounded_snapshot_holds_the_newest_window_and_says_it_is_incomplete():
+    s = Snapshot(window=3)
+    s.load([conv(f"c_{i}", 1000 + i) for i in range(5)], complete=True)
+    assert ids(s.page(limit=10)) == ["c_4", "c_3", "c_2"]
+    assert not s.complete and s.page(limit=10).past_window
+
+
+def test_a_load_in_pages_that_saw_a_conversation_twice_keeps_its_newest_version():
+    s = Snapshot()
+    s.load([conv("c_1", 1000, updated=1000), conv("c_2", 1500), conv("c_1", 2000, updated=2000)])
+    assert ids(s.page(limit=10)) == ["c_1", "c_2"] and len(s) == 2
+    assert s.get("c_1").last_activity == 2000
+
+
+def test_a_conversation_moving_into_a_full_window_pushes_the_oldest_out():
+    s = Snapshot(window=3)
+    s.load([conv(f"c_{i}", 1000 + i) for i in range(3)], complete=True)
+    assert s.complete  # the store held no more than the window
+    s.apply([Change(conv("c_new", 5000))])
+    assert ids(s.page(limit=10)) == ["c_new", "c_2", "c_1"]
+    assert not s.complete and s.get("c_0") is None
+
+
+def test_a_change_older_than_a_full_window_is_left_to_the_store():
+    s = Snapshot(window=3)
+    s.load([conv(f"c_{i}", 1000 + i) for i in range(3)], complete=False)
+    # Resolving a conversation far down the list: its page is read from the store.
+    assert s.apply([Change(conv("c_old", 10, status="resolved", updated=9000))]) == 0
+    assert s.get("c_old") is None and len(s) == 3
+    # A change to a row held is applied, in place.
+    assert s.apply([Change(conv("c_1", 1001, status="resolved", updated=9000))]) == 1
+    assert s.page(limit=10, status="resolved").total == 1
+
+
 def test_status_filter_follows_status_changes():
     s = Snapshot()
     s.load([conv("c_1", 1), conv("c_2", 2)])
