@@ -14,8 +14,17 @@ from server.demo import build_demo
 from server.models import now_ms
 from server.store.base import InboundMessage, message_id_for_wamid
 from tests.conftest import STORE_KINDS
+from tests.fakes import graph_settings
 from tests.firestore_emulator import Emulator, require_gcloud
-from tests.webhooks import SseStream, post_webhook, text, wait_until, webhook
+from tests.webhooks import (
+    SseStream,
+    all_messages,
+    post_webhook,
+    status,
+    text,
+    wait_until,
+    webhook,
+)
 
 LIST = "/api/live-chat/unified-chats"
 
@@ -79,9 +88,38 @@ async def test_a_webhook_message_is_listed_and_broadcast_once_on_either_store(cl
 
 @pytest.mark.firestore
 @pytest.mark.parametrize("store_kind", ["firestore"], indirect=True)
-async def test_two_instances_share_every_message_and_serve_the_same_pages(make_client):
-    a = await make_client(instance_id="a")
-    b = await make_client(instance_id="b")
+async def test_a_message_whose_commit_answer_was_lost_still_reaches_the_dashboards(
+    client, monkeypatch
+):
+    from server.store.base import StoreUnavailable
+    from server.store.firestore import FirestoreStore
+
+    committed = FirestoreStore._transact_once
+
+    async def lost_answer(self, what, fn):
+        await committed(self, what, fn)  # it lands in Firestore...
+        raise StoreUnavailable(f"firestore did not answer ({what})")  # ...the answer does not
+
+    stream = await SseStream.open(client)
+    m = text("did this arrive?")
+    monkeypatch.setattr(FirestoreStore, "_transact_once", lost_answer)
+    assert (await post_webhook(client, webhook([m]))).status == 503  # Meta will redeliver
+    monkeypatch.undo()
+    mid = message_id_for_wamid(m["id"])
+    event, _ = await stream.until(is_message(mid), within=5)
+    assert event.data["message"]["text"] == "did this arrive?"
+    # Meta's redelivery is a duplicate: stored once, announced once.
+    assert (await post_webhook(client, webhook([m]))).status == 200
+    assert [e for e in await stream.nothing_for(1.0) if is_message(mid)(e)] == []
+    assert len(await listed_ids(client)) == 1
+    stream.close()
+
+
+@pytest.mark.firestore
+@pytest.mark.parametrize("store_kind", ["firestore"], indirect=True)
+async def test_two_instances_share_every_message_and_serve_the_same_pages(make_client, graph):
+    a = await make_client(instance_id="a", **graph_settings(graph))
+    b = await make_client(instance_id="b", **graph_settings(graph))
     conversations, messages = build_demo(25)
     await a.app[keys.STORE].import_conversations(conversations, messages)
     await wait_until(lambda: _holds(b, 25), within=10)
@@ -102,6 +140,23 @@ async def test_two_instances_share_every_message_and_serve_the_same_pages(make_c
     # Exactly once on B, though B also sees later versions of the conversation on its feed.
     later = await stream_b.nothing_for(1.5)
     assert [e for e in later if is_message(mid)(e)] == []
+
+    # An agent answers on A; B's dashboards see the reply and its ticks, sent then read.
+    cid = event.data["conversation"]["id"]
+    resp = await a.post(f"/api/live-chat/conversations/{cid}/messages", json={"text": "Hi!"})
+    assert resp.status == 201
+    reply_id = (await resp.json())["id"]
+    await stream_b.until(is_message(reply_id), within=5)
+    sent, _ = await stream_b.until(
+        lambda e: e.name == "message_status" and e.data["message_id"] == reply_id, within=5
+    )
+    assert sent.data["status"] == "sent"
+    [wamid] = [m["wa_message_id"] for m in await all_messages(a, cid) if m["id"] == reply_id]
+    assert (await post_webhook(a, webhook(statuses=[status(wamid, "read")]))).status == 200
+    read, _ = await stream_b.until(
+        lambda e: e.name == "message_status" and e.data["status"] == "read", within=5
+    )
+    assert read.data["message_id"] == reply_id
 
     await wait_until(lambda: _holds(a, 26))
     pages_a = await all_pages(a)
@@ -131,15 +186,15 @@ async def test_pages_past_the_listener_window_are_read_from_the_store_seamlessly
     assert sources[0] == "snapshot" and "store" in sources
     assert not snapshot.complete
     # Filters cross the boundary too.
-    for status in ("open", "resolved"):
+    for wanted in ("open", "resolved"):
         want = [
             c.id
             for c in sorted(conversations, key=lambda c: (-c.last_activity, c.id))
-            if c.status == status
+            if c.status == wanted
         ]
-        got = await all_pages(client, limit=4, status=status)
+        got = await all_pages(client, limit=4, status=wanted)
         assert [c["id"] for c in got] == want
-        assert all(c["status"] == status for c in got)
+        assert all(c["status"] == wanted for c in got)
     # An old conversation that gets a message moves into the window, another one leaves it.
     oldest = next(c for c in conversations if c.id == expected[-1])
     await client.app[keys.STORE].update_conversation(oldest.id, status="open")

@@ -16,10 +16,11 @@ Data model (DESIGN.md "Stores"):
   fails even if the customer's conversation changed in between), and it finds the message a
   WhatsApp status names without a collection-group index on `wa_message_id`.
 
-A conversation document written with a message also holds that message whole in
-`feed_message` (`{"message": ..., "new_conversation": ...}`; the summary keeps only a
-140-character preview): another instance that sees the change on its listener sends its
-SSE clients the very event the writer sent, without reading the message.
+A conversation document written with a message, or with a new delivery status of its
+latest message, also holds that message whole in `feed_message` (`{"message": ...,
+"new_conversation": ...}`; the summary keeps only a 140-character preview): another
+instance that sees the change on its listener sends its SSE clients the very event the
+writer sent (`new_message`, `message_status`), without reading the message.
 
 Reads and writes use the AsyncClient; the window of newest conversations is read once by
 keyset (in chunks). The change feed is a collection-group listener on the sync Client (the
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import os
 import random
@@ -41,6 +43,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -99,6 +102,9 @@ RELISTEN_DOCS: Final = 1_000
 ADVANCE_AFTER_MS: Final = 3 * MARK_MARGIN_MS
 # The window is loaded by keyset in chunks of this many documents.
 LOAD_CHUNK: Final = 1_000
+# Echoes of local writes kept: enough for every write that can still be waiting for its
+# commit's answer (OP_TIMEOUT_S at the highest write rates).
+ECHOES_KEPT: Final = 10_000
 # Versions remembered to drop a change delivered twice (by two listeners in a hand-over).
 VERSIONS_KEPT: Final = 100_000
 # Stopping a listener normally takes well under a second (the library waits up to 1 s for
@@ -125,6 +131,9 @@ LOCK_STRIPES: Final = 256
 PATHS_CACHED: Final = 20_000
 # A transaction aborted by contention (or a lock timeout) is run again, at most this often.
 TRANSACTION_ATTEMPTS: Final = 3
+
+# The versions marked local by the transaction running in this task (see _transact).
+_MARKS: ContextVar[list[tuple[str, int]] | None] = ContextVar("firestore_marks", default=None)
 
 _UNAVAILABLE: Final = (
     gexc.ServiceUnavailable,
@@ -193,6 +202,8 @@ class FirestoreStore:
         # delivered by two listeners during a hand-over reaches the subscribers once.
         self._versions: OrderedDict[str, int] = OrderedDict()
         self._local: OrderedDict[tuple[str, int], None] = OrderedDict()
+        # The latest echoes of local writes, in case their write fails after all (_unmark).
+        self._echoed: OrderedDict[tuple[str, int], Change] = OrderedDict()
         self._paths: OrderedDict[str, str] = OrderedDict()
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._closed = False
@@ -287,7 +298,24 @@ class FirestoreStore:
             raise StoreError(f"firestore refused {what}: {type(e).__name__}") from e
 
     async def _transact(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """Run `fn(transaction)` in a transaction; run it again when contention aborts it."""
+        """Run `fn(transaction)` in a transaction; run it again when contention aborts it.
+
+        When it fails, the versions it marked local are forgotten: a commit that timed out
+        here may still have landed, and its echo on the feed must then be published like
+        another instance's change, or no dashboard would hear of it (the caller publishes
+        only what it saved, and the webhook's redelivery is a duplicate).
+        """
+        marks: list[tuple[str, int]] = []
+        token = _MARKS.set(marks)
+        try:
+            return await self._transact_once(what, fn)
+        except BaseException:
+            self._unmark(marks)
+            raise
+        finally:
+            _MARKS.reset(token)
+
+    async def _transact_once(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
         async with self._guard(what):
             for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
                 try:
@@ -473,10 +501,31 @@ class FirestoreStore:
             self._versions.popitem(last=False)
         key = (conversation.id, conversation.updated_at)
         local = key in self._local
+        message, opened = _feed_message(doc, conversation)
+        change = Change(conversation, local=local, message=message, new_conversation=opened)
         if local:
             del self._local[key]
-        message, opened = _feed_message(doc, conversation)
-        return Change(conversation, local=local, message=message, new_conversation=opened)
+            self._echoed[key] = change
+            if len(self._echoed) > ECHOES_KEPT:
+                self._echoed.popitem(last=False)
+        return change
+
+    def _unmark(self, marks: list[tuple[str, int]]) -> None:
+        """A write failed here, though it may have landed: its echo is nobody's to publish.
+
+        An echo still to come will count as another instance's change (published by the
+        warmer); one that already came as local is delivered again, as not local.
+        """
+        again: list[Change] = []
+        for key in marks:
+            if key in self._local:  # its echo has not come yet
+                del self._local[key]
+                continue
+            echoed = self._echoed.pop(key, None)
+            if echoed is not None:
+                again.append(dataclasses.replace(echoed, local=False))
+        if again and not self._closed:
+            self._subscribers.emit(again)
 
     def _remember_local(self, conversation: Conversation) -> None:
         """Remember a version this process writes, so its echo on the feed counts as local.
@@ -485,7 +534,11 @@ class FirestoreStore:
         and each write reads the previous version in its transaction), so two instances
         never write the same (id, updated_at): the pair names this process's write exactly.
         """
-        self._local[(conversation.id, conversation.updated_at)] = None
+        key = (conversation.id, conversation.updated_at)
+        self._local[key] = None
+        marks = _MARKS.get()
+        if marks is not None:
+            marks.append(key)
         while len(self._local) > LOCAL_WRITES:
             self._local.popitem(last=False)
 
@@ -751,7 +804,9 @@ class FirestoreStore:
             tx.set(wamid_ref, {"path": message_snap.reference.path})
         if after is not conversation:
             self._remember_local(after)
-            tx.set(conversation_ref, rules.conversation_to_doc(after))
+            # Its latest message changed: the document carries it, error included, so
+            # other instances can show the new ticks in an open conversation too.
+            tx.set(conversation_ref, _with_feed_message(after, updated, False))
         return StatusChange(after, updated)
 
     async def set_delivery(

@@ -17,7 +17,7 @@ import structlog
 from server.hub import Hub
 from server.inbox import Inbox
 from server.snapshot import Snapshot
-from server.store.base import Change, ChatStore, Saved, StoreError
+from server.store.base import Change, ChatStore, Saved, StatusChange, StoreError
 from server.workers.listener import ListenedStore, ListenerSupervisor
 
 log = structlog.get_logger(__name__)
@@ -126,9 +126,17 @@ class Warmer:
         conversation = change.conversation
         if change.removed:
             return
-        if change.message is not None:  # the hub drops it if this instance published it
-            opened = change.new_conversation
-            self.inbox.publish_message(Saved(conversation, change.message, new_conversation=opened))
+        message = change.message
+        if message is not None:
+            if not self.hub.seen(f"msg:{message.id}"):
+                opened = change.new_conversation
+                self.inbox.publish_message(Saved(conversation, message, new_conversation=opened))
+                return
+            if message.direction == "out":
+                # A reply's delivery progress (sent, delivered, read, failed with its error),
+                # recorded by the instance that sent it or got WhatsApp's status webhook.
+                self.inbox.publish_status(StatusChange(conversation, message))
+            self.inbox.publish_conversation(conversation)
             return
         last = conversation.last_message
         if last is not None and not self.hub.seen(f"msg:{last.id}"):
