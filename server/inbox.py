@@ -6,7 +6,7 @@ Save first (durable), publish at once (every open dashboard sees it), then the s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -132,13 +132,36 @@ class Inbox:
 
     async def receive(self, inbound: InboundMessage) -> Saved | None:
         """A customer's message: save, broadcast, then ask the AI. None for a duplicate."""
-        saved = await self.store.save_inbound(inbound)
-        if saved is None:
-            return None
-        self.publish_message(saved)
-        if saved.conversation.ai_enabled and self.ai_reply is not None:
-            await self._spawn(self.ai_reply(saved.conversation.id, saved.message.id))
+        [saved] = await self.receive_all([inbound])
         return saved
+
+    async def receive_all(self, inbounds: Sequence[InboundMessage]) -> list[Saved | None]:
+        """Customers' messages of one delivery: each saved and broadcast at once, in order;
+        then one AI job per conversation, for its last message, which sees them all (a
+        customer's burst in one webhook gets one answer). None for each duplicate."""
+        results: list[Saved | None] = []
+        try:
+            for inbound in inbounds:
+                saved = await self.store.save_inbound(inbound)
+                if saved is not None:
+                    self.publish_message(saved)
+                results.append(saved)
+        finally:
+            # Also when a later message could not be saved: Meta redelivers the whole
+            # delivery then, and the messages stored already come back as duplicates.
+            await self._ask_ai(results)
+        return results
+
+    async def _ask_ai(self, results: Sequence[Saved | None]) -> None:
+        if self.ai_reply is None:
+            return
+        last: dict[str, Saved] = {}
+        for saved in results:
+            if saved is not None:
+                last[saved.conversation.id] = saved
+        for saved in last.values():
+            if saved.conversation.ai_enabled:
+                await self._spawn(self.ai_reply(saved.conversation.id, saved.message.id))
 
     async def apply_status(
         self, wa_message_id: str, status: str, error: MessageError | None

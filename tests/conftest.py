@@ -25,6 +25,21 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STORE_KINDS = ["sqlite", pytest.param("firestore", marks=pytest.mark.firestore)]
 
 
+# The realtime behaviour (webhook, SSE, replies, AI) must hold on both stores: the tests of
+# these modules that run an app run on each, unless they choose their store themselves.
+BOTH_STORES = frozenset({"test_webhook", "test_events", "test_agent_reply", "test_ai_replies"})
+
+
+def pytest_generate_tests(metafunc) -> None:
+    module = metafunc.module.__name__.rpartition(".")[2]
+    if module not in BOTH_STORES or "store_kind" not in metafunc.fixturenames:
+        return
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        if "store_kind" in marker.args[0]:
+            return
+    metafunc.parametrize("store_kind", STORE_KINDS, indirect=True)
+
+
 @pytest.fixture
 def store_kind(request) -> str:
     """The store the test app runs on: SQLite unless a test is parametrized with STORE_KINDS."""

@@ -56,10 +56,7 @@ async def receive(request: web.Request) -> web.StreamResponse:
         log.warning("webhook.malformed", reason=reason, body_bytes=len(raw))
         return json_error(HTTPStatus.BAD_REQUEST, "invalid_webhook", reason)
     inbox = request.app[keys.INBOX]
-    duplicates = 0
-    for message in parsed.messages:
-        if await inbox.receive(message) is None:
-            duplicates += 1
+    duplicates = (await inbox.receive_all(parsed.messages)).count(None)
     applied = 0
     for status in parsed.statuses:
         if await inbox.apply_status(status.wa_message_id, status.status, status.error):

@@ -42,7 +42,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -133,7 +133,7 @@ PATHS_CACHED: Final = 20_000
 TRANSACTION_ATTEMPTS: Final = 3
 
 # The versions marked local by the transaction running in this task (see _transact).
-_MARKS: ContextVar[list[tuple[str, int]] | None] = ContextVar("firestore_marks", default=None)
+_MARKS: ContextVar[list[Conversation] | None] = ContextVar("firestore_marks", default=None)
 
 _UNAVAILABLE: Final = (
     gexc.ServiceUnavailable,
@@ -300,20 +300,26 @@ class FirestoreStore:
     async def _transact(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run `fn(transaction)` in a transaction; run it again when contention aborts it.
 
-        When it fails, the versions it marked local are forgotten: a commit that timed out
-        here may still have landed, and its echo on the feed must then be published like
-        another instance's change, or no dashboard would hear of it (the caller publishes
-        only what it saved, and the webhook's redelivery is a duplicate).
+        Once it commits, the conversations it wrote are on the change feed before this
+        returns, as with SQLite: a list read right after a write sees it (the listener's
+        echo, ~150 ms later, is then dropped as a version already delivered). When it
+        fails, the versions it marked local are forgotten: a commit that timed out here may
+        still have landed, and its echo must then be published like another instance's
+        change, or no dashboard would hear of it (the caller publishes only what it saved,
+        and the webhook's redelivery is a duplicate).
         """
-        marks: list[tuple[str, int]] = []
-        token = _MARKS.set(marks)
+        marked: list[Conversation] = []
+        token = _MARKS.set(marked)
         try:
-            return await self._transact_once(what, fn)
+            result = await self._transact_once(what, fn)
         except BaseException:
-            self._unmark(marks)
+            self._unmark([(c.id, c.updated_at) for c in marked])
             raise
         finally:
             _MARKS.reset(token)
+        # A transaction function may have run more than once: its last run committed.
+        self._committed({c.id: c for c in marked}.values())
+        return result
 
     async def _transact_once(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
         async with self._guard(what):
@@ -492,13 +498,8 @@ class FirestoreStore:
         if removed:  # deleted (a change never leaves `updated_at > mark`)
             self._versions.pop(conversation.id, None)
             return Change(conversation, removed=True)
-        seen = self._versions.get(conversation.id)
-        if seen is not None and seen >= conversation.updated_at:
-            return None  # delivered already, by the listener this one replaces
-        self._versions[conversation.id] = conversation.updated_at
-        self._versions.move_to_end(conversation.id)
-        if len(self._versions) > VERSIONS_KEPT:
-            self._versions.popitem(last=False)
+        if not self._first_delivery(conversation):
+            return None  # delivered already: by this process's commit, or another listener
         key = (conversation.id, conversation.updated_at)
         local = key in self._local
         message, opened = _feed_message(doc, conversation)
@@ -509,6 +510,27 @@ class FirestoreStore:
             if len(self._echoed) > ECHOES_KEPT:
                 self._echoed.popitem(last=False)
         return change
+
+    def _first_delivery(self, conversation: Conversation) -> bool:
+        """Record that this version reached the feed; False if it (or a newer one) had."""
+        seen = self._versions.get(conversation.id)
+        if seen is not None and seen >= conversation.updated_at:
+            return False
+        self._versions[conversation.id] = conversation.updated_at
+        self._versions.move_to_end(conversation.id)
+        if len(self._versions) > VERSIONS_KEPT:
+            self._versions.popitem(last=False)
+        return True
+
+    def _committed(self, conversations: Iterable[Conversation]) -> None:
+        """Put this process's committed writes on the feed at once (their echo comes later)."""
+        changes = []
+        for conversation in conversations:
+            self._local.pop((conversation.id, conversation.updated_at), None)
+            if self._first_delivery(conversation):  # unless its echo was quicker
+                changes.append(Change(conversation, local=True))
+        if changes and not self._closed:
+            self._subscribers.emit(changes)
 
     def _unmark(self, marks: list[tuple[str, int]]) -> None:
         """A write failed here, though it may have landed: its echo is nobody's to publish.
@@ -534,11 +556,10 @@ class FirestoreStore:
         and each write reads the previous version in its transaction), so two instances
         never write the same (id, updated_at): the pair names this process's write exactly.
         """
-        key = (conversation.id, conversation.updated_at)
-        self._local[key] = None
-        marks = _MARKS.get()
-        if marks is not None:
-            marks.append(key)
+        self._local[(conversation.id, conversation.updated_at)] = None
+        marked = _MARKS.get()
+        if marked is not None:
+            marked.append(conversation)
         while len(self._local) > LOCAL_WRITES:
             self._local.popitem(last=False)
 
@@ -913,10 +934,10 @@ class FirestoreStore:
             }
             writes.append((db.collection(USERS).document(user_id), profile, True))
         now = now_ms()
-        for c in conversations:
-            # Written now: the listener (on `updated_at` after its mark) must see it, even
-            # when the imported history's own times are older.
-            c = c.with_changes(updated_at=max(c.updated_at, now))
+        # Written now: another instance's listener (on `updated_at` after its mark) must
+        # see them, even when the imported history's own times are older.
+        stamped = [c.with_changes(updated_at=max(c.updated_at, now)) for c in conversations]
+        for c in stamped:
             self._remember_local(c)
             writes.append(
                 (self._conversation_ref(c.user_id, c.id), rules.conversation_to_doc(c), False)
@@ -942,6 +963,7 @@ class FirestoreStore:
         await asyncio.gather(
             *(commit(writes[i : i + BATCH_WRITES]) for i in range(0, len(writes), BATCH_WRITES))
         )
+        self._committed(stamped)
         log.info(
             "firestore.imported",
             conversations=len(conversations),
