@@ -144,7 +144,10 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
     if responder is not None:
         inbox.ai_reply = AiReplies(store, inbox, responder, settings).run
     app[keys.INBOX] = inbox
-    yield
+    try:
+        yield
+    finally:
+        inbox.close()  # before the jobs drain: statuses still waiting give up at once
 
 
 async def _warmer(app: web.Application) -> AsyncIterator[None]:

@@ -6,9 +6,11 @@ Save first (durable), publish at once (every open dashboard sees it), then the s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 
@@ -21,10 +23,18 @@ from server.store.base import (
     Saved,
     StatusChange,
     StoreError,
+    UnknownMessage,
     Unset,
 )
 
 log = structlog.get_logger(__name__)
+
+# When a status names a message not stored yet, it is tried again after each of these
+# delays (about 7.5 s in all): long enough for a slow send's answer to be stored.
+LATE_STATUS_DELAYS_S: Final = (0.5, 1.0, 2.0, 4.0)
+# At most this many statuses wait at once: statuses of messages this server never sent (the
+# business's phone app, another tool) must not crowd the AI jobs out of the scheduler.
+LATE_STATUSES_WAITING: Final = 50
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,6 +85,13 @@ class Inbox:
         self._spawn = spawn
         self.sender = sender
         self.ai_reply = ai_reply
+        # Statuses waiting in the background for their message to be stored.
+        self._late_statuses = 0
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """Shutting down: background waits that can be dropped end now."""
+        self._closing.set()
 
     def publish_message(self, saved: Saved) -> None:
         """Broadcast a stored message once (its id dedupes the change feed's copy)."""
@@ -166,11 +183,59 @@ class Inbox:
     async def apply_status(
         self, wa_message_id: str, status: str, error: MessageError | None
     ) -> StatusChange | None:
-        """A WhatsApp delivery status; broadcast when it moved the message forward."""
-        change = await self.store.apply_status(wa_message_id, status, error)
+        """A WhatsApp delivery status; broadcast when it moved the message forward.
+
+        A status for a message not stored (yet) is tried again in the background: it can
+        overtake the answer of the send that stores the message's WhatsApp id (another
+        instance may be sending it).
+        """
+        try:
+            change = await self.store.apply_status(wa_message_id, status, error)
+        except UnknownMessage:
+            if self._late_statuses < LATE_STATUSES_WAITING:
+                self._late_statuses += 1  # given back by the job when it ends
+                try:
+                    await self._spawn(self._apply_status_later(wa_message_id, status, error))
+                except BaseException:
+                    self._late_statuses -= 1
+                    raise
+            else:
+                log.info("status.unmatched", wa_message_id=wa_message_id, status=status)
+            return None
         if change is not None:
             self.publish_status(change)
         return change
+
+    async def _apply_status_later(
+        self, wa_message_id: str, status: str, error: MessageError | None
+    ) -> None:
+        try:
+            await self._retry_status(wa_message_id, status, error)
+        finally:
+            self._late_statuses -= 1
+
+    async def _retry_status(
+        self, wa_message_id: str, status: str, error: MessageError | None
+    ) -> None:
+        for delay in LATE_STATUS_DELAYS_S:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+            if self._closing.is_set():
+                log.info("status.dropped", wa_message_id=wa_message_id, reason="shutting down")
+                return  # the delivery was answered 200: Meta will not send it again
+            try:
+                change = await self.store.apply_status(wa_message_id, status, error)
+            except UnknownMessage:
+                continue
+            except StoreError as e:
+                log.warning("status.retry_failed", wa_message_id=wa_message_id, error=str(e))
+                return
+            if change is not None:
+                self.publish_status(change)
+            log.info("status.applied_late", wa_message_id=wa_message_id, status=status)
+            return
+        # A message this server never sent (the business's phone app, another tool).
+        log.info("status.unmatched", wa_message_id=wa_message_id, status=status)
 
     async def reply(
         self, conversation_id: str, text: str, *, sender: str, agent_id: str | None = None

@@ -7,7 +7,14 @@ import asyncio
 import pytest
 
 from server.models import Media, MessageError, now_ms
-from server.store.base import AiDisabled, Change, InboundMessage, NotFound, message_id_for_wamid
+from server.store.base import (
+    AiDisabled,
+    Change,
+    InboundMessage,
+    NotFound,
+    UnknownMessage,
+    message_id_for_wamid,
+)
 
 
 def inbound(wamid: str, user: str = "966500000001", at: int | None = None, **kw) -> InboundMessage:
@@ -122,7 +129,8 @@ async def test_delivery_statuses_only_move_forward(store):
     assert read.message.status == "read"
     # "delivered" arriving after "read" is late news: ignored.
     assert await store.apply_status("wamid.OUT1", "delivered", None) is None
-    assert await store.apply_status("wamid.unknown", "read", None) is None
+    with pytest.raises(UnknownMessage):
+        await store.apply_status("wamid.unknown", "read", None)
     messages, _ = await store.list_messages(s.conversation.id, 10, None)
     assert messages[-1].status == "read"
 

@@ -7,6 +7,7 @@ import json
 import pytest
 from structlog.testing import capture_logs
 
+from server import keys
 from server.integrations.whatsapp_webhook import ParseError, parse_payload
 from tests.conftest import APP_SECRET
 from tests.fakes import graph_settings
@@ -253,6 +254,26 @@ async def test_a_status_never_moves_a_message_backwards(make_client, graph):
         assert (await post_webhook(client, webhook(statuses=[status(wa_id, value)]))).status == 200
     [stored] = [m for m in await all_messages(client, conversation["id"]) if m["id"] == message_id]
     assert stored["status"] == "read"
+
+
+async def test_a_status_that_overtakes_its_send_is_applied_once_the_send_is_stored(client):
+    await post_webhook(client, webhook([text("hello")]))
+    conversation = await conversation_of(client)
+    store = client.app[keys.STORE]
+    # A reply is being sent (here: by another instance); WhatsApp's "delivered" arrives
+    # before the send's answer has stored the message's WhatsApp id.
+    out = await store.save_outbound(conversation["id"], sender="agent", text="on its way")
+    stream = await SseStream.open(client)
+    body = webhook(statuses=[status("wamid.OVERTAKEN", "delivered")])
+    assert (await post_webhook(client, body)).status == 200
+    await store.set_delivery(out.message.id, status="sent", wa_message_id="wamid.OVERTAKEN")
+    event, _ = await stream.until(
+        lambda e: e.name == "message_status" and e.data["status"] == "delivered", within=5
+    )
+    assert event.data["message_id"] == out.message.id
+    messages = await all_messages(client, conversation["id"])
+    assert [m["status"] for m in messages if m["id"] == out.message.id] == ["delivered"]
+    stream.close()
 
 
 async def test_statuses_for_unknown_messages_and_unknown_values_are_ignored(client):

@@ -19,6 +19,11 @@ class NotFound(StoreError):
     """No such conversation or message."""
 
 
+class UnknownMessage(NotFound):
+    """No stored message carries this WhatsApp message id (or not yet: a status can arrive
+    before the send's answer has stored the id)."""
+
+
 class AiDisabled(StoreError):
     """An AI reply to a conversation an agent has taken over: it is not stored."""
 
@@ -178,7 +183,8 @@ class ChatStore(Protocol):
     async def apply_status(
         self, wa_message_id: str, status: str, error: MessageError | None
     ) -> StatusChange | None:
-        """Apply a WhatsApp status; None when unknown or not newer than what is stored."""
+        """Apply a WhatsApp status; None when not newer than what is stored, UnknownMessage
+        when no stored message carries that id."""
 
     async def update_conversation(
         self,

@@ -66,6 +66,7 @@ from server.store.base import (
     StatusChange,
     StoreError,
     StoreUnavailable,
+    UnknownMessage,
     Unset,
     message_id_for_wamid,
 )
@@ -878,7 +879,7 @@ class FirestoreStore:
         self.reads.direct += 1
         path = pointer.get("path") if pointer.exists else None
         if not path:
-            return None
+            raise UnknownMessage(f"no message with WhatsApp id {wa_message_id!r}")
         return await self._set_status(path, status, None, error)
 
     async def update_conversation(

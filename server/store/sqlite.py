@@ -28,6 +28,7 @@ from server.store.base import (
     Saved,
     StatusChange,
     StoreUnavailable,
+    UnknownMessage,
     Unset,
 )
 
@@ -425,12 +426,14 @@ class SqliteStore:
         self, wa_message_id: str, status: str, error: MessageError | None
     ) -> StatusChange | None:
         """Apply a WhatsApp status to the outbound message it names."""
-        return await self._write(
-            lambda: self._deliver(
-                self._message("wa_message_id", wa_message_id), status, None, error
-            ),
-            self._status_changes,
-        )
+
+        def write() -> StatusChange | None:
+            message = self._message("wa_message_id", wa_message_id)
+            if message is None:
+                raise UnknownMessage(f"no message with WhatsApp id {wa_message_id!r}")
+            return self._deliver(message, status, None, error)
+
+        return await self._write(write, self._status_changes)
 
     async def update_conversation(
         self,
