@@ -104,23 +104,6 @@ class Inbox:
             user_id=saved.conversation.user_id,
         )
 
-    def publish_feed_message(self, conversation: Conversation, *, is_new: bool) -> None:
-        """Broadcast a message another instance stored, as its summary on the feed shows it."""
-        last = conversation.last_message
-        if last is None:
-            return
-        message = Message(
-            id=last.id,
-            conversation_id=conversation.id,
-            direction=last.direction,
-            sender=last.sender,
-            type=last.type,
-            text=last.text,
-            at=last.at,
-            status=last.status,
-        )
-        self.publish_message(Saved(conversation, message, new_conversation=is_new))
-
     def publish_conversation(self, conversation: Conversation) -> None:
         """Broadcast a changed conversation summary (read, status, AI switch, assignee)."""
         self.hub.publish(

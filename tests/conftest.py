@@ -98,8 +98,8 @@ async def client(make_client) -> TestClient:
 async def store(request, tmp_path):
     """A started, empty store of each kind; the contract suite runs on every one.
 
-    Firestore's feed is a listener that sees a commit about 150 ms after it: the store comes
-    listening, wrapped so that each write returns once its change is on the feed.
+    Firestore's comes listening: its own commits are on the feed when a write returns, as
+    with SQLite; the listener brings other instances' writes.
     """
     if request.param == "firestore":
         from tests.firestore_emulator import open_firestore_store

@@ -11,7 +11,6 @@ running. So the emulator runs in its own process group and the whole group is st
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import json
@@ -188,76 +187,6 @@ def firestore_project(firestore_emulator) -> Iterator[str]:
         pass  # a test that stopped the emulator on purpose has nothing left to wipe
 
 
-# A commit reaches the listener in about 150 ms on the emulator; this only bounds a hang.
-FEED_WAIT_S = 10.0
-
-
-class SettledStore:
-    """A Firestore store whose writes return once their change has arrived on the feed.
-
-    The contract suite checks the feed right after a write, which an in-process feed
-    (SQLite) satisfies at once and a listener only ~150 ms later. The contract is that every
-    commit appears on the feed: this waits for exactly that, and fails if it never comes.
-    """
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-        self._seen: set[tuple[str, int]] = set()
-        self._changed = asyncio.Event()
-        store.subscribe(self._on_changes)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    def _on_changes(self, changes) -> None:
-        for change in changes:
-            if not change.removed:
-                self._seen.add((change.conversation.id, change.conversation.updated_at))
-        self._changed.set()
-
-    async def settle(self, conversation) -> None:
-        """Wait until this version of the conversation was on the feed."""
-        key = (conversation.id, conversation.updated_at)
-
-        async def wait() -> None:
-            while key not in self._seen:
-                self._changed.clear()
-                await self._changed.wait()
-
-        try:
-            await asyncio.wait_for(wait(), FEED_WAIT_S)
-        except TimeoutError:
-            raise AssertionError(f"the write of {key} never reached the change feed") from None
-
-    async def save_inbound(self, *args, **kwargs):
-        saved = await self._store.save_inbound(*args, **kwargs)
-        if saved is not None:
-            await self.settle(saved.conversation)
-        return saved
-
-    async def save_outbound(self, *args, **kwargs):
-        saved = await self._store.save_outbound(*args, **kwargs)
-        await self.settle(saved.conversation)
-        return saved
-
-    async def set_delivery(self, *args, **kwargs):
-        change = await self._store.set_delivery(*args, **kwargs)
-        if change is not None:
-            await self.settle(change.conversation)
-        return change
-
-    async def apply_status(self, *args, **kwargs):
-        change = await self._store.apply_status(*args, **kwargs)
-        if change is not None:
-            await self.settle(change.conversation)
-        return change
-
-    async def update_conversation(self, *args, **kwargs):
-        conversation = await self._store.update_conversation(*args, **kwargs)
-        await self.settle(conversation)
-        return conversation
-
-
 def firestore_settings(emulator: Emulator, project: str, **overrides: Any):
     """Settings for a FirestoreStore on the emulator."""
     from server.config import Settings
@@ -274,13 +203,13 @@ def firestore_settings(emulator: Emulator, project: str, **overrides: Any):
 async def open_firestore_store(
     emulator: Emulator, project: str, **overrides: Any
 ) -> AsyncIterator[Any]:
-    """A started FirestoreStore that listens (streaming already), settled, closed after."""
+    """A started FirestoreStore that listens (streaming already), closed after."""
     from server.store.firestore import FirestoreStore
 
     store = FirestoreStore(firestore_settings(emulator, project, **overrides))
     await store.start()
     try:
         await store.listen()
-        yield SettledStore(store)
+        yield store
     finally:
         await store.close()

@@ -158,6 +158,18 @@ async def test_two_instances_share_every_message_and_serve_the_same_pages(make_c
     )
     assert read.data["message_id"] == reply_id
 
+    # A burst of one customer's messages in one delivery: A writes them back to back, B's
+    # listener may merge them into one change; B's dashboards still get every one, once.
+    burst = [text(f"part {i} of my question", frm="966509999999") for i in range(3)]
+    assert (await post_webhook(a, webhook(burst))).status == 200
+    for m in burst:
+        got, _ = await stream_b.until(is_message(message_id_for_wamid(m["id"])), within=5)
+        assert got.data["message"]["text"] == m["text"]["body"]
+    later = await stream_b.nothing_for(1.0)
+    assert not [
+        e for e in later if any(is_message(message_id_for_wamid(m["id"]))(e) for m in burst)
+    ]
+
     await wait_until(lambda: _holds(a, 26))
     pages_a = await all_pages(a)
     pages_b = await all_pages(b)

@@ -8,7 +8,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import structlog
+
 from server.models import Conversation, Media, Message, MessageError
+
+log = structlog.get_logger(__name__)
 
 
 class StoreError(Exception):
@@ -71,16 +75,24 @@ class Change:
 
     `removed` means the conversation was deleted, so the snapshot must drop it. `local`
     means this process made the write and has published its event already; other changes
-    came from elsewhere (another instance) and the warmer publishes them. `message` is the
-    whole message the write stored, when the feed carries it (the summary holds only a
-    preview of its text), and `new_conversation` whether that message opened the
-    conversation: another instance's SSE clients then get the very event its writer sent.
+    came from elsewhere (another instance) and the warmer publishes them. `messages` are
+    the messages written (or given a new delivery status) since the version this process
+    saw before, whole (the summary holds only a preview of the latest), when the feed
+    carries them: this instance's SSE clients then get the very events the writer sent.
     """
 
     conversation: Conversation
     removed: bool = False
     local: bool = False
-    message: Message | None = None
+    messages: tuple[FeedMessage, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class FeedMessage:
+    """A message a change carries: new (`new_conversation` if it opened the conversation),
+    or already known with a new delivery status."""
+
+    message: Message
     new_conversation: bool = False
 
 
@@ -104,9 +116,16 @@ class ChangeFeed:
         return unsubscribe
 
     def emit(self, changes: Sequence[Change]) -> None:
-        """Tell every listener (a listener may unsubscribe while being told)."""
+        """Tell every listener (a listener may unsubscribe while being told).
+
+        A listener that raises is logged and the others are still told: the write behind
+        the changes has committed, and its caller must not see it fail.
+        """
         for listener in list(self._listeners):
-            listener(changes)
+            try:
+                listener(changes)
+            except Exception:
+                log.exception("feed.listener_failed", changes=len(changes))
 
     def clear(self) -> None:
         """Forget every listener (the store is closing)."""

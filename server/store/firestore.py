@@ -16,16 +16,19 @@ Data model (DESIGN.md "Stores"):
   fails even if the customer's conversation changed in between), and it finds the message a
   WhatsApp status names without a collection-group index on `wa_message_id`.
 
-A conversation document written with a message, or with a new delivery status of its
-latest message, also holds that message whole in `feed_message` (`{"message": ...,
-"new_conversation": ...}`; the summary keeps only a 140-character preview): another
-instance that sees the change on its listener sends its SSE clients the very event the
-writer sent (`new_message`, `message_status`), without reading the message.
+A conversation document also holds its last few messages whole in `feed_messages` (each
+written, or given a new delivery status, with the version that wrote it; the summary keeps
+only a 140-character preview): another instance that sees the change on its listener sends
+its SSE clients the very events the writer sent (`new_message`, `message_status`), without
+reading a message, even when its listener merged several quick writes into one change.
 
 Reads and writes use the AsyncClient; the window of newest conversations is read once by
-keyset (in chunks). The change feed is a collection-group listener on the sync Client (the
-only one with listeners) over the conversations changed recently (`updated_at` after a
-mark a few seconds before it started), moved to a newer mark as it grows; see _Feed.
+keyset (in chunks). The change feed carries this process's commits as soon as they are
+acknowledged (so a read right after a write sees it, as with SQLite), and everything else
+from a collection-group listener on the sync Client (the only one with listeners) over the
+conversations committed recently (`feed_at`, the commit time, after a mark), moved to a
+newer mark as it grows; see _Feed. A version reaches the feed once, however many ways it
+arrives.
 server/workers/listener.py supervises it. Its callback runs on the client's thread: it only
 converts documents and hands them to the event loop, and it never raises, because a
 callback that raises kills the listener for good without telling anyone.
@@ -45,6 +48,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
 import structlog
@@ -60,6 +64,7 @@ from server.store.base import (
     Change,
     ChangeFeed,
     ChangeListener,
+    FeedMessage,
     InboundMessage,
     NotFound,
     Saved,
@@ -76,6 +81,8 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 USERS: Final = "users"
+# The field every conversation write sets to Firestore's commit time; the listener's.
+FEED_AT: Final = "feed_at"
 CONVERSATIONS: Final = "conversations"
 MESSAGES: Final = "messages"
 WAMIDS: Final = "wamids"
@@ -91,18 +98,22 @@ PING_TIMEOUT_S: Final = 5.0
 # A listener's first snapshot: the changes of the last MARK_MARGIN_MS, normally in well
 # under a second; a freshly started emulator takes a few seconds to answer at all.
 FIRST_SNAPSHOT_TIMEOUT_S: Final = 30.0
-# How far before "now" a listener's mark is set: writes stamped by another instance whose
-# clock is up to this much behind are still seen (keep clocks in sync: NTP, PRODUCTION.md).
+# How far before this machine's "now" the first listener's mark is set: it covers a
+# difference between this clock and Firestore's (the window, read right after, covers what
+# came before). A listener that replaces another starts at the other's last read time,
+# Firestore's own clock: no margin, no gap.
 MARK_MARGIN_MS: Final = 10_000
 # Once a listener's result set holds this many conversations it moves to a newer mark:
-# the client's per-change sort stays cheap (about 8 us a document), and the re-read of
-# the margin's changes that a new listener costs is paid rarely.
+# the client's per-change sort stays cheap (about 8 us a document).
 RELISTEN_DOCS: Final = 1_000
-# ...but never sooner than this after its mark, so that a burst of changes (more than
-# RELISTEN_DOCS conversations within the margin) cannot make it re-listen every check.
-ADVANCE_AFTER_MS: Final = 3 * MARK_MARGIN_MS
+# ...but never sooner than this after it started, so that a burst of changes cannot make
+# it re-listen at every check.
+ADVANCE_AFTER_MS: Final = 10_000
 # The window is loaded by keyset in chunks of this many documents.
 LOAD_CHUNK: Final = 1_000
+# Messages a conversation's document carries whole (see _document): more than a listener
+# merges into one change of a conversation at any realistic message rate.
+FEED_MESSAGES_KEPT: Final = 5
 # Echoes of local writes kept: enough for every write that can still be waiting for its
 # commit's answer (OP_TIMEOUT_S at the highest write rates).
 ECHOES_KEPT: Final = 10_000
@@ -159,17 +170,23 @@ class Reads:
 class _Feed:
     """One listener (one `on_snapshot` watch) and what it delivered so far.
 
-    It listens to the conversations changed after its `mark` (ms): a result set that starts
-    with the last few seconds' changes and grows by one document per conversation changed
-    since. The Python client re-sorts the whole result set on every change it delivers, and
-    the cost of a listener to Firestore grows with it too, so once it has grown the store
-    moves to a newer mark (FirestoreStore.advance). Callbacks of a feed that was stopped
-    are ignored on the loop, so a watch being shut down can never apply a stale change.
+    It listens to the conversations whose last commit (`feed_at`, Firestore's commit time)
+    is after its `mark`: a result set that starts with a few documents and grows by one per
+    conversation changed since. A commit that lands late (after its writer gave up waiting)
+    still has a later `feed_at`, so no listener misses it. The Python client re-sorts the
+    whole result set on every change it delivers, and the cost of a listener to Firestore
+    grows with it too, so once it has grown the store moves to a newer mark
+    (FirestoreStore.advance). Callbacks of a feed that was stopped are ignored on the loop,
+    so a watch being shut down can never apply a stale change.
     """
 
-    def __init__(self, generation: int, loop: asyncio.AbstractEventLoop, *, mark: int) -> None:
+    def __init__(self, generation: int, loop: asyncio.AbstractEventLoop, *, mark: datetime) -> None:
         self.generation = generation
         self.mark = mark
+        self.started = now_ms()
+        # Written on the client's thread (one assignment): Firestore's time of its latest
+        # snapshot; every commit up to it has been delivered.
+        self.read_time: datetime | None = None
         self.first: asyncio.Future[None] = loop.create_future()
         self.watch: Any = None
         self.client: Any = None
@@ -373,7 +390,7 @@ class FirestoreStore:
         if not self._feeds:
             return False
         feed = self._feeds[-1]
-        return feed.size > RELISTEN_DOCS and now_ms() - feed.mark > ADVANCE_AFTER_MS
+        return feed.size > RELISTEN_DOCS and now_ms() - feed.started > ADVANCE_AFTER_MS
 
     async def listen(self) -> None:
         """Start a new listener on recent changes (stopping any old one); wait until it streams."""
@@ -381,7 +398,8 @@ class FirestoreStore:
             await self._stop_feeds(self._feeds)
             if self._closed:
                 return
-            feed = await self._start_feed()
+            mark = datetime.now(UTC) - timedelta(milliseconds=MARK_MARGIN_MS)
+            feed = await self._start_feed(mark)
             await self._first_snapshot(feed)
 
     async def advance(self) -> None:
@@ -396,38 +414,40 @@ class FirestoreStore:
             old = list(self._feeds)
             if self._closed or not old:
                 return
-            feed = await self._start_feed()
+            # Every commit up to the newest listener's last read time has been delivered.
+            feed = await self._start_feed(old[-1].read_time or old[-1].mark)
             try:
                 await self._first_snapshot(feed)
             except StoreUnavailable:
                 await self._stop_feeds([feed])
                 raise
             await self._stop_feeds(old)
-            log.info("firestore.advanced", generation=feed.generation, mark=feed.mark)
+            log.info("firestore.advanced", generation=feed.generation, mark=feed.mark.isoformat())
 
     async def unlisten(self) -> None:
         """Stop the listener (during an outage its client would spin reconnecting)."""
         async with self._feed_lock:
             await self._stop_feeds(self._feeds)
 
-    async def _start_feed(self) -> _Feed:
+    async def _start_feed(self, mark: datetime) -> _Feed:
         loop = asyncio.get_running_loop()
         self._generation += 1
-        feed = _Feed(self._generation, loop, mark=now_ms() - MARK_MARGIN_MS)
+        feed = _Feed(self._generation, loop, mark=mark)
         # A new sync client per listener: a fresh channel, not one in gRPC's reconnect
         # backoff from before an outage. The emulator address is in the environment.
-        feed.client = firestore.Client(project=self.project)
+        # Creating it may look up credentials (files, the metadata server): not on the loop.
+        feed.client = await asyncio.to_thread(firestore.Client, project=self.project)
         query = feed.client.collection_group(CONVERSATIONS).where(
-            filter=FieldFilter("updated_at", ">", feed.mark)
+            filter=FieldFilter(FEED_AT, ">", feed.mark)
         )
         self._feeds.append(feed)
 
         def callback(docs: Any, changes: Any, read_time: Any) -> None:
-            self._on_snapshot(feed, loop, docs, changes)
+            self._on_snapshot(feed, loop, docs, changes, read_time)
 
         # on_snapshot starts the client's threads and opens the stream: not on the loop.
         feed.watch = await asyncio.to_thread(query.on_snapshot, callback)
-        log.info("firestore.listening", generation=feed.generation, mark=feed.mark)
+        log.info("firestore.listening", generation=feed.generation, mark=feed.mark.isoformat())
         return feed
 
     async def _first_snapshot(self, feed: _Feed) -> None:
@@ -455,11 +475,12 @@ class FirestoreStore:
             log.info("firestore.unlistened", generation=feed.generation, pushes=feed.pushes)
 
     def _on_snapshot(
-        self, feed: _Feed, loop: asyncio.AbstractEventLoop, docs: Any, changes: Any
+        self, feed: _Feed, loop: asyncio.AbstractEventLoop, docs: Any, changes: Any, read_time: Any
     ) -> None:
         """The listener's callback, on the client's thread. Must never raise."""
         try:
             feed.size = len(docs)
+            feed.read_time = read_time
             batch = [
                 (change.type.name == "REMOVED", change.document.to_dict()) for change in changes
             ]
@@ -481,7 +502,7 @@ class FirestoreStore:
         self.reads.listener += sum(1 for removed, _ in batch if not removed)
         changes: list[Change] = []
         for removed, doc in batch:
-            change = self._change(removed, doc or {})
+            change = self._change(removed, doc or {}, feed.started - MARK_MARGIN_MS)
             if change is not None:
                 changes.append(change)
         if changes:
@@ -489,22 +510,27 @@ class FirestoreStore:
         if not feed.first.done():
             feed.first.set_result(None)
 
-    def _change(self, removed: bool, doc: dict[str, Any]) -> Change | None:
-        """The Change of one document; None for a malformed one or a version already seen."""
+    def _change(self, removed: bool, doc: dict[str, Any], since: int) -> Change | None:
+        """The Change of one document; None for a malformed one or a version already seen.
+
+        It carries the messages written since the version this process saw last (or, for a
+        conversation it has not seen yet, those stamped after `since`).
+        """
         try:
             conversation = rules.conversation_from_doc(doc)
         except (KeyError, TypeError, ValueError) as e:
             log.warning("firestore.bad_document", error=repr(e))
             return None
-        if removed:  # deleted (a change never leaves `updated_at > mark`)
+        if removed:  # deleted (a change never leaves `feed_at > mark`)
             self._versions.pop(conversation.id, None)
             return Change(conversation, removed=True)
+        seen = self._versions.get(conversation.id)
         if not self._first_delivery(conversation):
             return None  # delivered already: by this process's commit, or another listener
         key = (conversation.id, conversation.updated_at)
         local = key in self._local
-        message, opened = _feed_message(doc, conversation)
-        change = Change(conversation, local=local, message=message, new_conversation=opened)
+        messages = _feed_messages(doc, since if seen is None else seen)
+        change = Change(conversation, local=local, messages=messages)
         if local:
             del self._local[key]
             self._echoed[key] = change
@@ -685,16 +711,16 @@ class FirestoreStore:
             .document(conversation_id)
         )
 
-    async def _latest_conversation(self, user_ref: Any, user: Any, tx: Any) -> Conversation | None:
-        """The customer's most recent conversation (the user document names it)."""
+    async def _latest_conversation(self, user_ref: Any, user: Any, tx: Any) -> dict[str, Any]:
+        """The document of the customer's most recent conversation ({} when none)."""
         if not user.exists:
-            return None  # the user document is written with a customer's first conversation
+            return {}  # the user document is written with a customer's first conversation
         latest_id = user.get("latest_conversation_id")
         if latest_id:
             snap = await user_ref.collection(CONVERSATIONS).document(latest_id).get(transaction=tx)
             self.reads.direct += 1
             if snap.exists:
-                return rules.conversation_from_doc(snap.to_dict())
+                return snap.to_dict() or {}
         # Users written without the pointer (older data, hand edits): ask the collection.
         # (A query in a transaction is avoided otherwise: the emulator locks coarsely for
         # it, and concurrent first messages then wait on each other.)
@@ -706,7 +732,7 @@ class FirestoreStore:
             .get(transaction=tx)
         )
         self.reads.direct += max(1, len(snaps))
-        return rules.conversation_from_doc(snaps[0].to_dict()) if snaps else None
+        return (snaps[0].to_dict() or {}) if snaps else {}
 
     async def save_inbound(self, inbound: InboundMessage) -> Saved | None:
         """Store a customer's message and its summary in one transaction; None when a repeat."""
@@ -718,11 +744,13 @@ class FirestoreStore:
         async def write(tx: Any) -> Saved | None:
             self.reads.direct += 1
             user = await user_ref.get(transaction=tx)
-            latest = await self._latest_conversation(user_ref, user, tx)
+            previous = await self._latest_conversation(user_ref, user, tx)
+            latest = rules.conversation_from_doc(previous) if previous else None
             now = now_ms()
             created = rules.needs_new_conversation(latest)
             if created or latest is None:
                 latest = rules.open_conversation(inbound, now)
+                previous = {}
             else:
                 latest = latest.with_changes(user_name=inbound.user_name, phone=inbound.phone)
             message = rules.inbound_message(inbound, latest.id)
@@ -740,7 +768,7 @@ class FirestoreStore:
                 profile["created_at"] = now
             self._remember_local(conversation)
             tx.set(user_ref, profile, merge=True)
-            tx.set(conversation_ref, _with_feed_message(conversation, message, created))
+            tx.set(conversation_ref, _document(conversation, previous, message, created))
             # create(): a redelivery racing this one fails the commit, never writes twice.
             tx.create(message_ref, rules.message_to_doc(message))
             tx.create(wamid_ref, {"path": message_ref.path})
@@ -778,7 +806,8 @@ class FirestoreStore:
 
         async def write(tx: Any) -> Saved:
             snap = await self._conversation_doc(conversation_id, tx)
-            conversation = rules.conversation_from_doc(snap.to_dict())
+            previous = snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
             rules.check_reply(conversation, sender)
             now = rules.reply_time(conversation, now_ms())
             message = rules.outbound_message(conversation_id, sender, text, agent_id, now)
@@ -786,7 +815,7 @@ class FirestoreStore:
             if take_over:
                 conversation = conversation.with_changes(ai_enabled=False)
             self._remember_local(conversation)
-            tx.set(snap.reference, _with_feed_message(conversation, message, False))
+            tx.set(snap.reference, _document(conversation, previous, message))
             tx.create(
                 snap.reference.collection(MESSAGES).document(message.id),
                 rules.message_to_doc(message),
@@ -816,7 +845,8 @@ class FirestoreStore:
         self.reads.direct += 1
         if not conversation_snap.exists:
             return None
-        conversation = rules.conversation_from_doc(conversation_snap.to_dict())
+        previous = conversation_snap.to_dict() or {}
+        conversation = rules.conversation_from_doc(previous)
         after = rules.after_status(conversation, updated, now_ms())
         tx.set(message_snap.reference, rules.message_to_doc(updated))
         if updated.wa_message_id and updated.wa_message_id != message.wa_message_id:
@@ -828,7 +858,7 @@ class FirestoreStore:
             self._remember_local(after)
             # Its latest message changed: the document carries it, error included, so
             # other instances can show the new ticks in an open conversation too.
-            tx.set(conversation_ref, _with_feed_message(after, updated, False))
+            tx.set(conversation_ref, _document(after, previous, updated))
         return StatusChange(after, updated)
 
     async def set_delivery(
@@ -897,7 +927,8 @@ class FirestoreStore:
 
         async def write(tx: Any) -> Conversation:
             snap = await self._conversation_doc(conversation_id, tx)
-            conversation = rules.conversation_from_doc(snap.to_dict())
+            previous = snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
             updated = rules.updated(
                 conversation,
                 status=status,
@@ -907,7 +938,9 @@ class FirestoreStore:
                 now=now_ms(),
             )
             self._remember_local(updated)
-            tx.set(snap.reference, rules.conversation_to_doc(updated))
+            # The messages carried so far stay: a mark-read right after a message must
+            # not take it away from instances whose listener merges the two writes.
+            tx.set(snap.reference, _document(updated, previous))
             return updated
 
         async with self._lock(_user_of(path)):
@@ -935,14 +968,11 @@ class FirestoreStore:
             }
             writes.append((db.collection(USERS).document(user_id), profile, True))
         now = now_ms()
-        # Written now: another instance's listener (on `updated_at` after its mark) must
-        # see them, even when the imported history's own times are older.
+        # Written now: their version is newer than any an instance may hold from before.
         stamped = [c.with_changes(updated_at=max(c.updated_at, now)) for c in conversations]
         for c in stamped:
             self._remember_local(c)
-            writes.append(
-                (self._conversation_ref(c.user_id, c.id), rules.conversation_to_doc(c), False)
-            )
+            writes.append((self._conversation_ref(c.user_id, c.id), _document(c, {}), False))
         for m in messages:
             ref = self._conversation_ref(owner[m.conversation_id], m.conversation_id)
             message_ref = ref.collection(MESSAGES).document(m.id)
@@ -1023,31 +1053,49 @@ def _user_of(path: str) -> str:
     return path.split("/", 2)[1]
 
 
-def _with_feed_message(
-    conversation: Conversation, message: Message, new_conversation: bool
+def _document(
+    conversation: Conversation,
+    previous: dict[str, Any],
+    message: Message | None = None,
+    new_conversation: bool = False,
 ) -> dict[str, Any]:
-    """A conversation's document written with a message: the message rides along whole."""
+    """A conversation's document, carrying its latest messages whole for other instances.
+
+    `feed_messages` keeps the last FEED_MESSAGES_KEPT messages written (or given a new
+    delivery status), each with the conversation version that wrote it: a listener that
+    merges several quick writes into one change still hands over every one of them.
+    """
     doc = rules.conversation_to_doc(conversation)
-    doc["feed_message"] = {
-        "message": rules.message_to_doc(message),
-        "new_conversation": new_conversation,
-    }
+    carried = previous.get("feed_messages")
+    entries = [e for e in carried if isinstance(e, dict)] if isinstance(carried, list) else []
+    if message is not None:
+        entries.append(
+            {
+                "message": rules.message_to_doc(message),
+                "new_conversation": new_conversation,
+                "version": conversation.updated_at,
+            }
+        )
+    doc["feed_messages"] = entries[-FEED_MESSAGES_KEPT:]
+    doc[FEED_AT] = firestore.SERVER_TIMESTAMP
     return doc
 
 
-def _feed_message(doc: dict[str, Any], conversation: Conversation) -> tuple[Message | None, bool]:
-    """The message a conversation's document carries, if it is its latest one."""
-    carried = doc.get("feed_message")
-    last = conversation.last_message
-    if not isinstance(carried, dict) or last is None:
-        return None, False
-    try:
-        message = rules.message_from_doc(carried["message"])
-    except (KeyError, TypeError, ValueError):
-        return None, False
-    if message.id != last.id:
-        return None, False
-    return message, bool(carried.get("new_conversation"))
+def _feed_messages(doc: dict[str, Any], after: int) -> tuple[FeedMessage, ...]:
+    """The messages a conversation's document carries from versions newer than `after`."""
+    carried = doc.get("feed_messages")
+    if not isinstance(carried, list):
+        return ()
+    out: list[FeedMessage] = []
+    for entry in carried:
+        try:
+            if int(entry["version"]) <= after:
+                continue
+            message = rules.message_from_doc(entry["message"])
+        except (KeyError, TypeError, ValueError):
+            continue  # one malformed entry must not hide the others
+        out.append(FeedMessage(message, bool(entry.get("new_conversation"))))
+    return tuple(out)
 
 
 def _conversations(docs: Any) -> list[Conversation]:

@@ -92,7 +92,9 @@ class ListenerSupervisor:
                     await probe()
                     await self.store.listen()
                     await self.warmer.load_once()
-                except StoreError as e:
+                except Exception as e:
+                    if not isinstance(e, StoreError):  # a bug: logged, handled as an outage
+                        log.exception("firestore.listen_error")
                     await self._outage(str(e))
                     log.info("firestore.probe_failed", error=str(e), retry_in_s=round(delay, 2))
                     await asyncio.sleep(_jittered(delay))
@@ -119,10 +121,15 @@ class ListenerSupervisor:
                 return "the listener stopped"
             try:
                 await self.store.ping()
-                if self.store.needs_advance:
-                    await self.store.advance()
             except StoreError as e:
                 return str(e)
+            if self.store.needs_advance:
+                try:
+                    await self.store.advance()
+                except Exception as e:
+                    # The old listener goes on; the next check tries again (and a store
+                    # that is really down fails its health read).
+                    log.warning("firestore.advance_failed", error=str(e), exc_info=True)
 
     async def _outage(self, reason: str) -> None:
         """Serve the last good snapshot as stale and stop the listener so it cannot spin."""

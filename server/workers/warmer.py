@@ -108,12 +108,10 @@ class Warmer:
             self._buffer.extend(changes)  # a load is running; applied right after it
             return
         started = time.perf_counter()
-        foreign = [
-            (c, self.snapshot.get(c.conversation.id) is None) for c in changes if not c.local
-        ]
         applied = self.snapshot.apply(changes)
-        for change, is_new in foreign:
-            self._publish_foreign(change, is_new)
+        for change in changes:
+            if not change.local and not change.removed:
+                self._publish_foreign(change)
         log.info(
             "snapshot.applied",
             changes=len(changes),
@@ -121,25 +119,22 @@ class Warmer:
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
-    def _publish_foreign(self, change: Change, is_new: bool) -> None:
-        """Publish a change another instance made (the hub drops what was published here)."""
+    def _publish_foreign(self, change: Change) -> None:
+        """Publish a change another instance made (the hub drops what was published here).
+
+        Each new message it carries goes out as the writer sent it; a known reply's new
+        delivery status as `message_status`; a change with no new message (read, resolved,
+        AI switch, assignee) as `conversation_updated`.
+        """
         conversation = change.conversation
-        if change.removed:
-            return
-        message = change.message
-        if message is not None:
+        announced = False
+        for carried in change.messages:
+            message = carried.message
             if not self.hub.seen(f"msg:{message.id}"):
-                opened = change.new_conversation
+                opened = carried.new_conversation
                 self.inbox.publish_message(Saved(conversation, message, new_conversation=opened))
-                return
-            if message.direction == "out":
-                # A reply's delivery progress (sent, delivered, read, failed with its error),
-                # recorded by the instance that sent it or got WhatsApp's status webhook.
+                announced = True
+            elif message.direction == "out":
                 self.inbox.publish_status(StatusChange(conversation, message))
-            self.inbox.publish_conversation(conversation)
-            return
-        last = conversation.last_message
-        if last is not None and not self.hub.seen(f"msg:{last.id}"):
-            self.inbox.publish_feed_message(conversation, is_new=is_new)
-        else:
+        if not announced:
             self.inbox.publish_conversation(conversation)
