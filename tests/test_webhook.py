@@ -556,9 +556,12 @@ def test_whole_second_times_are_refined_by_the_arrival_time_in_body_order():
     arrived = 1749416383_000 + 400
     parsed = parse_payload(body, received_ms=arrived)
     assert [m.at for m in parsed.messages] == [arrived, arrived + 1]
-    # Redelivered a day later: WhatsApp's own time stands.
+    # Arriving in the second's last millisecond: still one after the other.
+    edge = parse_payload(body, received_ms=1749416383_999)
+    assert [m.at for m in edge.messages] == [1749416383_999, 1749416384_000]
+    # Redelivered a day later: WhatsApp's own time stands, the body's order too.
     late = parse_payload(body, received_ms=arrived + 86_400_000)
-    assert [m.at for m in late.messages] == [1749416383_000, 1749416383_000]
+    assert [m.at for m in late.messages] == [1749416383_000, 1749416383_001]
 
 
 async def test_a_batch_from_one_customer_keeps_its_order(client):

@@ -339,12 +339,13 @@ def _refine(at: int, received_ms: int | None, position: int) -> int:
 
     Replies are stamped in milliseconds; without this a customer's quick answer could sort
     before the reply it answers (12:00:05.000 < 12:00:05.400), and the AI would read the
-    conversation out of order. Messages of one body are `position` ms apart, so they keep
-    WhatsApp's order. A late delivery (a retry) keeps WhatsApp's own time.
+    conversation out of order. A late delivery (a retry) keeps WhatsApp's own time. Either
+    way the messages of one body are `position` ms apart, so they keep WhatsApp's order
+    (even past the second's end: order matters more than the last millisecond).
     """
     if received_ms is not None and at <= received_ms < at + 1000:
-        return min(received_ms + position, at + 999)
-    return at
+        return received_ms + position
+    return at + position
 
 
 def _timestamp(value: Any, where: str) -> int:
