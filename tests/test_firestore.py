@@ -257,8 +257,13 @@ async def test_the_listener_moves_to_a_newer_start_losing_and_repeating_nothing(
         for i in range(5):
             await write(i)
         await wait_until(lambda: _async(store.needs_advance))  # 5 conversations > 3
-        # Writes keep coming while the new listener takes over from the old one.
-        writer = asyncio.gather(*(write(i) for i in range(5, 15)))
+
+        # Writes keep coming, one after another, while the new listener takes over.
+        async def keep_writing() -> None:
+            for i in range(5, 15):
+                await write(i)
+
+        writer = asyncio.create_task(keep_writing())
         with capture_logs() as logs:
             await store.advance()
         await writer
