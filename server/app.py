@@ -152,9 +152,7 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
 
 async def _warmer(app: web.Application) -> AsyncIterator[None]:
     """The background worker that keeps the snapshot warm; cancelled and awaited on exit."""
-    settings = app[keys.SETTINGS]
-    window = settings.firestore_window if settings.store == "firestore" else None
-    warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.INBOX], window=window)
+    warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.INBOX])
     app[keys.WARMER] = warmer
     task = asyncio.create_task(warmer.run(), name="snapshot-warmer")
     try:

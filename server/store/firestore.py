@@ -209,7 +209,6 @@ class FirestoreStore:
     def __init__(self, settings: Settings) -> None:
         self.project = settings.google_cloud_project
         self.emulator_host = settings.firestore_emulator_host
-        self.window = settings.firestore_window
         self._db: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribers = ChangeFeed()

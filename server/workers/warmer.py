@@ -30,19 +30,13 @@ BACKOFF_MAX_S: Final = 30.0
 class Warmer:
     """Owns the snapshot's lifecycle: first load, incremental changes, resync."""
 
-    def __init__(
-        self,
-        store: ChatStore,
-        snapshot: Snapshot,
-        inbox: Inbox,
-        *,
-        window: int | None = None,
-    ) -> None:
+    def __init__(self, store: ChatStore, snapshot: Snapshot, inbox: Inbox) -> None:
         self.store = store
         self.snapshot = snapshot
         self.inbox = inbox
         self.hub: Hub = inbox.hub
-        self.window = window
+        # The snapshot's bound (None: it holds every conversation) is what is loaded.
+        self.window = snapshot.window
         self._unsubscribe: Callable[[], None] | None = None
         self._buffer: list[Change] | None = None
         self.loaded = asyncio.Event()
