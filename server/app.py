@@ -82,6 +82,7 @@ def _routes(app: web.Application, settings: Settings) -> None:
     r.add_patch("/api/live-chat/conversations/{id}", chats.patch_conversation)
     r.add_get("/api/live-chat/conversations/{id}/messages", chats.list_messages)
     r.add_post("/api/live-chat/conversations/{id}/messages", chats.post_message)
+    r.add_post("/api/live-chat/conversations/{id}/messages/{message_id}/retry", chats.retry_message)
     r.add_post("/api/live-chat/conversations/{id}/read", chats.mark_read)
     r.add_get("/webhooks/whatsapp", webhook.verify)
     r.add_post("/webhooks/whatsapp", webhook.receive)

@@ -84,6 +84,10 @@ let clockTimer = null;
 
 const chatList = createChatList(ui.chatList, { onOpen: (id) => openConversation(id) });
 const thread = createThread(ui.messageList);
+ui.messageList.addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-retry]");
+  if (button) retryReply(button.dataset.retry);
+});
 
 // ---------- drawing ----------
 
@@ -351,6 +355,19 @@ async function sendReply() {
   } finally {
     state.sending = false;
     ui.send.disabled = false;
+  }
+}
+
+/** Send a failed reply again: the server queues it anew; its ticks follow as events. */
+async function retryReply(messageId) {
+  const id = state.activeId;
+  if (!id) return;
+  try {
+    const message = await api.retry(id, messageId);
+    if (state.activeId === id) state.thread = upsertMessage(state.thread, message);
+    draw();
+  } catch (e) {
+    handleError(e, "The reply could not be sent again");
   }
 }
 
