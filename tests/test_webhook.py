@@ -603,3 +603,121 @@ async def test_a_batch_from_one_customer_keeps_its_order(client):
     conversation = await conversation_of(client)
     stored = await all_messages(client, conversation["id"])
     assert [m["text"] for m in stored] == [f"part {i}" for i in range(6)]
+
+
+# -- customers known by a username (business-scoped user id) -----------------------------
+
+BSUID = "SA.1502576394655843"
+
+
+def _bsuid_body(m: dict, contact: dict | None) -> dict:
+    body = webhook([m])
+    value = body["entry"][0]["changes"][0]["value"]
+    if contact is None:
+        value.pop("contacts", None)
+    else:
+        value["contacts"] = [contact]
+    return body
+
+
+async def test_a_customer_known_by_number_then_by_username_stays_one_conversation(
+    make_client, graph
+):
+    client = await make_client(**graph_settings(graph))
+    first = text("my order?", frm="966501112222")
+    assert (
+        await post_webhook(client, webhook([first], contacts={"966501112222": "Sara"}))
+    ).status == 200
+    # WhatsApp starts sending the business-scoped user id beside the number...
+    both = text("it is late", frm="966501112222", from_user_id=BSUID)
+    contact = {"profile": {"name": "Sara"}, "wa_id": "966501112222", "user_id": BSUID}
+    assert (await post_webhook(client, _bsuid_body(both, contact))).status == 200
+    # ...then the customer adopts a username: no number at all.
+    only = text("hello?", frm="x", from_user_id=BSUID)
+    del only["from"]
+    contact = {"profile": {"name": "Sara", "username": "@sara.k"}, "user_id": BSUID}
+    assert (await post_webhook(client, _bsuid_body(only, contact))).status == 200
+    rows = await chats(client)
+    assert len(rows) == 1
+    [conversation] = rows
+    assert conversation["user_name"] == "Sara" and conversation["phone"] == "+966501112222"
+    stored = await all_messages(client, conversation["id"])
+    assert [m["text"] for m in stored] == ["my order?", "it is late", "hello?"]
+    assert stored[-1]["extra"]["username"] == "@sara.k"
+
+
+async def test_a_customer_known_only_by_username_is_answered_by_their_user_id(make_client, graph):
+    client = await make_client(**graph_settings(graph))
+    m = text("hi", frm="x", from_user_id=BSUID)
+    del m["from"]
+    contact = {"profile": {"name": "Omar", "username": "@omar"}, "user_id": BSUID}
+    assert (await post_webhook(client, _bsuid_body(m, contact))).status == 200
+    [conversation] = await chats(client)
+    assert conversation["user_id"] == BSUID and conversation["phone"] == ""
+    assert conversation["user_name"] == "Omar"
+    resp = await client.post(
+        f"/api/live-chat/conversations/{conversation['id']}/messages", json={"text": "hello Omar"}
+    )
+    assert resp.status == 201
+    [sent] = await graph.wait_for_requests(1)
+    assert sent.json["recipient"] == BSUID and "to" not in sent.json
+    # Later the number shows up too: still the same customer.
+    both = text("thanks", frm="966507778888", from_user_id=BSUID)
+    contact = {"profile": {"name": "Omar"}, "wa_id": "966507778888", "user_id": BSUID}
+    assert (await post_webhook(client, _bsuid_body(both, contact))).status == 200
+    [conversation] = await chats(client)
+    assert conversation["phone"] == "+966507778888"
+
+
+async def test_a_system_message_without_contacts_keeps_the_known_name(client):
+    await post_webhook(client, webhook([text("hi")], contacts={"966501234567": "Sara Ahmed"}))
+    notice = message(
+        "system",
+        {
+            "body": "User Sara Ahmed changed from 966501234567 to 966509999999",
+            "wa_id": "966509999999",
+            "type": "user_changed_number",
+        },
+    )
+    assert (await post_webhook(client, _bsuid_body(notice, None))).status == 200
+    conversation = await conversation_of(client)
+    assert conversation["user_name"] == "Sara Ahmed"
+    stored = await all_messages(client, conversation["id"])
+    assert stored[-1]["type"] == "system"
+    assert stored[-1]["extra"]["system_type"] == "user_changed_number"
+
+
+async def test_hostile_strings_and_numbers_are_kept_safely_and_the_batch_stands(client):
+    evil_name = "\u202eevil\u202c\x00 Name"
+    surrogate = text("lone \ud800 surrogate")
+    bad_code = message("unsupported", None, errors=[{"code": 2**80, "title": "huge"}])
+    fine = text("fine")
+    body = webhook([surrogate, bad_code, fine], contacts={"966501234567": evil_name})
+    raw = json.dumps(body).encode()  # \ud800 travels escaped, as JSON allows
+    for _ in range(3):
+        assert (await post_webhook(client, raw)).status == 200
+    conversation = await conversation_of(client)
+    assert conversation["user_name"] == "evil Name"
+    stored = await all_messages(client, conversation["id"])
+    assert [m["text"] for m in stored] == ["lone \ufffd surrogate", None, "fine"]
+    assert stored[1]["extra"]["errors"][0]["code"] == str(2**80)
+
+
+async def test_an_interactive_message_without_its_object_is_kept_with_its_errors(client):
+    m = message(
+        "interactive",
+        None,
+        errors=[
+            {
+                "code": 131000,
+                "title": "Something went wrong",
+                "message": "unsupported webhook payload",
+            }
+        ],
+    )
+    assert (await post_webhook(client, webhook([m]))).status == 200
+    conversation = await conversation_of(client)
+    [stored] = await all_messages(client, conversation["id"])
+    assert stored["type"] == "unsupported"
+    assert stored["extra"]["original_type"] == "interactive"
+    assert stored["extra"]["errors"][0]["code"] == 131000
