@@ -115,6 +115,17 @@ class Inbox:
             user_id=conversation.user_id,
         )
 
+    def publish_resync(self, conversation: Conversation) -> None:
+        """Tell open panes of a conversation to reload its messages: some reached this
+        instance only as a summary (a burst merged by the store's listener)."""
+        self.hub.publish(
+            "conversation_resync",
+            {"conversation_id": conversation.id},
+            dedupe_key=f"resync:{conversation.id}:{conversation.updated_at}",
+            conversation_id=conversation.id,
+            user_id=conversation.user_id,
+        )
+
     def publish_status(self, change: StatusChange) -> None:
         """Broadcast a message's new delivery status."""
         message = change.message

@@ -148,6 +148,9 @@ class Change:
     removed: bool = False
     local: bool = False
     messages: tuple[FeedMessage, ...] = ()
+    # More messages were written since the last version seen than the change carries
+    # (another instance's burst merged by the listener): open panes must reload them.
+    missed: bool = False
 
 
 @dataclass(slots=True, frozen=True)

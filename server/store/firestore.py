@@ -93,6 +93,9 @@ T = TypeVar("T")
 USERS: Final = "users"
 # The field every conversation write sets to Firestore's commit time; the listener's.
 FEED_AT: Final = "feed_at"
+# Counts the message writes a conversation's document carried: an instance whose listener
+# merged more of them than the document keeps sees the gap and has the open panes reload.
+FEED_SEQ: Final = "feed_seq"
 CONVERSATIONS: Final = "conversations"
 MESSAGES: Final = "messages"
 WAMIDS: Final = "wamids"
@@ -235,6 +238,8 @@ class FirestoreStore:
         # The version (updated_at) of each conversation the feed delivered last: a change
         # delivered by two listeners during a hand-over reaches the subscribers once.
         self._versions: OrderedDict[str, int] = OrderedDict()
+        # The feed_seq of each conversation's document as last seen (to see gaps).
+        self._seqs: OrderedDict[str, int] = OrderedDict()
         self._local: OrderedDict[tuple[str, int], None] = OrderedDict()
         # The latest echoes of local writes, in case their write fails after all (_unmark).
         self._echoed: OrderedDict[tuple[str, int], Change] = OrderedDict()
@@ -539,20 +544,35 @@ class FirestoreStore:
             return None
         if removed:  # deleted (a change never leaves `feed_at > mark`)
             self._versions.pop(conversation.id, None)
+            self._seqs.pop(conversation.id, None)
             return Change(conversation, removed=True)
+        missed = self._follow_seq(conversation.id, doc)
         seen = self._versions.get(conversation.id)
         if not self._first_delivery(conversation):
             return None  # delivered already: by this process's commit, or another listener
         key = (conversation.id, conversation.updated_at)
         local = key in self._local
         messages = _feed_messages(doc, since if seen is None else seen)
-        change = Change(conversation, local=local, messages=messages)
+        change = Change(conversation, local=local, messages=messages, missed=missed)
         if local:
             del self._local[key]
             self._echoed[key] = change
             if len(self._echoed) > ECHOES_KEPT:
                 self._echoed.popitem(last=False)
         return change
+
+    def _follow_seq(self, conversation_id: str, doc: dict[str, Any]) -> bool:
+        """Note the document's message count; True when it shows messages this process
+        never received (more than the document carries were merged into one change)."""
+        last = self._seqs.get(conversation_id)
+        missed = _missed(doc, last)
+        seq = doc.get(FEED_SEQ)
+        if isinstance(seq, int) and (last is None or seq > last):
+            self._seqs[conversation_id] = seq
+            self._seqs.move_to_end(conversation_id)
+            if len(self._seqs) > VERSIONS_KEPT:
+                self._seqs.popitem(last=False)
+        return missed
 
     def _first_delivery(self, conversation: Conversation) -> bool:
         """Record that this version reached the feed; False if it (or a newer one) had."""
@@ -1073,18 +1093,22 @@ class FirestoreStore:
             return None
         previous = conversation_snap.to_dict() or {}
         conversation = rules.conversation_from_doc(previous)
-        after = rules.after_status(conversation, updated, now_ms())
+        now = now_ms()
+        after = rules.after_status(conversation, updated, now)
+        if after is conversation:
+            # Not its latest message: the list row stays, but the document still carries
+            # the tick (a new version), so other instances' open panes see it too.
+            after = conversation.with_changes(updated_at=max(now, conversation.updated_at + 1))
         tx.set(message_snap.reference, rules.message_to_doc(updated))
         if updated.wa_message_id and updated.wa_message_id != message.wa_message_id:
             wamid_ref = self._client.collection(WAMIDS).document(
                 message_id_for_wamid(updated.wa_message_id)
             )
             tx.set(wamid_ref, {"path": message_snap.reference.path})
-        if after is not conversation:
-            self._remember_local(after)
-            # Its latest message changed: the document carries it, error included, so
-            # other instances can show the new ticks in an open conversation too.
-            tx.set(conversation_ref, _document(after, previous, updated))
+        self._remember_local(after)
+        # The document carries the message, error included, so other instances can show
+        # the new ticks in an open conversation too.
+        tx.set(conversation_ref, _document(after, previous, updated))
         return StatusChange(after, updated)
 
     async def set_delivery(
@@ -1297,15 +1321,20 @@ def _document(
     doc = rules.conversation_to_doc(conversation)
     carried = previous.get("feed_messages")
     entries = [e for e in carried if isinstance(e, dict)] if isinstance(carried, list) else []
+    seq = previous.get(FEED_SEQ)
+    seq = seq if isinstance(seq, int) else 0
     if message is not None:
+        seq += 1
         entries.append(
             {
                 "message": rules.message_to_doc(message),
                 "new_conversation": new_conversation,
                 "version": conversation.updated_at,
+                "seq": seq,
             }
         )
     doc["feed_messages"] = entries[-FEED_MESSAGES_KEPT:]
+    doc[FEED_SEQ] = seq
     doc[FEED_AT] = firestore.SERVER_TIMESTAMP
     return doc
 
@@ -1325,6 +1354,20 @@ def _feed_messages(doc: dict[str, Any], after: int) -> tuple[FeedMessage, ...]:
             continue  # one malformed entry must not hide the others
         out.append(FeedMessage(message, bool(entry.get("new_conversation"))))
     return tuple(out)
+
+
+def _missed(doc: dict[str, Any], last_seq: int | None) -> bool:
+    """True when message writes happened between the last one this process saw and the
+    oldest the document still carries: more were merged into one change than it keeps."""
+    seq = doc.get(FEED_SEQ)
+    carried = doc.get("feed_messages")
+    if last_seq is None or not isinstance(seq, int) or seq <= last_seq:
+        return False
+    kept = (
+        [e.get("seq") for e in carried if isinstance(e, dict)] if isinstance(carried, list) else []
+    )
+    oldest = min((s for s in kept if isinstance(s, int)), default=seq + 1)
+    return oldest > last_seq + 1
 
 
 def _conversations(docs: Any) -> list[Conversation]:

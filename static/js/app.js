@@ -416,6 +416,10 @@ function onEvent(name, data) {
       state.list = applyMessageStatus(state.list, data);
       state.thread = applyStatus(state.thread, data);
       break;
+    case "conversation_resync":
+      // Messages of this conversation reached the server only as a summary: read them.
+      if (data.conversation_id === state.activeId) reloadConversation();
+      break;
     case "resync":
       // The server could not replay what this page missed: read everything again.
       reconcile.cancel();
