@@ -71,7 +71,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         # A bug: never a plain-text traceback to the caller; the log has it, with the
         # request id the caller can quote.
-        log.exception("request.failed", path=request.path, method=request.method)
+        log.exception(
+            "request.failed", path=request.path, method=request.method, request_id=request_id
+        )
         return json_error(
             HTTPStatus.INTERNAL_SERVER_ERROR,
             "internal_error",
