@@ -55,8 +55,8 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.CURSORS] = CursorCodec(settings.secret_key.encode())
     app[keys.HUB] = Hub(settings.instance_id)
     app[keys.STREAMS] = weakref.WeakSet()
-    window = settings.firestore_window if settings.store == "firestore" else None
-    app[keys.SNAPSHOT] = Snapshot(complete=window is None, window=window)
+    window = settings.firestore_window if settings.store == "firestore" else settings.sqlite_window
+    app[keys.SNAPSHOT] = Snapshot(window=window)
 
     app.cleanup_ctx.append(_http_sessions)
     app.cleanup_ctx.append(_store)
@@ -77,6 +77,7 @@ def _routes(app: web.Application, settings: Settings) -> None:
     r.add_delete("/api/auth/session", auth.delete_session)
     r.add_get("/api/auth/session", auth.session_status)
     r.add_get("/api/live-chat/unified-chats", chats.unified_chats)
+    r.add_get("/api/live-chat/search", chats.search_messages)
     r.add_get("/api/live-chat/events", events.events)
     r.add_get("/api/live-chat/conversations/{id}", chats.get_conversation)
     r.add_patch("/api/live-chat/conversations/{id}", chats.patch_conversation)

@@ -4,6 +4,9 @@ Order is `(last_activity desc, id asc)`. Each row holds its summary already enco
 JSON, so serving a page is a bisect, a slice and a join of bytes: no per-request encoding.
 Rows use slots and keep only what ordering, filtering and serving need (the memory budget
 is 1 KiB a conversation, measured in bench/).
+
+With a window (the default on both stores) it holds only the newest conversations: memory
+and start-up time stay the same at any size, and older pages come from the store.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import sys
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
+from server import search
 from server.models import CONVERSATION_STATUSES, Conversation, dumps
 from server.store.base import Change
 
@@ -35,8 +39,8 @@ class Row:
         self.key = sort_key(conversation.last_activity, conversation.id)
         self.status = sys.intern(conversation.status)
         self.updated_at = conversation.updated_at
-        # Agents search by customer name or phone number; casefold once, here.
-        self.search = f"{conversation.user_name}\n{conversation.phone}".casefold()
+        # Agents search by customer name or phone number; fold once, here.
+        self.search = search.customer_key(conversation.user_name, conversation.phone)
         self.body = dumps(conversation.to_json())
 
     def __lt__(self, other: Row) -> bool:
@@ -51,6 +55,18 @@ class Row:
     def cursor_key(self) -> tuple[int, str]:
         """The `(last_activity, id)` a cursor after this row encodes."""
         return (-self.key[0], self.key[1])
+
+
+class Listed(Protocol):
+    """What a page is made of: a snapshot row, or a store's entry past the window."""
+
+    @property
+    def body(self) -> bytes:
+        """The conversation's JSON."""
+
+    @property
+    def cursor_key(self) -> tuple[int, str]:
+        """The `(last_activity, id)` a cursor after it encodes."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -108,6 +124,9 @@ class Snapshot:
         self.fresh = True
         # False when the snapshot holds only a window of the newest conversations.
         self.complete = complete
+        # Counts every applied batch of changes: what is cached from the store beside the
+        # snapshot (its totals) is current while this has not moved.
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -125,12 +144,18 @@ class Snapshot:
 
         A conversation read twice (a load in pages while it moved) keeps its newest version.
         """
-        newest: dict[str, Conversation] = {}
-        for c in conversations:
-            held = newest.get(c.id)
-            if held is None or c.updated_at >= held.updated_at:
-                newest[c.id] = c
-        rows = sorted(Row(c) for c in newest.values())
+        self.load_rows((Row(c) for c in conversations), complete=complete)
+
+    def load_rows(self, loaded: Iterable[Row], *, complete: bool = True) -> None:
+        """Replace the whole content with rows built as they were read (chunk by chunk, so
+        no other copy of the window exists at once) and mark it ready. A conversation read
+        twice keeps its newest version."""
+        newest: dict[str, Row] = {}
+        for row in loaded:
+            held = newest.get(row.id)
+            if held is None or row.updated_at >= held.updated_at:
+                newest[row.id] = row
+        rows = sorted(newest.values())
         if self.window is not None and len(rows) > self.window:
             del rows[self.window :]
             complete = False
@@ -141,9 +166,11 @@ class Snapshot:
         self.complete = complete
         self.ready = True
         self.fresh = True
+        self.version += 1
 
     def apply(self, changes: Sequence[Change]) -> int:
         """Apply committed changes in order; returns how many changed the snapshot."""
+        self.version += 1
         applied = 0
         for change in changes:
             if change.removed:
@@ -199,8 +226,9 @@ class Snapshot:
         rows = index.rows
         key = sort_key(after[0], after[1]) if after is not None else None
         if q:
-            needle = q.casefold()
-            rows = [r for r in rows if needle in r.search]
+            # A query with no word or number in it ("?!") matches nobody.
+            query = search.parse(q)
+            rows = [r for r in rows if query and search.matches_customer(query, r.search)]
             start = 0 if key is None else bisect_right(rows, key, key=lambda r: r.key)
         else:
             start = index.start_after(key)
@@ -213,7 +241,7 @@ class Snapshot:
 
 
 def render_page(
-    rows: Sequence[Row], next_cursor: str | None, has_more: bool, total: int, stale: bool
+    rows: Sequence[Listed], next_cursor: str | None, has_more: bool, total: int, stale: bool
 ) -> bytes:
     """The JSON body of a list page, joined from the rows' prepared bytes."""
     cursor = b"null" if next_cursor is None else b'"' + next_cursor.encode() + b'"'

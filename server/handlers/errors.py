@@ -13,7 +13,7 @@ from aiohttp import web
 
 from server import keys
 from server.cursor import InvalidCursor
-from server.store.base import NotFound, NotRetryable, StoreUnavailable
+from server.store.base import NotFound, NotRetryable, SearchUnavailable, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +64,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except NotRetryable as e:
         return json_error(HTTPStatus.CONFLICT, "not_retryable", str(e))
+    except SearchUnavailable as e:
+        return json_error(HTTPStatus.NOT_IMPLEMENTED, "message_search_unavailable", str(e))
     except web.HTTPException as e:
         if e.status >= 400 and e.content_type != "application/json":
             return json_error(HTTPStatus(e.status), _code(e.status), e.reason)

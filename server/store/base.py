@@ -10,7 +10,8 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
-from server.models import Conversation, Media, Message, MessageError
+from server.models import Conversation, Media, Message, MessageError, dumps
+from server.search import Query
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +44,10 @@ class Superseded(StoreError):
 
 class NotRetryable(StoreError):
     """Only a failed reply can be sent again."""
+
+
+class SearchUnavailable(StoreError):
+    """The store cannot search message text (Firestore has no full-text search)."""
 
 
 TaskKind = Literal["ai", "send"]
@@ -165,6 +170,35 @@ class FeedMessage:
 ChangeListener = Callable[[Sequence[Change]], None]
 
 
+@dataclass(slots=True, frozen=True)
+class ListEntry:
+    """A conversation as the list serves it: its place in list order and its JSON."""
+
+    id: str
+    last_activity: int
+    body: bytes
+
+    @classmethod
+    def of(cls, conversation: Conversation) -> ListEntry:
+        """The entry of a conversation summary."""
+        return cls(conversation.id, conversation.last_activity, dumps(conversation.to_json()))
+
+    @property
+    def cursor_key(self) -> tuple[int, str]:
+        """The `(last_activity, id)` a cursor after this entry encodes."""
+        return (self.last_activity, self.id)
+
+
+@dataclass(slots=True, frozen=True)
+class MessageHit:
+    """A message a search found, with its conversation as the list shows it. `position`
+    orders hits newest first (larger is newer) and is what a cursor after it keeps."""
+
+    position: int
+    message: Message
+    conversation: ListEntry
+
+
 class ChangeFeed:
     """A store's subscribers: each is called on the event loop with every batch of changes."""
 
@@ -235,6 +269,31 @@ class ChatStore(Protocol):
 
     async def count(self, status: str | None) -> int:
         """How many conversations there are (with that status)."""
+
+    async def list_entries(
+        self, after: tuple[int, str] | None, limit: int, status: str | None
+    ) -> list[ListEntry]:
+        """Like `page_after`, as the list serves them (prepared JSON where the store keeps
+        it): the pages past the snapshot's window."""
+
+    async def totals(self) -> dict[str, int] | None:
+        """Conversations per status when the store keeps the counts (a read of a few rows);
+        None when it would have to count them (the list then says what its window holds)."""
+
+    async def search_customers(
+        self, query: Query, after: tuple[int, str] | None, limit: int, status: str | None
+    ) -> list[ListEntry]:
+        """Conversations whose customer's name or number matches (server/search.py), after
+        the keyset, in list order."""
+
+    async def count_customers(self, query: Query, status: str | None) -> int:
+        """How many conversations `search_customers` finds in all."""
+
+    async def search_messages(
+        self, query: Query, before: int | None, limit: int
+    ) -> list[MessageHit]:
+        """Messages whose text matches, newest first, older than the hit at `before`;
+        SearchUnavailable when the store cannot search text."""
 
     async def get_conversation(self, conversation_id: str) -> Conversation:
         """One conversation summary; NotFound when there is none."""

@@ -63,8 +63,10 @@ from google.api_core import exceptions as gexc
 from google.cloud import firestore
 from google.cloud.firestore_v1 import FieldFilter, async_transactional
 
+from server import search
 from server.config import Settings
 from server.models import Conversation, Message, MessageError, now_ms
+from server.search import Query
 from server.store import rules
 from server.store.base import (
     UNSET,
@@ -74,8 +76,11 @@ from server.store.base import (
     FeedMessage,
     InboundMessage,
     Leases,
+    ListEntry,
+    MessageHit,
     NotFound,
     Saved,
+    SearchUnavailable,
     StatusChange,
     StoreError,
     StoreUnavailable,
@@ -97,6 +102,13 @@ FEED_AT: Final = "feed_at"
 # merged more of them than the document keeps sees the gap and has the open panes reload.
 FEED_SEQ: Final = "feed_seq"
 CONVERSATIONS: Final = "conversations"
+# A conversation's customer as `array-contains` finds them: name prefixes and number runs
+# (server/search.py customer_tokens). Firestore has no full-text search; this finds a
+# customer by name or number at any depth with one indexed query.
+SEARCH_TOKENS: Final = "search_tokens"
+# A customer search reads the token's matches in batches of this many and keeps those the
+# whole query matches (the token is one word of it).
+SEARCH_BATCH: Final = 100
 MESSAGES: Final = "messages"
 WAMIDS: Final = "wamids"
 IDENTITIES: Final = "identities"
@@ -687,6 +699,72 @@ class FirestoreStore:
         n = int(result[0][0].value)
         self.reads.direct += 1 + n // 1000
         return n
+
+    async def list_entries(
+        self, after: tuple[int, str] | None, limit: int, status: str | None
+    ) -> list[ListEntry]:
+        """A keyset page past the window, as the list serves it."""
+        return [ListEntry.of(c) for c in await self.page_after(after, limit, status)]
+
+    async def totals(self) -> None:
+        """None: counting here is an aggregation billed per thousand entries, so the list
+        does not ask for it on every page."""
+        return None
+
+    async def search_customers(
+        self, query: Query, after: tuple[int, str] | None, limit: int, status: str | None
+    ) -> list[ListEntry]:
+        """Conversations whose customer matches: one `array-contains` query on the query's
+        longest token in list order, each result checked against the whole query."""
+        token = search.query_token(query)
+        if token is None or limit == 0:
+            return []
+        found: list[ListEntry] = []
+        while len(found) < limit:
+            base = self._by_activity(status).where(
+                filter=FieldFilter(SEARCH_TOKENS, "array_contains", token)
+            )
+            if after is not None:
+                base = base.start_after({"last_activity": after[0], "id": after[1]})
+            async with self._guard("search customers"):
+                snaps = await base.limit(SEARCH_BATCH).get()
+            self.reads.direct += max(1, len(snaps))
+            for c in _conversations(s.to_dict() for s in snaps):
+                key = search.customer_key(c.user_name, c.phone)
+                if search.matches_customer(query, key) and len(found) < limit:
+                    found.append(ListEntry.of(c))
+            if len(snaps) < SEARCH_BATCH:
+                break
+            last = snaps[-1]
+            after = (last.get("last_activity"), last.get("id"))
+        return found
+
+    async def count_customers(self, query: Query, status: str | None) -> int:
+        """How many conversations carry the query's token (one aggregation): for a query of
+        several words, those matching its longest word."""
+        token = search.query_token(query)
+        if token is None:
+            return 0
+        base = self._client.collection_group(CONVERSATIONS).where(
+            filter=FieldFilter(SEARCH_TOKENS, "array_contains", token)
+        )
+        if status is not None:
+            base = base.where(filter=FieldFilter("status", "==", status))
+        async with self._guard("count customers"):
+            result = await base.count(alias="n").get()
+        n = int(result[0][0].value)
+        self.reads.direct += 1 + n // 1000
+        return n
+
+    async def search_messages(
+        self, query: Query, before: int | None, limit: int
+    ) -> list[MessageHit]:
+        """Firestore has no full-text search: message text is searched by a search engine
+        fed from the change feed (docs/PRODUCTION.md)."""
+        raise SearchUnavailable(
+            "message search needs a search engine beside Firestore (docs/PRODUCTION.md);"
+            " customers are found by name or number"
+        )
 
     async def _conversation_snap(self, conversation_id: str, transaction: Any = None) -> Any:
         """The document of a conversation, found by its id across every user."""
@@ -1335,6 +1413,7 @@ def _document(
         )
     doc["feed_messages"] = entries[-FEED_MESSAGES_KEPT:]
     doc[FEED_SEQ] = seq
+    doc[SEARCH_TOKENS] = search.customer_tokens(conversation.user_name, conversation.phone)
     doc[FEED_AT] = firestore.SERVER_TIMESTAMP
     return doc
 

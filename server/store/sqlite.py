@@ -13,13 +13,14 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Final, TypeVar
 
 import orjson
 import structlog
 
 from server.models import Conversation, Message, MessageError, now_ms
-from server.store import rules
+from server.search import Query
+from server.store import rules, sqlite_index
 from server.store.base import (
     UNSET,
     Change,
@@ -27,6 +28,8 @@ from server.store.base import (
     ChangeListener,
     InboundMessage,
     Leases,
+    ListEntry,
+    MessageHit,
     NotFound,
     Saved,
     StatusChange,
@@ -40,6 +43,10 @@ from server.store.base import (
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+# Threads (each with its own connection) for the reads that do not need the writer's: pages
+# past the window, counts, search. In WAL mode they read while a write commits, so a search
+# never waits for an fsync and a write never waits for a search.
+READERS: Final = 2
 # A waiting write: its work, what it tells the change feed, and its caller's future.
 Pending = tuple[Callable[[], Any], Callable[[Any], Sequence[Change]], "asyncio.Future[Any]"]
 # A write's future, its result or error, and what it tells the change feed.
@@ -116,6 +123,12 @@ class SqliteStore:
         ] = []
         self._pending_lock = threading.Lock()
         self._batch_scheduled = False
+        # A database in memory (or named by URI) has one connection: its reads take turns
+        # with the writes on the store's thread.
+        self._own_readers = path != ":memory:" and not path.startswith("file:")
+        self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="sqlite-read")
+        self._reader_local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -150,11 +163,17 @@ class SqliteStore:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
+        sqlite_index.register(conn)
+        sqlite_index.migrate(conn)
         self._conn = conn
 
     async def close(self) -> None:
-        """Close the connection and the store's thread."""
+        """Close the connections and the store's threads."""
         self._subscribers.clear()
+        await asyncio.to_thread(self._readers.shutdown, wait=True)
+        for reader in self._reader_conns:
+            reader.close()
+        self._reader_conns.clear()
         if self._conn is not None:
             await self._run(self._conn.close)
             self._conn = None
@@ -179,6 +198,28 @@ class SqliteStore:
     async def _run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn)
+
+    def _reader(self) -> sqlite3.Connection:
+        """This reader thread's own read-only connection."""
+        conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            sqlite_index.register(conn)
+            self._reader_local.conn = conn
+            with self._pending_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read on a reader thread (on the store's thread for a database in memory)."""
+        if not self._own_readers:
+            return await self._run(lambda: fn(self._db))
+        if self._conn is None:
+            raise StoreUnavailable("the store is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, lambda: fn(self._reader()))
 
     # -- change feed --------------------------------------------------------------------
 
@@ -215,18 +256,37 @@ class SqliteStore:
         return await self._run(read)
 
     async def count(self, status: str | None) -> int:
-        """How many conversations (with that status) there are."""
+        """How many conversations (with that status) there are, as the triggers count them."""
+        counted = await self._read(sqlite_index.totals)
+        return sum(counted.values()) if status is None else counted.get(status, 0)
 
-        def read() -> int:
-            if status is None:
-                row = self._db.execute("SELECT count(*) FROM conversations").fetchone()
-            else:
-                row = self._db.execute(
-                    "SELECT count(*) FROM conversations WHERE status = ?", (status,)
-                ).fetchone()
-            return int(row[0])
+    async def totals(self) -> dict[str, int]:
+        """Conversations per status (a read of the counts the triggers keep)."""
+        return await self._read(sqlite_index.totals)
 
-        return await self._run(read)
+    async def list_entries(
+        self, after: tuple[int, str] | None, limit: int, status: str | None
+    ) -> list[ListEntry]:
+        """A keyset page of the list's prepared rows, from a reader thread."""
+        return await self._read(lambda db: sqlite_index.entries_after(db, after, limit, status))
+
+    async def search_customers(
+        self, query: Query, after: tuple[int, str] | None, limit: int, status: str | None
+    ) -> list[ListEntry]:
+        """Conversations whose customer's name or number matches, in list order."""
+        return await self._read(
+            lambda db: sqlite_index.search_customers(db, query, after, limit, status)
+        )
+
+    async def count_customers(self, query: Query, status: str | None) -> int:
+        """How many conversations match a name or number."""
+        return await self._read(lambda db: sqlite_index.count_customers(db, query, status))
+
+    async def search_messages(
+        self, query: Query, before: int | None, limit: int
+    ) -> list[MessageHit]:
+        """Messages whose text matches, newest first (SQLite FTS5)."""
+        return await self._read(lambda db: sqlite_index.search_messages(db, query, before, limit))
 
     def _conversation(self, conversation_id: str) -> Conversation:
         row = self._db.execute(
