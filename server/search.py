@@ -87,8 +87,13 @@ def words(text: str) -> list[str]:
     return _WORD.findall(fold(text))
 
 
+_ARTICLE_STARTS: Final = frozenset(a[0] for a in ARTICLES)
+
+
 def bare(word: str) -> str | None:
     """An Arabic word without its glued-on article, or None when it has none."""
+    if word[:1] not in _ARTICLE_STARTS:
+        return None
     for article in ARTICLES:
         if word.startswith(article) and len(word) - len(article) >= 2:
             return word[len(article) :]
