@@ -10,7 +10,7 @@ import structlog
 from server import keys, search
 from server.demo import build_demo
 from server.store.sqlite import SqliteStore
-from tests.webhooks import post_webhook, text, wait_until, webhook
+from tests.webhooks import post_webhook, text, webhook
 
 LIST = "/api/live-chat/unified-chats"
 WINDOW = 40

@@ -56,6 +56,7 @@ export const api = {
   signOut: () => call("DELETE", "/api/auth/session"),
   chats: ({ status, q, cursor, limit = 30 }) =>
     call("GET", `${BASE}/unified-chats${query({ limit, cursor, status, q })}`),
+  search: ({ q, cursor, limit = 20 }) => call("GET", `${BASE}/search${query({ q, cursor, limit })}`),
   conversation: (id) => call("GET", conv(id)),
   messages: (id, { before, limit = 50 } = {}) =>
     call("GET", `${conv(id)}/messages${query({ limit, before })}`),

@@ -18,7 +18,9 @@ import {
   upsertChat,
 } from "./state/chats.js";
 import { applyStatus, emptyThread, prependOlder, setLatestPage, upsertMessage } from "./state/messages.js";
+import { addResults, emptyResults, resultsUnavailable, updateConversation as updateHits } from "./state/results.js";
 import { avatar, createChatList } from "./views/chatlist.js";
+import { createResults } from "./views/results.js";
 import { createThread } from "./views/thread.js";
 
 // After live events the list is re-read at most once every 3 s, to reconcile.
@@ -29,6 +31,9 @@ const SEARCH_MS = 250;
 // costs one request.
 const MARK_READ_MS = 1000;
 const PAGE_SIZE = 30;
+const HITS_SIZE = 20;
+// Opening a conversation at an old message reads back at most this many pages of 200.
+const FIND_PAGES = 25;
 
 const $ = (id) => document.getElementById(id);
 
@@ -45,6 +50,10 @@ const ui = {
   tabs: [...document.querySelectorAll("#tabs [data-status]")],
   total: $("total"),
   listScroll: $("list-scroll"),
+  results: $("results"),
+  hits: $("hits"),
+  resultsNote: $("results-note"),
+  moreHits: $("more-hits"),
   chatList: $("chat-list"),
   listEmpty: $("list-empty"),
   loadMore: $("load-more"),
@@ -72,6 +81,10 @@ const state = {
   listLoading: false,
   listSeq: 0, // a newer list request makes older answers moot
   thread: emptyThread(null),
+  results: emptyResults(""),
+  resultsLoading: false,
+  resultsSeq: 0,
+  focusMessage: null, // a message to show (a search hit), once it is in the thread
   activeId: null,
   activeChat: null, // the open conversation's summary, even when the filter hides it
   olderLoading: false,
@@ -83,6 +96,7 @@ let events = null;
 let clockTimer = null;
 
 const chatList = createChatList(ui.chatList, { onOpen: (id) => openConversation(id) });
+const hitList = createResults(ui.hits, { onOpen: (id, messageId) => openConversation(id, { messageId }) });
 const thread = createThread(ui.messageList);
 ui.messageList.addEventListener("click", (event) => {
   const button = event.target.closest("button[data-retry]");
@@ -98,8 +112,24 @@ function draw() {
   queueMicrotask(() => {
     drawQueued = false;
     drawList();
+    drawResults();
     drawConversation();
   });
+}
+
+function drawResults() {
+  const r = state.results;
+  ui.results.hidden = !r.q;
+  if (!r.q) return;
+  hitList.render(r.hits);
+  let note = "";
+  if (r.unavailable) note = "Message text cannot be searched on this server.";
+  else if (r.loaded && !r.hits.length) note = `No messages match “${r.q}”.`;
+  else if (!r.loaded) note = "Searching messages…";
+  ui.resultsNote.hidden = !note;
+  ui.resultsNote.textContent = note;
+  ui.moreHits.hidden = !r.hasMore;
+  ui.moreHits.disabled = state.resultsLoading;
 }
 
 function drawList() {
@@ -160,6 +190,16 @@ function drawConversation() {
     box.scrollTop = before.top + (box.scrollHeight - before.height);
   } else if (nearBottom) {
     box.scrollTop = box.scrollHeight;
+  }
+  if (state.focusMessage) {
+    // A search hit was opened: show that message, marked, once it is in the thread.
+    const el = ui.messageList.querySelector(`.msg[data-id="${CSS.escape(state.focusMessage)}"]`);
+    if (el) {
+      state.focusMessage = null;
+      for (const old of ui.messageList.querySelectorAll(".msg-found")) old.classList.remove("msg-found");
+      el.classList.add("msg-found");
+      el.scrollIntoView({ block: "center" });
+    }
   }
 }
 
@@ -239,16 +279,43 @@ function setFilter(changes) {
   const filter = { ...state.list.filter, ...changes };
   filter.q = (filter.q || "").trim();
   if (filter.status === state.list.filter.status && filter.q === state.list.filter.q) return;
+  const newQuery = filter.q !== state.list.filter.q;
   state.list = emptyList(filter);
   reconcile.cancel();
   ui.listScroll.scrollTop = 0;
   loadList();
+  if (newQuery) {
+    state.results = emptyResults(filter.q);
+    if (filter.q) loadResults();
+  }
+}
+
+// ---------- message search ----------
+
+async function loadResults() {
+  const r = state.results;
+  if (!r.q || (state.resultsLoading && r.loaded)) return; // More: a page is on its way
+  const seq = ++state.resultsSeq;
+  state.resultsLoading = true;
+  draw();
+  try {
+    const page = await api.search({ q: r.q, cursor: r.nextCursor, limit: HITS_SIZE });
+    if (seq === state.resultsSeq) state.results = addResults(state.results, page);
+  } catch (e) {
+    if (seq !== state.resultsSeq) return;
+    if (e.code === "message_search_unavailable") state.results = resultsUnavailable(state.results);
+    else handleError(e, "Messages could not be searched");
+  } finally {
+    if (seq === state.resultsSeq) state.resultsLoading = false;
+    draw();
+  }
 }
 
 // ---------- the conversation ----------
 
-async function openConversation(id) {
-  const chat = findChat(state.list, id);
+async function openConversation(id, { messageId = null } = {}) {
+  const chat = findChat(state.list, id) || state.results.hits.find((hit) => hit.conversation.id === id)?.conversation || null;
+  state.focusMessage = messageId;
   if (state.activeId !== id) {
     state.activeId = id;
     state.activeChat = chat;
@@ -276,10 +343,22 @@ async function openConversation(id) {
     const page = await api.messages(id, { limit: 50 });
     if (state.activeId !== id) return;
     state.thread = setLatestPage(state.thread, page);
-    state.stickToBottom = true;
+    state.stickToBottom = !messageId;
+    if (messageId) await readBackTo(id, messageId);
     draw();
   } catch (e) {
     handleError(e, "The messages could not be loaded");
+  }
+}
+
+/** Load older pages until a message (a search hit) is in the thread. */
+async function readBackTo(id, messageId) {
+  for (let n = 0; n < FIND_PAGES; n++) {
+    const t = state.thread;
+    if (t.messages.some((m) => m.id === messageId) || !t.hasMore || !t.nextCursor) return;
+    const page = await api.messages(id, { before: t.nextCursor, limit: 200 });
+    if (state.activeId !== id) return;
+    state.thread = prependOlder(state.thread, page);
   }
 }
 
@@ -410,7 +489,10 @@ function onEvent(name, data) {
       break;
     }
     case "conversation_updated":
-      if (data.conversation) applySummary(data.conversation);
+      if (data.conversation) {
+        applySummary(data.conversation);
+        state.results = updateHits(state.results, data.conversation);
+      }
       break;
     case "message_status":
       state.list = applyMessageStatus(state.list, data);
@@ -467,6 +549,7 @@ function signedOut(message = "") {
   markReadSoon.cancel();
   clearInterval(clockTimer);
   state.list = emptyList(state.list.filter);
+  state.results = emptyResults("");
   state.activeId = null;
   state.activeChat = null;
   state.thread = emptyThread(null);
@@ -562,6 +645,7 @@ for (const tab of ui.tabs) {
 }
 
 ui.loadMore.addEventListener("click", () => loadMore());
+ui.moreHits.addEventListener("click", () => loadResults());
 new IntersectionObserver(
   (entries) => {
     if (entries.some((e) => e.isIntersecting)) loadMore();
