@@ -148,19 +148,19 @@ def customer_key(name: str, phone: str) -> str:
     return " " + " ".join(index_words(name)) + "\n" + digits(phone)
 
 
-def matches_customer(query: Query, key: str) -> bool:
-    """Whether a customer (their `customer_key`) matches: a typed number is found anywhere
-    in theirs; every other word starts one of their name's words (a number word may also
-    be part of their number)."""
+def customer_needles(query: Query) -> tuple[str, ...]:
+    """What a customer's `customer_key` must contain, every one, to match: a typed number
+    anywhere in theirs; every other word at the start of one of their name's words (a
+    number word may also be part of their number). Empty for a query of no word."""
     if query.phone is not None:
-        return query.phone in key
-    for word in query.words:
-        if word.isdigit():
-            if word.lstrip("0") not in key:
-                return False
-        elif " " + word not in key:
-            return False
-    return True
+        return (query.phone,)
+    return tuple(w.lstrip("0") if w.isdigit() else " " + w for w in query.words)
+
+
+def matches_customer(query: Query, key: str) -> bool:
+    """Whether a customer (their `customer_key`) matches the query."""
+    needles = customer_needles(query)
+    return bool(needles) and all(needle in key for needle in needles)
 
 
 def customer_tokens(name: str, phone: str) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Final, Protocol
 
 from server import search
 from server.models import CONVERSATION_STATUSES, Conversation, dumps
-from server.store.base import Change
+from server.store.base import Change, SnapshotEntry
 
 ALL: Final = "all"
 
@@ -42,6 +42,18 @@ class Row:
         # Agents search by customer name or phone number; fold once, here.
         self.search = search.customer_key(conversation.user_name, conversation.phone)
         self.body = dumps(conversation.to_json())
+
+    @classmethod
+    def from_entry(cls, entry: SnapshotEntry) -> Row:
+        """The row of a conversation as a store keeps it prepared."""
+        row = cls.__new__(cls)
+        row.id = entry.id
+        row.key = sort_key(entry.last_activity, entry.id)
+        row.status = sys.intern(entry.status)
+        row.updated_at = entry.updated_at
+        row.search = search.customer_key(entry.user_name, entry.phone)
+        row.body = entry.body
+        return row
 
     def __lt__(self, other: Row) -> bool:
         return self.key < other.key
@@ -226,9 +238,12 @@ class Snapshot:
         rows = index.rows
         key = sort_key(after[0], after[1]) if after is not None else None
         if q:
-            # A query with no word or number in it ("?!") matches nobody.
-            query = search.parse(q)
-            rows = [r for r in rows if query and search.matches_customer(query, r.search)]
+            # Substring tests of each row's prepared key, one needle at a time over what
+            # the last one kept: about 60 ns a row. A query of no word ("?!") finds nobody.
+            needles = search.customer_needles(search.parse(q))
+            rows = rows if needles else []
+            for needle in needles:
+                rows = [r for r in rows if needle in r.search]
             start = 0 if key is None else bisect_right(rows, key, key=lambda r: r.key)
         else:
             start = index.start_after(key)

@@ -287,9 +287,9 @@ async def test_the_list_waits_for_the_first_load_and_never_serves_a_partial_list
     gate = asyncio.Event()
 
     class SlowStartStore(SqliteStore):
-        async def page_after(self, after, limit, status):
+        async def snapshot_entries(self, after, limit):
             await gate.wait()
-            return await super().page_after(after, limit, status)
+            return await super().snapshot_entries(after, limit)
 
     monkeypatch.setattr("server.app.make_store", lambda s: SlowStartStore(s.db))
     from server.app import create_app

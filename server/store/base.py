@@ -190,6 +190,32 @@ class ListEntry:
 
 
 @dataclass(slots=True, frozen=True)
+class SnapshotEntry:
+    """A conversation as the snapshot holds it: its place, filters, version and JSON."""
+
+    id: str
+    last_activity: int
+    status: str
+    updated_at: int
+    user_name: str
+    phone: str
+    body: bytes
+
+    @classmethod
+    def of(cls, c: Conversation) -> SnapshotEntry:
+        """The entry of a conversation summary."""
+        return cls(
+            c.id,
+            c.last_activity,
+            c.status,
+            c.updated_at,
+            c.user_name,
+            c.phone,
+            dumps(c.to_json()),
+        )
+
+
+@dataclass(slots=True, frozen=True)
 class MessageHit:
     """A message a search found, with its conversation as the list shows it. `position`
     orders hits newest first (larger is newer) and is what a cursor after it keeps."""
@@ -275,6 +301,12 @@ class ChatStore(Protocol):
     ) -> list[ListEntry]:
         """Like `page_after`, as the list serves them (prepared JSON where the store keeps
         it): the pages past the snapshot's window."""
+
+    async def snapshot_entries(
+        self, after: tuple[int, str] | None, limit: int
+    ) -> list[SnapshotEntry]:
+        """The conversations after a keyset in list order, as the snapshot holds them (the
+        window is loaded in chunks of these)."""
 
     async def totals(self) -> dict[str, int] | None:
         """Conversations per status when the store keeps the counts (a read of a few rows);

@@ -81,6 +81,7 @@ from server.store.base import (
     NotFound,
     Saved,
     SearchUnavailable,
+    SnapshotEntry,
     StatusChange,
     StoreError,
     StoreUnavailable,
@@ -705,6 +706,12 @@ class FirestoreStore:
     ) -> list[ListEntry]:
         """A keyset page past the window, as the list serves it."""
         return [ListEntry.of(c) for c in await self.page_after(after, limit, status)]
+
+    async def snapshot_entries(
+        self, after: tuple[int, str] | None, limit: int
+    ) -> list[SnapshotEntry]:
+        """A keyset page of the window (one query), as the snapshot holds it."""
+        return [SnapshotEntry.of(c) for c in await self.page_after(after, limit, None)]
 
     async def totals(self) -> None:
         """None: counting here is an aggregation billed per thousand entries, so the list

@@ -32,6 +32,7 @@ from server.store.base import (
     MessageHit,
     NotFound,
     Saved,
+    SnapshotEntry,
     StatusChange,
     StoreUnavailable,
     Task,
@@ -259,6 +260,12 @@ class SqliteStore:
         """How many conversations (with that status) there are, as the triggers count them."""
         counted = await self._read(sqlite_index.totals)
         return sum(counted.values()) if status is None else counted.get(status, 0)
+
+    async def snapshot_entries(
+        self, after: tuple[int, str] | None, limit: int
+    ) -> list[SnapshotEntry]:
+        """A keyset page of the window as the snapshot holds it, from prepared rows."""
+        return await self._read(lambda db: sqlite_index.snapshot_entries(db, after, limit))
 
     async def totals(self) -> dict[str, int]:
         """Conversations per status (a read of the counts the triggers keep)."""

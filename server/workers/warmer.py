@@ -26,9 +26,9 @@ log = structlog.get_logger(__name__)
 # First load retries: quick at first (a store still starting), then at most every 30 s.
 BACKOFF_START_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
-# The window is read by keyset in chunks of this many conversations: each chunk's
-# summaries become rows and are dropped before the next is read, so the load never holds
-# a second copy of the window (5,000 summaries are about 10 MB while they live).
+# The window is read by keyset in chunks of this many conversations: each chunk's entries
+# become rows and are dropped before the next is read, so the load never holds a second
+# copy of the window (5,000 entries are about 4 MB while they live).
 LOAD_CHUNK: Final = 5_000
 
 
@@ -95,8 +95,8 @@ class Warmer:
                 size = (
                     LOAD_CHUNK if self.window is None else min(LOAD_CHUNK, self.window - len(rows))
                 )
-                chunk = await self.store.page_after(after, size, None)
-                rows += [Row(c) for c in chunk]
+                chunk = await self.store.snapshot_entries(after, size)
+                rows += [Row.from_entry(e) for e in chunk]
                 if len(chunk) < size:
                     break
                 after = (chunk[-1].last_activity, chunk[-1].id)
