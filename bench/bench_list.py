@@ -417,8 +417,8 @@ def memory_main(db: str, window: int, conn: Connection) -> None:
         after = None
         try:
             while len(rows) < limit:
-                chunk = await store.page_after(after, min(5_000, limit - len(rows)), None)
-                rows += [Row(c) for c in chunk]
+                chunk = await store.snapshot_entries(after, min(5_000, limit - len(rows)))
+                rows += [Row.from_entry(e) for e in chunk]
                 if not chunk:
                     break
                 after = (chunk[-1].last_activity, chunk[-1].id)
