@@ -48,6 +48,7 @@ from typing import Any, Final
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 from common import (
     AUTH,
     CTX,
@@ -104,6 +105,8 @@ class Latencies:
 
     values: list[float] = field(default_factory=list)
     cpu_s: float = 0.0
+    # The path of each timed request (message search cycles over several queries).
+    paths: list[str] = field(default_factory=list)
 
     @property
     def cpu_us(self) -> float:
@@ -335,7 +338,7 @@ async def timed(
     url: Any,
     paths: list[str],
     count: int,
-    into: list[float] | None,
+    into: Latencies | None,
     expect: dict[str, bytes],
 ) -> None:
     """`count` sequential requests cycling over `paths`; milliseconds appended to `into`
@@ -350,7 +353,8 @@ async def timed(
         if resp.status != 200:
             raise AssertionError(f"{path}: HTTP {resp.status}")
         if into is not None:
-            into.append(elapsed / 1e6)
+            into.values.append(elapsed / 1e6)
+            into.paths.append(path)
         elif body != expect[path]:
             raise AssertionError(f"{path}: the response changed during the run")
 
@@ -376,7 +380,7 @@ async def compare(
                     for kind in kinds:
                         result = results[(who, kind.label)]
                         cpu = cpu_seconds(pid)
-                        await timed(session, url, kind.paths, kind.batch, result.values, bodies)
+                        await timed(session, url, kind.paths, kind.batch, result, bodies)
                         result.cpu_s += cpu_seconds(pid) - cpu
         finally:
             gc.enable()
@@ -505,6 +509,10 @@ def run_size(count: int, workdir: Path) -> dict[str, Any]:
 
     queries = [unquote(q) for q in queries]
     fts = bare_fts(db, queries, ROUNDS * SEARCH_BATCH // len(queries))
+    hits = {
+        q: len(orjson.loads(bodies[path])["messages"])
+        for q, path in zip(queries, search_kind.paths, strict=True)
+    }
     memory = measure_memory(db)
     return {
         "count": count,
@@ -518,6 +526,7 @@ def run_size(count: int, workdir: Path) -> dict[str, Any]:
         "floor_rss": floor_rss,
         "fts": fts,
         "queries": queries,
+        "hits": hits,
         "memory": memory,
         "load": (load_before, load_start, load_end, load_average()),
     }
@@ -618,17 +627,16 @@ def tables(runs: list[dict[str, Any]]) -> str:
                 f"{app.p(99) / fts_all.p(99):.2f}x",
             ]
         )
-        per_query: dict[str, list[float]] = {}
-        kind = run["kinds"][-1]
-        for i, value in enumerate(app.values):
-            per_query.setdefault(run["queries"][i % len(kind.paths)], []).append(value)
-        for q in run["queries"]:
-            mine = Latencies(per_query.get(q, []))
+        per_path: dict[str, list[float]] = {}
+        for path, value in zip(app.paths, app.values, strict=True):
+            per_path.setdefault(path, []).append(value)
+        for q, path in zip(run["queries"], run["kinds"][-1].paths, strict=True):
+            mine = Latencies(per_path.get(path, []))
             bare = run["fts"][q]
             rows.append(
                 [
                     "",
-                    f"`{q}`",
+                    f"`{q}` ({run['hits'][q]} hits)",
                     ms(bare.p(50)),
                     ms(bare.p(99)),
                     ms(mine.p(50)),
