@@ -266,6 +266,9 @@ def _message(
     )
     try:
         at = _refine(_timestamp(m.get("timestamp"), f"{where}.timestamp"), received_ms, position)
+        # A message kept as unsupported keeps its place in the body too (never the same
+        # millisecond as its neighbour, which would leave their order to their ids).
+        base = _replace(base, at=at)
         msg_type, text, media, extra = _content(m, kind, where)
         extra = {**extra, **_context(m)}
     except ParseError as e:
