@@ -19,16 +19,20 @@ from server.chatlist import ChatList
 from server.config import Settings
 from server.cursor import CursorCodec
 from server.demo import seed_demo
-from server.handlers import auth, chats, events, health, webhook
+from server.handlers import auth, chats, events, health, media, webhook
 from server.handlers.errors import error_middleware
 from server.hub import Hub
 from server.inbox import Inbox
 from server.integrations.ai import make_responder
-from server.integrations.whatsapp import make_sender
+from server.integrations.templates import TemplateCatalog
+from server.integrations.whatsapp import WhatsAppClient, make_sender
 from server.logging import RequestIds
+from server.media import MediaIndex, make_media_store
+from server.replies import Replies
 from server.snapshot import Snapshot
 from server.store import make_store
 from server.workers.ai import AiReplies
+from server.workers.media import MediaDownloads
 from server.workers.outbox import Lanes, Outbox
 from server.workers.warmer import Warmer
 
@@ -57,11 +61,14 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.STREAMS] = weakref.WeakSet()
     window = settings.firestore_window if settings.store == "firestore" else None
     app[keys.SNAPSHOT] = Snapshot(complete=window is None, window=window)
+    app[keys.MEDIA_INDEX] = MediaIndex()
 
     app.cleanup_ctx.append(_http_sessions)
     app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_media)
     app.cleanup_ctx.append(_outbox)
     app.cleanup_ctx.append(_inbox)
+    app.cleanup_ctx.append(_templates)
     app.cleanup_ctx.append(_sweeper)
     app.cleanup_ctx.append(_warmer)
     app.on_shutdown.append(_close_streams)
@@ -84,6 +91,9 @@ def _routes(app: web.Application, settings: Settings) -> None:
     r.add_post("/api/live-chat/conversations/{id}/messages", chats.post_message)
     r.add_post("/api/live-chat/conversations/{id}/messages/{message_id}/retry", chats.retry_message)
     r.add_post("/api/live-chat/conversations/{id}/read", chats.mark_read)
+    r.add_get("/api/live-chat/media/{message_id}", media.get_media)
+    r.add_get("/api/live-chat/templates", chats.list_templates)
+    r.add_get("/api/live-chat/numbers", chats.list_numbers)
     r.add_get("/webhooks/whatsapp", webhook.verify)
     r.add_post("/webhooks/whatsapp", webhook.receive)
     static = Path(settings.static_dir)
@@ -127,6 +137,12 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
+async def _media(app: web.Application) -> AsyncIterator[None]:
+    """The media store (its client may look up credentials: not on the event loop)."""
+    app[keys.MEDIA] = await asyncio.to_thread(make_media_store, app[keys.SETTINGS])
+    yield
+
+
 async def _outbox(app: web.Application) -> AsyncIterator[None]:
     """The lanes of background work and the outbox that feeds them; on the way out,
     running jobs get JOBS_DRAIN_S and what is left stays pending in the store."""
@@ -140,19 +156,45 @@ async def _outbox(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _inbox(app: web.Application) -> AsyncIterator[None]:
-    """The inbox with its WhatsApp sender and AI replies."""
+    """The inbox with its WhatsApp sender, AI replies and media downloads."""
     settings = app[keys.SETTINGS]
     store = app[keys.STORE]
     outbox = app[keys.OUTBOX]
-    inbox = Inbox(store, app[keys.HUB], outbox, make_sender(settings, app[keys.HTTP]))
+    sender = make_sender(settings, app[keys.HTTP])
+    inbox = Inbox(
+        store,
+        app[keys.HUB],
+        outbox,
+        sender,
+        app[keys.MEDIA],
+        read_receipts=settings.read_receipts,
+    )
     responder = make_responder(settings, app[keys.AI_HTTP])
     if responder is not None:
         outbox.runners["ai"] = AiReplies(store, inbox, responder, settings).run
+    outbox.runners["media"] = MediaDownloads(store, inbox, app[keys.MEDIA], sender).run
     app[keys.INBOX] = inbox
     try:
         yield
     finally:
         inbox.close()  # before the jobs drain: statuses still waiting give up at once
+
+
+async def _templates(app: web.Application) -> AsyncIterator[None]:
+    """The template catalog, and its refresher (on template webhooks) cancelled on exit."""
+    settings = app[keys.SETTINGS]
+    inbox = app[keys.INBOX]
+    client = inbox.sender if isinstance(inbox.sender, WhatsAppClient) else None
+    catalog = TemplateCatalog(client, settings.whatsapp_business_account_id)
+    app[keys.TEMPLATES] = catalog
+    app[keys.REPLIES] = Replies(app[keys.STORE], inbox, app[keys.MEDIA], catalog)
+    task = asyncio.create_task(catalog.run(), name="template-refresher")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _sweeper(app: web.Application) -> AsyncIterator[None]:

@@ -43,17 +43,23 @@ class ChatList:
         return self.cursors.decode(CURSOR_KIND, cursor) if cursor else None
 
     async def page(
-        self, *, limit: int, cursor: str | None, status: str | None, q: str | None
+        self,
+        *,
+        limit: int,
+        cursor: str | None,
+        status: str | None,
+        q: str | None,
+        number: str | None = None,
     ) -> ServedPage:
         """One page, rendered; NotReady until the snapshot is loaded."""
         started = time.perf_counter()
         if not self.snapshot.ready:
             raise NotReady()
         after = self.decode_cursor(cursor)
-        page = self.snapshot.page(limit=limit, after=after, status=status, q=q)
+        page = self.snapshot.page(limit=limit, after=after, status=status, q=q, number=number)
         rows: list[Row] = list(page.rows)
         has_more, total, source = page.has_more, page.total, "snapshot"
-        if page.past_window and not q:
+        if page.past_window and not q and not number:
             rows, has_more, total = await self._from_store(rows, after, limit, status)
             source = "store"
         next_cursor = (

@@ -15,6 +15,32 @@ STORES: Final = ("sqlite", "firestore")
 ENVIRONMENTS: Final = ("development", "production")
 LOG_FORMATS: Final = ("console", "json")
 AI_PROVIDERS: Final = ("builtin", "openai", "off")
+MEDIA_STORES: Final = ("file", "gcs")
+
+
+@dataclass(frozen=True, slots=True)
+class WhatsAppNumber:
+    """A business phone number replies can go out from, with its own token or none (the
+    shared WHATSAPP_TOKEN then)."""
+
+    id: str
+    token: str | None = None
+
+
+def parse_numbers(raw: str) -> tuple[WhatsAppNumber, ...]:
+    """`WHATSAPP_PHONE_NUMBERS`: comma-separated phone number ids, each optionally with its
+    own token after a colon (`106540352242922,106540352242923:EAAG...`)."""
+    numbers = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        number, _, token = item.partition(":")
+        number = number.strip()
+        if not number.isdigit():
+            raise ValueError(f"{number!r} is not a phone number id (digits)")
+        numbers.append(WhatsAppNumber(number, token.strip() or None))
+    return tuple(numbers)
 
 
 class ConfigError(ValueError):
@@ -42,6 +68,23 @@ class Settings:
     whatsapp_token: str | None = None
     whatsapp_phone_number_id: str | None = None
     whatsapp_api_base: str = "https://graph.facebook.com/v21.0"
+    # More business numbers on the same app (WHATSAPP_PHONE_NUMBERS); the first of all is
+    # WHATSAPP_PHONE_NUMBER_ID when set. A conversation answers from the number its
+    # customer wrote to.
+    whatsapp_numbers: tuple[WhatsAppNumber, ...] = ()
+    # The WhatsApp Business Account whose approved templates agents may send.
+    whatsapp_business_account_id: str | None = None
+    # Mark a customer's messages read on WhatsApp (blue ticks) when an agent opens them.
+    read_receipts: bool = True
+    # Where inbound and outbound media files are kept: files under media_dir, or a Cloud
+    # Storage bucket (several instances) with media_dir as each instance's local cache.
+    media_store: str = "file"
+    media_dir: str = "livechat-media"
+    media_bucket: str | None = None
+    # The Cloud Storage JSON API endpoint when not Google's (an emulator).
+    gcs_endpoint: str | None = None
+    # The local cache of a bucket's files, in MiB: what agents opened lately.
+    media_cache_mb: int = 512
     ai_provider: str = "builtin"
     ai_base_url: str = "https://api.openai.com/v1"
     ai_api_key: str | None = None
@@ -66,7 +109,18 @@ class Settings:
     @property
     def whatsapp_configured(self) -> bool:
         """True when outbound messages can really be sent."""
-        return bool(self.whatsapp_token and self.whatsapp_phone_number_id)
+        return bool(self.numbers) and all(n.token for n in self.numbers)
+
+    @property
+    def numbers(self) -> tuple[WhatsAppNumber, ...]:
+        """Every business number, the default (WHATSAPP_PHONE_NUMBER_ID) first, each with
+        the token to use for it."""
+        listed = list(self.whatsapp_numbers)
+        if self.whatsapp_phone_number_id and all(
+            n.id != self.whatsapp_phone_number_id for n in listed
+        ):
+            listed.insert(0, WhatsAppNumber(self.whatsapp_phone_number_id))
+        return tuple(WhatsAppNumber(n.id, n.token or self.whatsapp_token) for n in listed)
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some values replaced (CLI flags, tests), validated again."""
@@ -87,6 +141,11 @@ class Settings:
             raise ConfigError("AI_MAX_RETRIES must not be negative")
         if self.outbox_lease_s < 1:
             raise ConfigError("LIVECHAT_OUTBOX_LEASE must be at least 1 second")
+        _choice("LIVECHAT_MEDIA_STORE", self.media_store, MEDIA_STORES)
+        if self.media_store == "gcs" and not self.media_bucket:
+            raise ConfigError("LIVECHAT_MEDIA_STORE=gcs needs LIVECHAT_MEDIA_BUCKET")
+        if self.media_cache_mb < 1:
+            raise ConfigError("LIVECHAT_MEDIA_CACHE_MB must be at least 1")
         if self.firestore_window < 1:
             raise ConfigError("LIVECHAT_FIRESTORE_WINDOW must be at least 1")
         if self.demo_conversations < 0:
@@ -157,6 +216,14 @@ _ENV: Final = (
     ("WHATSAPP_TOKEN", "whatsapp_token", str),
     ("WHATSAPP_PHONE_NUMBER_ID", "whatsapp_phone_number_id", str),
     ("WHATSAPP_API_BASE", "whatsapp_api_base", str),
+    ("WHATSAPP_PHONE_NUMBERS", "whatsapp_numbers", parse_numbers),
+    ("WHATSAPP_BUSINESS_ACCOUNT_ID", "whatsapp_business_account_id", str),
+    ("LIVECHAT_READ_RECEIPTS", "read_receipts", _bool),
+    ("LIVECHAT_MEDIA_STORE", "media_store", str),
+    ("LIVECHAT_MEDIA_DIR", "media_dir", str),
+    ("LIVECHAT_MEDIA_BUCKET", "media_bucket", str),
+    ("STORAGE_EMULATOR_HOST", "gcs_endpoint", str),
+    ("LIVECHAT_MEDIA_CACHE_MB", "media_cache_mb", int),
     ("AI_PROVIDER", "ai_provider", str),
     ("AI_BASE_URL", "ai_base_url", str),
     ("AI_API_KEY", "ai_api_key", str),

@@ -13,7 +13,10 @@ from server.config import Settings
 from server.cursor import CursorCodec
 from server.hub import Hub
 from server.inbox import Inbox
+from server.integrations.templates import TemplateCatalog
 from server.logging import RequestIds
+from server.media import MediaIndex, MediaStore
+from server.replies import Replies
 from server.snapshot import Snapshot
 from server.store.base import ChatStore
 from server.workers.outbox import Outbox
@@ -32,5 +35,10 @@ AI_HTTP = web.AppKey("ai_http", aiohttp.ClientSession)
 OUTBOX = web.AppKey("outbox", Outbox)
 CHATLIST = web.AppKey("chatlist", ChatList)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
+# Media files (inbound downloads, agents' attachments) and what the media route knows.
+MEDIA = web.AppKey("media", MediaStore)
+MEDIA_INDEX = web.AppKey("media_index", MediaIndex)
+TEMPLATES = web.AppKey("templates", TemplateCatalog)
+REPLIES = web.AppKey("replies", Replies)
 # Open SSE responses, so shutdown can stop each one (aiohttp-sse's graceful-shutdown pattern).
 STREAMS: web.AppKey[weakref.WeakSet[EventSourceResponse]] = web.AppKey("streams")

@@ -28,7 +28,7 @@ def sort_key(last_activity: int, conversation_id: str) -> tuple[int, str]:
 class Row:
     """One conversation in the snapshot."""
 
-    __slots__ = ("body", "id", "key", "search", "status", "updated_at")
+    __slots__ = ("body", "id", "key", "number", "search", "status", "updated_at")
 
     def __init__(self, conversation: Conversation) -> None:
         self.id = conversation.id
@@ -37,6 +37,8 @@ class Row:
         self.updated_at = conversation.updated_at
         # Agents search by customer name or phone number; casefold once, here.
         self.search = f"{conversation.user_name}\n{conversation.phone}".casefold()
+        # The business number the customer wrote to (the list's number filter).
+        self.number = conversation.phone_number_id
         self.body = dumps(conversation.to_json())
 
     def __lt__(self, other: Row) -> bool:
@@ -193,14 +195,17 @@ class Snapshot:
         after: tuple[int, str] | None = None,
         status: str | None = None,
         q: str | None = None,
+        number: str | None = None,
     ) -> Page:
         """Up to `limit` rows after the cursor key `(last_activity, id)`, in list order."""
         index = self._all if status is None or status == ALL else self._by_status[status]
         rows = index.rows
         key = sort_key(after[0], after[1]) if after is not None else None
-        if q:
-            needle = q.casefold()
-            rows = [r for r in rows if needle in r.search]
+        if q or number:
+            needle = q.casefold() if q else ""
+            rows = [
+                r for r in rows if needle in r.search and (number is None or r.number == number)
+            ]
             start = 0 if key is None else bisect_right(rows, key, key=lambda r: r.key)
         else:
             start = index.start_after(key)

@@ -54,6 +54,7 @@ def settings(request, tmp_path, store_kind) -> Settings:
     """
     s = Settings(
         db=str(tmp_path / "test.db"),
+        media_dir=str(tmp_path / "media"),
         api_token=TOKEN,
         secret_key="test-secret-key",
         whatsapp_app_secret=APP_SECRET,

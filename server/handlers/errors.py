@@ -13,7 +13,9 @@ from aiohttp import web
 
 from server import keys
 from server.cursor import InvalidCursor
-from server.store.base import NotFound, NotRetryable, StoreUnavailable
+from server.integrations.templates import TemplateError
+from server.media import MediaStoreError, TooLarge
+from server.store.base import NotFound, NotRetryable, StoreUnavailable, WindowClosed
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +66,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except NotRetryable as e:
         return json_error(HTTPStatus.CONFLICT, "not_retryable", str(e))
+    except WindowClosed as e:
+        # Refused before WhatsApp is called: it would answer 131047.
+        return json_error(HTTPStatus.UNPROCESSABLE_ENTITY, "window_closed", str(e))
+    except TemplateError as e:
+        return json_error(HTTPStatus.UNPROCESSABLE_ENTITY, e.code, str(e))
+    except TooLarge as e:
+        return json_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "file_too_large", str(e))
+    except MediaStoreError as e:
+        log.warning("media.store_failed", path=request.path, error=str(e))
+        return json_error(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "media_store_unavailable",
+            "the file could not be stored; try again shortly",
+            headers={"Retry-After": "2"},
+        )
     except web.HTTPException as e:
         if e.status >= 400 and e.content_type != "application/json":
             return json_error(HTTPStatus(e.status), _code(e.status), e.reason)

@@ -62,6 +62,8 @@ async def receive(request: web.Request) -> web.StreamResponse:
         return json_error(HTTPStatus.BAD_REQUEST, "invalid_webhook", reason)
     for reason in parsed.refused:
         log.warning("webhook.refused", reason=reason[:MAX_REASON_CHARS])
+    if parsed.template_updates:
+        request.app[keys.TEMPLATES].changed()  # approved, rejected, paused: read them again
     inbox = request.app[keys.INBOX]
     duplicates = (await inbox.receive_all(parsed.messages)).count(None)
     applied = 0
@@ -75,6 +77,7 @@ async def receive(request: web.Request) -> web.StreamResponse:
         statuses_applied=applied,
         duplicates=duplicates,
         ignored=parsed.ignored,
+        template_updates=parsed.template_updates,
         refused=len(parsed.refused),
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
     )

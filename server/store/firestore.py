@@ -64,13 +64,14 @@ from google.cloud import firestore
 from google.cloud.firestore_v1 import FieldFilter, async_transactional
 
 from server.config import Settings
-from server.models import Conversation, Message, MessageError, now_ms
+from server.models import Conversation, Media, Message, MessageError, now_ms
 from server.store import rules
 from server.store.base import (
     UNSET,
     Change,
     ChangeFeed,
     ChangeListener,
+    Draft,
     FeedMessage,
     InboundMessage,
     Leases,
@@ -853,7 +854,13 @@ class FirestoreStore:
             if rules.wants_ai(conversation, message, self.ai_replies):
                 task = rules.ai_task(conversation, message, self.leases, now)
                 tx.set(self._task_ref(task.id), rules.task_to_doc(task))
-            return Saved(conversation, message, new_conversation=created, task=task)
+            media_task = None
+            if rules.wants_media(message):
+                media_task = rules.media_task(message, self.leases, now)
+                tx.set(self._task_ref(media_task.id), rules.task_to_doc(media_task))
+            return Saved(
+                conversation, message, new_conversation=created, task=task, media_task=media_task
+            )
 
         # A redelivery is caught by this plain read, outside the transaction: reading a
         # missing document inside one locks it, and the emulator then makes concurrent
@@ -945,6 +952,80 @@ class FirestoreStore:
         if not snap.exists:
             raise NotFound(f"no message {message_id!r}")
         return rules.message_from_doc(snap.to_dict())
+
+    # -- media, rich replies ---------------------------------------------------------------
+
+    async def find_message(self, wa_message_id: str) -> Message | None:
+        """The message WhatsApp knows by this id (through `wamids`), or None."""
+        pointer_ref = self._client.collection(WAMIDS).document(message_id_for_wamid(wa_message_id))
+        async with self._guard("find message"):
+            pointer = await pointer_ref.get()
+            self.reads.direct += 1
+            path = pointer.get("path") if pointer.exists else None
+            if not path:
+                return None
+            snap = await self._client.document(path).get()
+            self.reads.direct += 1
+        return rules.message_from_doc(snap.to_dict()) if snap.exists else None
+
+    async def save_agent_message(
+        self, conversation_id: str, draft: Draft, *, agent_id: str | None = None
+    ) -> Saved:
+        """Store an agent's message as queued with its send task, in one transaction;
+        refused (WindowClosed) when only a template may reach the customer now."""
+        path = await self._conversation_path(conversation_id)
+        ai_task_ref = self._task_ref(rules.ai_task_id(conversation_id))
+
+        async def write(tx: Any) -> Saved:
+            snap = await self._conversation_doc(conversation_id, tx)
+            previous = snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
+            now = rules.reply_time(conversation, now_ms())
+            rules.check_window(conversation, draft, now_ms())
+            message = rules.agent_message(conversation_id, draft, agent_id, now)
+            conversation = rules.after_message(conversation, message, now)
+            self._remember_local(conversation)
+            tx.set(snap.reference, _document(conversation, previous, message))
+            message_ref = snap.reference.collection(MESSAGES).document(message.id)
+            tx.create(message_ref, rules.message_to_doc(message))
+            tx.delete(ai_task_ref)  # an agent took over
+            task = rules.send_task(message, self.leases, now)
+            tx.set(self._task_ref(task.id), rules.task_to_doc(task))
+            return Saved(conversation, message, task=task)
+
+        async with self._lock(_user_of(path)):
+            return await self._transact("save agent message", write)
+
+    async def set_media(self, message_id: str, media: Media) -> StatusChange | None:
+        """Record a message's media state, completing its download task; the
+        conversation's document carries the message so other instances' panes see it."""
+        task_ref = self._task_ref(rules.media_task_id(message_id))
+        try:
+            message_ref = await self._message_ref(message_id)
+        except NotFound:
+            async with self._guard("drop media task"):
+                await task_ref.delete()
+            return None
+        conversation_ref = message_ref.parent.parent
+
+        async def write(tx: Any) -> StatusChange | None:
+            snap = await message_ref.get(transaction=tx)
+            conversation_snap = await conversation_ref.get(transaction=tx)
+            self.reads.direct += 2
+            tx.delete(task_ref)
+            if not snap.exists or not conversation_snap.exists:
+                return None
+            updated = rules.with_media(rules.message_from_doc(snap.to_dict()), media)
+            previous = conversation_snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
+            after = conversation.with_changes(updated_at=max(now_ms(), conversation.updated_at + 1))
+            tx.set(message_ref, rules.message_to_doc(updated))
+            self._remember_local(after)
+            tx.set(conversation_ref, _document(after, previous, updated))
+            return StatusChange(after, updated)
+
+        async with self._lock(_user_of(message_ref.path)):
+            return await self._transact("set media", write)
 
     async def _task_write(
         self, what: str, task_id: str, change: Callable[[Task], Task | None]

@@ -130,6 +130,8 @@ class Warmer:
                 announced = True
             elif message.direction == "out":
                 self.inbox.publish_status(StatusChange(conversation, message))
+            else:  # a customer's message whose media was downloaded (or given up on)
+                self.inbox.publish_message_updated(StatusChange(conversation, message))
         if not announced:
             self.inbox.publish_conversation(conversation)
         if change.missed:
