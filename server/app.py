@@ -167,7 +167,8 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
         outbox,
         sender,
         app[keys.MEDIA],
-        read_receipts=settings.read_receipts,
+        # Without WhatsApp there is nobody to send blue ticks to.
+        read_receipts=settings.read_receipts and settings.whatsapp_configured,
     )
     responder = make_responder(settings, app[keys.AI_HTTP])
     if responder is not None:
