@@ -27,7 +27,16 @@ STORE_KINDS = ["sqlite", pytest.param("firestore", marks=pytest.mark.firestore)]
 
 # The realtime behaviour (webhook, SSE, replies, AI) must hold on both stores: the tests of
 # these modules that run an app run on each, unless they choose their store themselves.
-BOTH_STORES = frozenset({"test_webhook", "test_events", "test_agent_reply", "test_ai_replies"})
+BOTH_STORES = frozenset(
+    {
+        "test_webhook",
+        "test_events",
+        "test_agent_reply",
+        "test_ai_replies",
+        "test_media",
+        "test_replies",
+    }
+)
 
 
 def pytest_generate_tests(metafunc) -> None:
