@@ -51,6 +51,8 @@ class AiReplies:
         history, _ = await self.store.list_messages(
             conversation_id, self.settings.ai_context_messages, None
         )
+        # The customer sees "typing…" while the model thinks (bounded: never delays it).
+        await self.inbox.show_typing(conversation, message_id)
         try:
             text = await self.responder.reply(conversation, history)
         except AiError as e:
