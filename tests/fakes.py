@@ -269,7 +269,10 @@ class FakeGraph(_Fake):
         media = self.media[issued[0]]
         self.downloads.append(issued[0])
         if self.download_delay_s:
-            await asyncio.sleep(self.download_delay_s)
+            try:  # a slow transfer; ends early when the fake shuts down
+                await asyncio.wait_for(self._closing.wait(), self.download_delay_s)
+            except TimeoutError:
+                pass
         return web.Response(body=media.data, content_type=media.mime_type.split(";")[0])
 
     async def _templates(self, request: web.Request) -> web.Response:
