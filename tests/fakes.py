@@ -397,3 +397,98 @@ def graph_settings(graph: FakeGraph) -> dict:
         "whatsapp_phone_number_id": "123",
         "whatsapp_api_base": graph.base,
     }
+
+
+class FakeGcs(_Fake):
+    """Cloud Storage's JSON API, as google-cloud-storage speaks it: multipart uploads
+    (POST /upload/storage/v1/b/{bucket}/o?uploadType=multipart, a multipart/related body of
+    the object's JSON metadata and its bytes) and media downloads
+    (GET /download/storage/v1/b/{bucket}/o/{object}?alt=media, with x-goog-hash)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.objects: dict[tuple[str, str], tuple[bytes, str]] = {}
+        self.app.router.add_post("/upload/storage/v1/b/{bucket}/o", self._upload)
+        self.app.router.add_get("/download/storage/v1/b/{bucket}/o/{name:.+}", self._download)
+        self.app.router.add_get("/storage/v1/b/{bucket}/o/{name:.+}", self._metadata)
+
+    @classmethod
+    async def serve(cls, aiohttp_server: Any) -> FakeGcs:
+        fake = cls()
+        fake.server = await aiohttp_server(fake.app)
+        return fake
+
+    @property
+    def endpoint(self) -> str:
+        return self.url("/").rstrip("/")
+
+    def _resource(self, bucket: str, name: str) -> dict[str, Any]:
+        import base64
+        import hashlib
+
+        data, content_type = self.objects[(bucket, name)]
+        return {
+            "kind": "storage#object",
+            "id": f"{bucket}/{name}/1",
+            "name": name,
+            "bucket": bucket,
+            "generation": "1",
+            "metageneration": "1",
+            "contentType": content_type,
+            "size": str(len(data)),
+            "md5Hash": base64.b64encode(hashlib.md5(data).digest()).decode(),
+            "crc32c": _crc32c(data),
+        }
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        bucket = request.match_info["bucket"]
+        await self._record(request, {"query": dict(request.query)})
+        if request.query.get("uploadType") != "multipart":
+            return web.json_response(
+                {"error": {"code": 400, "message": "only multipart"}}, status=400
+            )
+        reader = await request.multipart()
+        meta_part = await reader.next()
+        metadata = await meta_part.json()  # type: ignore[union-attr]
+        data_part = await reader.next()
+        data = await data_part.read(decode=False)  # type: ignore[union-attr]
+        name = metadata.get("name") or request.query.get("name")
+        content_type = data_part.headers.get("Content-Type", "application/octet-stream")  # type: ignore[union-attr]
+        self.objects[(bucket, name)] = (bytes(data), content_type)
+        return web.json_response(self._resource(bucket, name))
+
+    async def _metadata(self, request: web.Request) -> web.Response:
+        key = (request.match_info["bucket"], request.match_info["name"])
+        if key not in self.objects:
+            return web.json_response(
+                {"error": {"code": 404, "message": "No such object"}}, status=404
+            )
+        return web.json_response(self._resource(*key))
+
+    async def _download(self, request: web.Request) -> web.Response:
+        await self._record(request, {"query": dict(request.query)})
+        key = (request.match_info["bucket"], request.match_info["name"])
+        if key not in self.objects:
+            return web.json_response(
+                {"error": {"code": 404, "message": "No such object"}}, status=404
+            )
+        resource = self._resource(*key)
+        data, content_type = self.objects[key]
+        return web.Response(
+            body=data,
+            content_type=content_type.split(";")[0],
+            headers={
+                "x-goog-hash": f"crc32c={resource['crc32c']},md5={resource['md5Hash']}",
+                "x-goog-generation": "1",
+                "x-goog-stored-content-length": str(len(data)),
+            },
+        )
+
+
+def _crc32c(data: bytes) -> str:
+    import base64
+    import struct
+
+    import google_crc32c
+
+    return base64.b64encode(struct.pack(">I", google_crc32c.value(data))).decode()

@@ -63,7 +63,10 @@ async def test_a_photo_a_voice_note_and_a_pdf_are_downloaded_once_checked_kept_a
     )
 
     for m, data, mime in zip(
-        stored, (photo, voice, document), ("image/png", "audio/ogg; codecs=opus", "application/pdf")
+        stored,
+        (photo, voice, document),
+        ("image/png", "audio/ogg; codecs=opus", "application/pdf"),
+        strict=True,
     ):
         resp = await client.get(f"/api/live-chat/media/{m['id']}")
         assert resp.status == 200
