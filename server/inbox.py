@@ -203,6 +203,8 @@ class Inbox:
                 "status": message.status,
                 "error": message.error.to_json() if message.error else None,
                 "attempt": message.attempt,
+                # Once sent, WhatsApp's id: what customers' reactions and quotes name.
+                "wa_message_id": message.wa_message_id,
             },
             dedupe_key=f"status:{message.id}:{message.attempt}:{message.status}",
             conversation_id=message.conversation_id,
