@@ -128,7 +128,7 @@ async def run(rounds: int, batch: int) -> None:
                 expect = data if rng is None else data[:rng]
                 extra = {} if rng is None else {"Range": f"bytes=0-{rng - 1}"}
                 async with aiohttp.ClientSession() as session:
-                    for name, (_, url, headers) in targets.items():
+                    for _, url, headers in targets.values():
                         await timed(session, url, WARMUP, expect, {**headers, **extra})
                     gc.disable()
                     try:

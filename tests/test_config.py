@@ -68,3 +68,31 @@ def test_json_logs_carry_event_level_timestamp_and_fields(capsys):
     assert line["event"] == "unified_chats.served" and line["level"] == "info"
     assert line["timestamp"].endswith("Z") and line["request_id"] == "r-1"
     assert line["chats"] == 3
+
+
+def test_several_numbers_each_with_its_token_or_the_shared_one():
+    from server.config import WhatsAppNumber
+
+    s = Settings.from_env(
+        {
+            "WHATSAPP_TOKEN": "shared",
+            "WHATSAPP_PHONE_NUMBER_ID": "106540352242922",
+            "WHATSAPP_PHONE_NUMBERS": "106540352242922, 106540352242923:own-token",
+        }
+    )
+    assert s.numbers == (
+        WhatsAppNumber("106540352242922", "shared"),
+        WhatsAppNumber("106540352242923", "own-token"),
+    )
+    assert s.whatsapp_configured
+    with pytest.raises(ConfigError, match="WHATSAPP_PHONE_NUMBERS"):
+        Settings.from_env({"WHATSAPP_PHONE_NUMBERS": "not-a-number"})
+
+
+def test_the_bucket_media_store_needs_its_bucket():
+    with pytest.raises(ConfigError, match="LIVECHAT_MEDIA_BUCKET"):
+        Settings.from_env({"LIVECHAT_MEDIA_STORE": "gcs"})
+    with pytest.raises(ConfigError, match="LIVECHAT_MEDIA_STORE"):
+        Settings.from_env({"LIVECHAT_MEDIA_STORE": "s3"})
+    s = Settings.from_env({"LIVECHAT_MEDIA_STORE": "gcs", "LIVECHAT_MEDIA_BUCKET": "b"})
+    assert s.media_bucket == "b" and s.read_receipts is True

@@ -324,3 +324,22 @@ def _number(id_: str, token: str):
 
 async def _async(value):
     return value
+
+
+def test_the_parser_keeps_the_business_number_and_the_media_hash():
+    from server.integrations.whatsapp_webhook import parse_payload
+
+    body = webhook(
+        [
+            message("image", {"id": "1", "mime_type": "image/jpeg", "sha256": "abc="}),
+            message("image", {"mime_type": "image/jpeg"}),  # no media id: kept as unsupported
+        ]
+    )
+    body["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = "106540352242922"
+    parsed = parse_payload(body)
+    good, bad = parsed.messages
+    assert good.phone_number_id == bad.phone_number_id == "106540352242922"
+    assert good.media is not None and good.media.sha256 == "abc="
+    assert bad.type == "unsupported" and "image.id" in bad.extra["reason"]
+    body["entry"][0]["changes"][0]["value"]["metadata"] = "garbage"
+    assert parse_payload(body).messages[0].phone_number_id is None
