@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from server import keys
+from server.broadcaster import Broadcaster
 from server.chatlist import ChatList
 from server.config import Settings
 from server.cursor import CursorCodec
@@ -117,6 +118,11 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     store = make_store(app[keys.SETTINGS])
     await store.start()
     app[keys.STORE] = store
+    # The one way into the hub: every committed write, this process's or another
+    # instance's, reaches the feed once and is told to the dashboards from there.
+    broadcaster = Broadcaster(app[keys.HUB])
+    app[keys.BROADCASTER] = broadcaster
+    store.subscribe(broadcaster.on_changes)
     app[keys.CHATLIST] = ChatList(app[keys.SNAPSHOT], store, app[keys.CURSORS])
     try:
         if app[keys.SETTINGS].demo:
@@ -144,7 +150,7 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     store = app[keys.STORE]
     outbox = app[keys.OUTBOX]
-    inbox = Inbox(store, app[keys.HUB], outbox, make_sender(settings, app[keys.HTTP]))
+    inbox = Inbox(store, outbox, make_sender(settings, app[keys.HTTP]))
     responder = make_responder(settings, app[keys.AI_HTTP])
     if responder is not None:
         outbox.runners["ai"] = AiReplies(store, inbox, responder, settings).run
@@ -168,7 +174,7 @@ async def _sweeper(app: web.Application) -> AsyncIterator[None]:
 
 async def _warmer(app: web.Application) -> AsyncIterator[None]:
     """The background worker that keeps the snapshot warm; cancelled and awaited on exit."""
-    warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.INBOX])
+    warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.BROADCASTER])
     app[keys.WARMER] = warmer
     task = asyncio.create_task(warmer.run(), name="snapshot-warmer")
     try:
