@@ -60,7 +60,7 @@ from typing import Any, Final, TypeVar
 import structlog
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
-from google.cloud.firestore_v1 import FieldFilter, async_transactional
+from google.cloud.firestore_v1 import FieldFilter
 
 from server.config import Settings
 from server.models import Conversation, Message, MessageError, now_ms
@@ -107,6 +107,11 @@ HEALTH_DOC: Final = "_livechat/health"
 # Every store call gives up after this long: a webhook must answer Meta long before Meta's
 # own 20 s timeout, and a page past the window must not hang while Firestore is down.
 OP_TIMEOUT_S: Final = 10.0
+# Each RPC of a transaction (begin, commit) is bounded on its own too, with no hidden
+# retries, and a rollback (only a courtesy: Firestore drops an abandoned transaction's
+# locks when it expires) gets one short try.
+CALL_TIMEOUT_S: Final = 5.0
+ROLLBACK_TIMEOUT_S: Final = 1.0
 # A health read answers in milliseconds when Firestore is up (an unreachable one fails at
 # once). The first read of a freshly started emulator takes about 2 s: allow for it.
 PING_TIMEOUT_S: Final = 5.0
@@ -358,19 +363,67 @@ class FirestoreStore:
         return result
 
     async def _transact_once(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """One transaction with every RPC bounded: begin, the reads in `fn`, commit and
+        rollback each get CALL_TIMEOUT_S and no hidden retries, and the whole is bounded by
+        OP_TIMEOUT_S. (The client library's transaction runner takes no retry or timeout:
+        its rollback retries for up to a minute, on the caller's time, even after the
+        caller gave up.) Contention (Aborted) is tried again, TRANSACTION_ATTEMPTS times,
+        keeping the first attempt's place in line as the library does."""
+        api = self._client._firestore_api
+        database = self._client._database_string
+        metadata = self._client._rpc_metadata
+        retry_id: bytes | None = None
         async with self._guard(what):
             for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+                tx = self._client.transaction()
+                options = tx._options_protobuf(retry_id)
+                begun = await api.begin_transaction(
+                    request={"database": database, "options": options},
+                    metadata=metadata,
+                    retry=None,
+                    timeout=CALL_TIMEOUT_S,
+                )
+                tx._id = begun.transaction
+                retry_id = retry_id or tx._id
                 try:
-                    result: T = await async_transactional(fn)(self._client.transaction())
+                    result = await fn(tx)
+                    await api.commit(
+                        request={
+                            "database": database,
+                            "writes": tx._write_pbs,
+                            "transaction": tx._id,
+                        },
+                        metadata=metadata,
+                        retry=None,
+                        timeout=CALL_TIMEOUT_S,
+                    )
                 except gexc.Aborted:
+                    await self._rollback(tx)
                     if attempt == TRANSACTION_ATTEMPTS:
                         raise
                     await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
                     continue
-                except ValueError as e:  # the client's "commit retries exhausted"
-                    raise StoreUnavailable(f"firestore transaction kept aborting ({what})") from e
+                except BaseException:
+                    await asyncio.shield(self._rollback(tx))
+                    raise
+                tx._clean_up()
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _rollback(self, tx: Any) -> None:
+        """Let Firestore release the transaction's locks at once (they expire anyway):
+        one try, bounded; it must never hold up the caller."""
+        try:
+            await self._client._firestore_api.rollback(
+                request={"database": self._client._database_string, "transaction": tx._id},
+                metadata=self._client._rpc_metadata,
+                retry=None,
+                timeout=ROLLBACK_TIMEOUT_S,
+            )
+        except Exception as e:
+            log.info("firestore.rollback_failed", error=type(e).__name__)
+        finally:
+            tx._clean_up()
 
     def _lock(self, user_id: str) -> asyncio.Lock:
         """The in-process lock serialising writes to one customer's documents."""
