@@ -63,7 +63,7 @@ from google.cloud import firestore
 from google.cloud.firestore_v1 import FieldFilter
 
 from server.config import Settings
-from server.models import Conversation, Message, MessageError, now_ms
+from server.models import CONVERSATION_STATUSES, Conversation, Message, MessageError, now_ms
 from server.store import rules
 from server.store.base import (
     UNSET,
@@ -118,11 +118,27 @@ PING_TIMEOUT_S: Final = 5.0
 # A listener's first snapshot: the changes of the last MARK_MARGIN_MS, normally in well
 # under a second; a freshly started emulator takes a few seconds to answer at all.
 FIRST_SNAPSHOT_TIMEOUT_S: Final = 30.0
-# How far before this machine's "now" the first listener's mark is set: it covers a
-# difference between this clock and Firestore's (the window, read right after, covers what
-# came before). A listener that replaces another starts at the other's last read time,
-# Firestore's own clock: no margin, no gap.
-MARK_MARGIN_MS: Final = 10_000
+# How far before its start a listener's mark is set. `feed_at` is a server timestamp, and
+# Firestore stamps it with the time it *processed the request*, not the commit time
+# ("REQUEST_TIME: the time at which the server processed the request", Firestore API
+# reference, Value.timestamp_value / ServerValue): a commit that is slow to land can carry
+# a time before the last read time of a listener that never saw it. A new listener (first
+# start, hand-over, or replacing a dead one) therefore starts this long before the
+# previous one's last read time (the first one: before Firestore's own time, read from the
+# server), longer than any commit can take (our commits are bounded at CALL_TIMEOUT_S; the
+# longest commit deadline Firestore allows a transaction is 60 s of idle time). What it
+# delivers twice is dropped by version.
+MARK_MARGIN_MS: Final = 60_000
+# Each instance writes a heartbeat this often into the listened collection group; a
+# listener that has not delivered this instance's own beat for STALL_AFTER_S is silent
+# while it says it is active (the client library can do that, googleapis/python-firestore
+# #18 and #399) and is replaced: a silent stall is found within STALL_AFTER_S + a beat.
+HEARTBEAT_S: Final = 10.0
+STALL_AFTER_S: Final = 30.0
+HEARTBEATS: Final = "heartbeats"
+# Anti-entropy: the most recently committed conversations re-read and compared with
+# what was delivered, in case any path missed one.
+REPAIR_READS: Final = 200
 # Once a listener's result set holds this many conversations it moves to a newer mark:
 # the client's per-change sort stays cheap (about 8 us a document).
 RELISTEN_DOCS: Final = 1_000
@@ -241,6 +257,16 @@ class FirestoreStore:
         # The version (updated_at) of each conversation the feed delivered last: a change
         # delivered by two listeners during a hand-over reaches the subscribers once.
         self._versions: OrderedDict[str, int] = OrderedDict()
+        # This instance's heartbeats: the oldest beat not yet seen (number, when), and the
+        # newest its listener delivered.
+        self._beat_sent: tuple[int, float] | None = None
+        self._beat_seen = 0
+        # The last read time of a stopped listener: a new one catches up from there.
+        self._resume_from: datetime | None = None
+        self._beats = 0
+        self._beat_at = float("-inf")
+        # Conversations the anti-entropy pass delivered (something else had missed them).
+        self.repairs = 0
         # The feed_seq of each conversation's document as last seen (to see gaps).
         self._seqs: OrderedDict[str, int] = OrderedDict()
         self._paths: OrderedDict[str, str] = OrderedDict()
@@ -469,7 +495,7 @@ class FirestoreStore:
             await self._stop_feeds(self._feeds)
             if self._closed:
                 return
-            mark = datetime.now(UTC) - timedelta(milliseconds=MARK_MARGIN_MS)
+            mark = await self._server_time() - timedelta(milliseconds=MARK_MARGIN_MS)
             feed = await self._start_feed(mark)
             await self._first_snapshot(feed)
 
@@ -483,10 +509,12 @@ class FirestoreStore:
         """
         async with self._feed_lock:
             old = list(self._feeds)
-            if self._closed or not old:
+            last = (old[-1].read_time or old[-1].mark) if old else self._resume_from
+            if self._closed or last is None:
                 return
-            # Every commit up to the newest listener's last read time has been delivered.
-            feed = await self._start_feed(old[-1].read_time or old[-1].mark)
+            # Every commit up to the newest listener's last read time has been delivered,
+            # except one still landing with an earlier request time: hence the margin.
+            feed = await self._start_feed(last - timedelta(milliseconds=MARK_MARGIN_MS))
             try:
                 await self._first_snapshot(feed)
             except StoreUnavailable:
@@ -494,6 +522,90 @@ class FirestoreStore:
                 raise
             await self._stop_feeds(old)
             log.info("firestore.advanced", generation=feed.generation, mark=feed.mark.isoformat())
+
+    async def catch_up(self) -> None:
+        """Replace a listener that died or went silent by one that starts from its last
+        read time (less the margin): nothing is reloaded and nothing is missed."""
+        await self.advance()
+        self._beat_sent = None  # the new listener is judged on beats from now on
+        log.info("firestore.listener_replaced", generation=self._generation)
+
+    async def _server_time(self) -> datetime:
+        """Firestore's clock: the read time of a one-document read."""
+        async with self._guard("read the server's time"):
+            snap = await self._client.document(HEALTH_DOC).get(retry=None, timeout=PING_TIMEOUT_S)
+        self.reads.health += 1
+        read_time: datetime | None = snap.read_time
+        return read_time if read_time is not None else datetime.now(UTC)
+
+    @property
+    def stalled(self) -> bool:
+        """True when the listener has not delivered this instance's heartbeat for
+        STALL_AFTER_S: it says it streams but delivers nothing."""
+        sent = self._beat_sent
+        return (
+            sent is not None
+            and self._beat_seen < sent[0]
+            and time.monotonic() - sent[1] > STALL_AFTER_S
+        )
+
+    async def heartbeat(self) -> None:
+        """Write this instance's heartbeat (every HEARTBEAT_S) where its own listener must
+        see it."""
+        if time.monotonic() - self._beat_at < HEARTBEAT_S:
+            return
+        self._beat_at = time.monotonic()
+        self._beats += 1
+        beat = self._beats
+        ref = (
+            self._client.collection(HEARTBEATS)
+            .document(self.leases.owner)
+            .collection(CONVERSATIONS)
+            .document("heartbeat")
+        )
+        async with self._guard("heartbeat"):
+            await ref.set(
+                {"heartbeat": self.leases.owner, "beat": beat, FEED_AT: firestore.SERVER_TIMESTAMP},
+                retry=None,
+                timeout=PING_TIMEOUT_S,
+            )
+        if self._beat_sent is None or self._beat_seen >= self._beat_sent[0]:
+            # The clock of a stall starts at the oldest beat not yet seen.
+            self._beat_sent = (beat, time.monotonic())
+
+    async def repair(self) -> int:
+        """Anti-entropy: re-read the most recently committed conversations and deliver
+        any version this process never delivered (a path missed it). How many."""
+        query = (
+            self._client.collection_group(CONVERSATIONS)
+            .order_by(FEED_AT, direction=firestore.Query.DESCENDING)
+            .limit(REPAIR_READS)
+        )
+        async with self._guard("repair"):
+            docs = [d.to_dict() or {} for d in await query.get()]
+        self.reads.direct += max(1, len(docs))
+        repaired: list[Change] = []
+        for doc in docs:
+            if doc.get("heartbeat"):
+                continue
+            try:
+                conversation = rules.conversation_from_doc(doc)
+            except (KeyError, TypeError, ValueError):
+                continue
+            seen = self._versions.get(conversation.id)
+            if seen is not None and seen >= conversation.updated_at:
+                continue
+            if seen is None and now_ms() - conversation.updated_at < MARK_MARGIN_MS:
+                continue  # too recent to tell: the listener may still be bringing it
+            if self._first_delivery(conversation):
+                seq = doc.get(FEED_SEQ)
+                if isinstance(seq, int):
+                    self._note_seq(conversation.id, seq)
+                repaired.append(Change(conversation, missed=seen is not None))
+        if repaired and not self._closed:
+            self.repairs += len(repaired)
+            self._subscribers.emit(repaired)
+        return len(repaired)
 
     async def unlisten(self) -> None:
         """Stop the listener (during an outage its client would spin reconnecting)."""
@@ -532,6 +644,10 @@ class FirestoreStore:
     async def _stop_feeds(self, feeds: list[_Feed]) -> None:
         for feed in list(feeds):
             self._feeds.remove(feed)
+            # Where a later listener can pick up without a reload (catch_up).
+            last = feed.read_time or feed.mark
+            if self._resume_from is None or last > self._resume_from:
+                self._resume_from = last
             if not feed.first.done():
                 feed.first.set_exception(StoreUnavailable("the listener was stopped"))
                 feed.first.exception()  # retrieved: nobody may be waiting for it
@@ -573,6 +689,10 @@ class FirestoreStore:
         self.reads.listener += sum(1 for removed, _ in batch if not removed)
         changes: list[Change] = []
         for removed, doc in batch:
+            if doc and doc.get("heartbeat"):
+                if doc["heartbeat"] == self.leases.owner and isinstance(doc.get("beat"), int):
+                    self._beat_seen = max(self._beat_seen, doc["beat"])
+                continue
             change = self._change(removed, doc or {}, feed.started - MARK_MARGIN_MS)
             if change is not None:
                 changes.append(change)
@@ -708,6 +828,8 @@ class FirestoreStore:
         query = self._client.collection_group(CONVERSATIONS)
         if status is not None:
             query = query.where(filter=FieldFilter("status", "==", status))
+        else:  # not the heartbeats that share the collection group's name
+            query = query.where(filter=FieldFilter("status", "in", list(CONVERSATION_STATUSES)))
         async with self._guard("count"):
             result = await query.count(alias="n").get()
         n = int(result[0][0].value)
