@@ -81,6 +81,7 @@ def _routes(app: web.Application, settings: Settings) -> None:
     r.add_get("/api/live-chat/events", events.events)
     r.add_get("/api/live-chat/conversations/{id}", chats.get_conversation)
     r.add_patch("/api/live-chat/conversations/{id}", chats.patch_conversation)
+    r.add_delete("/api/live-chat/conversations/{id}", chats.delete_conversation)
     r.add_get("/api/live-chat/conversations/{id}/messages", chats.list_messages)
     r.add_post("/api/live-chat/conversations/{id}/messages", chats.post_message)
     r.add_post("/api/live-chat/conversations/{id}/messages/{message_id}/retry", chats.retry_message)

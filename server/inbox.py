@@ -276,6 +276,12 @@ class Inbox:
             error_code=result.error.code if result.error else None,
         )
 
+    async def delete(self, conversation_id: str) -> Conversation:
+        """Erase a conversation (a customer's request to be forgotten, say)."""
+        conversation = await self.store.delete_conversation(conversation_id)
+        log.info("conversation.deleted", conversation_id=conversation_id)
+        return conversation
+
     async def update(
         self,
         conversation_id: str,

@@ -558,3 +558,162 @@ async def test_under_an_outage_every_store_call_returns_within_its_bound(own_emu
         assert not slow, slow
         failed = {name for name, (outcome, _) in results.items() if outcome != "answered"}
         assert failed >= {"ping", "save_inbound", "set_delivery", "update_conversation"}
+
+
+# -- the feed in production shape: hand-over, blips, deletes ------------------------------
+
+
+def _raw_conversation_doc(user_id: str, conversation_id: str, when_ms: int) -> dict:
+    """A conversation document as the store writes it (feed_at set by the caller)."""
+    from server.models import Conversation
+    from server.store.firestore import _document
+
+    conversation = Conversation(
+        id=conversation_id,
+        user_id=user_id,
+        user_name="Late Commit",
+        phone="+966500000099",
+        channel="whatsapp",
+        status="open",
+        unread_count=1,
+        ai_enabled=True,
+        assignee=None,
+        created_at=when_ms,
+        last_activity=when_ms,
+        last_message=None,
+        updated_at=when_ms,
+    )
+    return _document(conversation, {}, None)
+
+
+@pytest.mark.firestore
+@pytest.mark.parametrize("store_kind", ["firestore"], indirect=True)
+async def test_a_commit_stamped_before_the_hand_over_mark_is_delivered_once(make_client):
+    from datetime import timedelta
+
+    a = await make_client(instance_id="a")
+    store = a.app[keys.STORE]
+    stream = await SseStream.open(a)
+    # The listener stops (a hand-over, or it died); a commit whose request time is before
+    # the last read time it had lands only now, so it never saw it.
+    await store.unlisten()
+    resume = store._resume_from
+    assert resume is not None
+    doc = _raw_conversation_doc("966500000099", "c_late_commit", now_ms())
+    doc["feed_at"] = resume - timedelta(seconds=5)
+    await store._client.document("users/966500000099/conversations/c_late_commit").set(doc)
+    await store.catch_up()
+    _event, _ = await stream.until(
+        lambda e: (
+            e.name == "conversation_updated" and e.data["conversation"]["id"] == "c_late_commit"
+        ),
+        within=10,
+    )
+    assert a.app[keys.SNAPSHOT].get("c_late_commit") is not None
+    again = await stream.nothing_for(1.5)
+    assert not [e for e in again if "c_late_commit" in json_of(e)]
+    stream.close()
+
+
+def json_of(event) -> str:
+    import json
+
+    return json.dumps(event.data)
+
+
+@pytest.mark.firestore
+@pytest.mark.parametrize("store_kind", ["firestore"], indirect=True)
+@pytest.mark.timeout(120)
+async def test_a_listener_killed_ten_times_costs_no_reload_no_resync_and_no_change(
+    make_client, graph
+):
+    a = await make_client(instance_id="a", **graph_settings(graph))
+    b = await make_client(instance_id="b", **graph_settings(graph))
+    store = a.app[keys.STORE]
+    stream = await SseStream.open(a)
+    sent: list[str] = []
+    with capture_logs() as logs:
+        for i in range(10):
+            feed = store._feeds[-1]
+            store._feed_failed(feed, "killed by the test")  # what a failing callback does
+            m = text(f"message {i} while A's listener was killed", frm=f"9665000001{i:02d}")
+            assert (await post_webhook(b, webhook([m]))).status == 200
+            sent.append(message_id_for_wamid(m["id"]))
+            await wait_until(lambda f=feed: _replaced(store, f), within=10, interval=0.1)
+    for mid in sent:
+        await stream.until(is_message(mid), within=10)
+    later = await stream.nothing_for(2.0)
+    everything = stream.events
+    assert not [e for e in everything if e.name == "resync"]
+    for mid in sent:
+        assert len([e for e in everything if is_message(mid)(e)]) == 1
+    assert not [e for e in later if any(is_message(mid)(e) for mid in sent)]
+    assert not [e for e in logs if e["event"] in ("snapshot.loaded", "firestore.outage")]
+    assert len([e for e in logs if e["event"] == "firestore.listener_replaced"]) >= 10
+    stream.close()
+
+
+async def _replaced(store, feed) -> bool:
+    return bool(store._feeds) and store._feeds[-1] is not feed and store.listening
+
+
+@pytest.mark.firestore
+@pytest.mark.parametrize("store_kind", ["firestore"], indirect=True)
+@pytest.mark.timeout(120)
+async def test_a_silent_listener_is_found_by_its_heartbeat_and_replaced(
+    make_client, graph, monkeypatch
+):
+    import server.store.firestore as fs
+
+    # Seconds instead of the production 10 s beat and 30 s stall (found within a minute).
+    monkeypatch.setattr(fs, "HEARTBEAT_S", 0.5)
+    monkeypatch.setattr(fs, "STALL_AFTER_S", 3.0)
+    a = await make_client(instance_id="a", **graph_settings(graph))
+    b = await make_client(instance_id="b", **graph_settings(graph))
+    store = a.app[keys.STORE]
+    stream = await SseStream.open(a)
+    silent = store._feeds[-1]
+    deliver = store._deliver
+
+    def muted(feed, batch):  # the watch says it is active but delivers nothing
+        if feed is not silent:
+            deliver(feed, batch)
+
+    monkeypatch.setattr(store, "_deliver", muted)
+    m = text("sent while A's listener is silent", frm="966500000200")
+    assert (await post_webhook(b, webhook([m]))).status == 200
+    started = time.monotonic()
+    _event, _ = await stream.until(is_message(message_id_for_wamid(m["id"])), within=60)
+    assert time.monotonic() - started < 60
+    assert store._feeds[-1] is not silent
+    assert not [e for e in stream.events if e.name == "resync"]
+    stream.close()
+
+
+@pytest.mark.firestore
+@pytest.mark.parametrize("store_kind", ["firestore"], indirect=True)
+async def test_deleting_an_old_conversation_removes_it_from_every_instance(make_client, graph):
+    from datetime import UTC, datetime
+
+    a = await make_client(instance_id="a", **graph_settings(graph))
+    # A conversation last committed long before any listener started.
+    doc = _raw_conversation_doc("966500000300", "c_old_one", now_ms() - 86_400_000)
+    doc["feed_at"] = datetime(2024, 1, 1, tzinfo=UTC)
+    await a.app[keys.STORE]._client.document("users/966500000300/conversations/c_old_one").set(doc)
+    b = await make_client(instance_id="b", **graph_settings(graph))
+    assert b.app[keys.SNAPSHOT].get("c_old_one") is not None
+    stream_b = await SseStream.open(b)
+    resp = await a.delete("/api/live-chat/conversations/c_old_one")
+    assert resp.status == 200
+    deleted = time.monotonic()
+    await stream_b.until(
+        lambda e: e.name == "conversation_deleted" and e.data["conversation_id"] == "c_old_one",
+        within=2,
+    )
+    assert time.monotonic() - deleted < 2
+    assert b.app[keys.SNAPSHOT].get("c_old_one") is None
+    assert "c_old_one" not in await listed_ids(b)
+    assert (await a.get("/api/live-chat/conversations/c_old_one")).status == 404
+    again = await stream_b.nothing_for(1.0)
+    assert not [e for e in again if e.name == "conversation_deleted"]
+    stream_b.close()

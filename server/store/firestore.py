@@ -261,6 +261,8 @@ class FirestoreStore:
         # newest its listener delivered.
         self._beat_sent: tuple[int, float] | None = None
         self._beat_seen = 0
+        # Conversations whose deletion reached the feed (marked, then removed: told once).
+        self._deleted: OrderedDict[str, None] = OrderedDict()
         # The last read time of a stopped listener: a new one catches up from there.
         self._resume_from: datetime | None = None
         self._beats = 0
@@ -713,7 +715,14 @@ class FirestoreStore:
         except (KeyError, TypeError, ValueError) as e:
             log.warning("firestore.bad_document", error=repr(e))
             return None
-        if removed:  # deleted (a change never leaves `feed_at > mark`)
+        if removed or doc.get("deleted"):
+            # Marked deleted (a deletion goes through the feed first, so every instance
+            # hears of it however old the conversation), or gone: once either way.
+            if conversation.id in self._deleted:
+                return None
+            self._deleted[conversation.id] = None
+            if len(self._deleted) > VERSIONS_KEPT:
+                self._deleted.popitem(last=False)
             self._versions.pop(conversation.id, None)
             self._seqs.pop(conversation.id, None)
             return Change(conversation, removed=True)
@@ -760,6 +769,11 @@ class FirestoreStore:
         out: list[Change] = []
         for change in changes:
             conversation = change.conversation
+            if change.removed:
+                if conversation.id not in self._deleted:
+                    self._deleted[conversation.id] = None
+                    out.append(change)
+                continue
             stamp = stamps.get(conversation.id) if stamps is not None else None
             missed = False
             if stamp is not None:
@@ -1354,6 +1368,53 @@ class FirestoreStore:
 
         async with self._lock(_user_of(path)):
             return await self._transact("update conversation", write, rules.conversation_changes)
+
+    async def delete_conversation(self, conversation_id: str) -> Conversation:
+        """Erase a conversation: first marked deleted through the feed (a new version, so
+        every instance's listener delivers it, however old the conversation), then its
+        messages, their WhatsApp-id pointers, its tasks and the document itself."""
+        path = await self._conversation_path(conversation_id)
+        conversation_ref = self._client.document(path)
+
+        async def mark(tx: Any, stamps: _Stamps) -> Conversation:
+            snap = await conversation_ref.get(transaction=tx)
+            self.reads.direct += 1
+            if not snap.exists:
+                raise NotFound(f"no conversation {conversation_id!r}")
+            previous = snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
+            gone = conversation.with_changes(updated_at=max(now_ms(), conversation.updated_at + 1))
+            doc = _document(gone, previous, stamps)
+            doc["deleted"] = True
+            tx.set(conversation_ref, doc)
+            return gone
+
+        async with self._lock(_user_of(path)):
+            conversation = await self._transact(
+                "delete conversation", mark, lambda c: [Change(c, removed=True)]
+            )
+        async with self._guard("delete messages"):
+            messages = await conversation_ref.collection(MESSAGES).get()
+        self.reads.direct += max(1, len(messages))
+        refs = [conversation_ref.collection(MESSAGES).document(m.id) for m in messages]
+        for m in messages:
+            data = m.to_dict() or {}
+            if data.get("wa_message_id"):
+                refs.append(
+                    self._client.collection(WAMIDS).document(
+                        message_id_for_wamid(data["wa_message_id"])
+                    )
+                )
+            refs.append(self._task_ref(rules.send_task_id(m.id)))
+        refs += [self._task_ref(rules.ai_task_id(conversation_id)), conversation_ref]
+        for start in range(0, len(refs), BATCH_WRITES):
+            batch = self._client.batch()
+            for ref in refs[start : start + BATCH_WRITES]:
+                batch.delete(ref)
+            async with self._guard("delete conversation"):
+                await batch.commit()
+        self._paths.pop(conversation_id, None)
+        return conversation
 
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]
