@@ -1,6 +1,6 @@
 """The production store: Cloud Firestore (or its emulator).
 
-Data model (DESIGN.md "Stores"):
+Data model (docs/ARCHITECTURE.md and docs/PRODUCTION.md describe how it is used):
 
 - `users/{user_id}`: name, phone, channel, created_at, and `latest_conversation_id`, so the
   one-open-conversation rule is a read of the user document inside the save transaction.
@@ -51,7 +51,7 @@ import os
 import random
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -275,6 +275,8 @@ class FirestoreStore:
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._closed = False
         self.reads = Reads()
+        # Documents written by transactions, by kind (conversation, message, user, ...).
+        self.writes: Counter[str] = Counter()
         # Clients replaced by recover(), with when: closed once no call can still use them.
         self._retired: list[tuple[float, Any]] = []
         # Serialises listen/unlisten (the supervisor and close may race on shutdown).
@@ -434,9 +436,18 @@ class FirestoreStore:
                 except BaseException:
                     await asyncio.shield(self._rollback(tx))
                     raise
+                self._count_writes(tx._write_pbs)
                 tx._clean_up()
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _count_writes(self, write_pbs: Sequence[Any]) -> None:
+        """Count committed document writes by kind, as Firestore bills them."""
+        for pb in write_pbs:
+            if pb.update.name:
+                self.writes[_kind_of(pb.update.name)] += 1
+            else:  # deletes are billed apart, at a ninth of a write
+                self.writes[_kind_of(pb.delete) + " (delete)"] += 1
 
     async def _rollback(self, tx: Any) -> None:
         """Let Firestore release the transaction's locks at once (they expire anyway):
@@ -1006,7 +1017,9 @@ class FirestoreStore:
                 profile["identities"] = sorted(known | set(fresh))
             if not user.exists:
                 profile["created_at"] = now
-            tx.set(user_ref, profile, merge=True)
+            held = user.to_dict() or {} if user.exists else {}
+            if any(held.get(k) != v for k, v in profile.items()):
+                tx.set(user_ref, profile, merge=True)  # only when it changes: a write each
             for identity in fresh:
                 tx.set(db.collection(IDENTITIES).document(identity), {"user_id": user_id})
             tx.set(
@@ -1515,6 +1528,13 @@ def _close_channel(client: Any) -> None:
     """Close a client's gRPC channel (the client library offers no close of its own)."""
     with contextlib.suppress(Exception):  # a channel already broken may fail to close
         client._firestore_api.transport.close()
+
+
+def _kind_of(path: str) -> str:
+    """The kind of document a path names: its collection, messages apart from their
+    conversation."""
+    parts = path.split("/documents/", 1)[-1].split("/")
+    return parts[-2] if len(parts) >= 2 else "unknown"
 
 
 def _user_of(path: str) -> str:

@@ -1,6 +1,6 @@
 """The listener's supervisor: keeps a store's realtime listener alive, and honest when it is not.
 
-The Firestore client's listener cannot be trusted to look after itself (DESIGN.md): on a lost
+The Firestore client's listener cannot be trusted to look after itself: on a lost
 connection it reconnects in a tight loop that burns a whole core, and errors it does not
 retry close it without telling anyone. So the supervisor
 
