@@ -4,6 +4,7 @@ listener window, and an outage of the store the server must live through."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -717,3 +718,98 @@ async def test_deleting_an_old_conversation_removes_it_from_every_instance(make_
     again = await stream_b.nothing_for(1.0)
     assert not [e for e in again if e.name == "conversation_deleted"]
     stream_b.close()
+
+
+@pytest.mark.firestore
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("store_kind", ["firestore"], indirect=True)
+async def test_three_instances_a_minute_of_mixed_traffic_agree_and_tell_everything_once(
+    make_client, graph, llm
+):
+    import random
+
+    from tests.test_ai_replies import llm_settings
+
+    rng = random.Random(7)
+    settings = {**graph_settings(graph), **llm_settings(llm)}
+    apps = [await make_client(instance_id=name, **settings) for name in ("a", "b", "c")]
+    streams = [await SseStream.open(app) for app in apps for _ in range(2)]
+
+    async def drain(stream):
+        with contextlib.suppress(EOFError, asyncio.CancelledError):
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await stream.next(1.0)
+
+    readers = [asyncio.create_task(drain(s)) for s in streams]
+    customers = [f"9665000004{n:02d}" for n in range(12)]
+    deadline = time.monotonic() + 60
+    sent_webhooks = replies = statuses = 0
+    while time.monotonic() < deadline:
+        app = rng.choice(apps)
+        roll = rng.random()
+        if roll < 0.5:
+            m = text(f"question {sent_webhooks}", frm=rng.choice(customers))
+            assert (await post_webhook(app, webhook([m]))).status in (200, 503)
+            sent_webhooks += 1
+        elif roll < 0.75:
+            chats = (await (await app.get(LIST, params={"status": "all"})).json())["chats"]
+            if chats:
+                cid = rng.choice(chats)["id"]
+                body = {"text": f"agent answer {replies}"}
+                resp = await app.post(f"/api/live-chat/conversations/{cid}/messages", json=body)
+                assert resp.status in (201, 503)
+                replies += 1
+        else:
+            if graph.requests:
+                # WhatsApp's statuses for a reply it took: delivered, then read.
+                index = rng.randrange(len(graph.requests))
+                wamid = f"wamid.FAKE{index + 1:04d}"
+                value = rng.choice(["delivered", "read"])
+                body = webhook(statuses=[status(wamid, value)])
+                assert (await post_webhook(app, body)).status in (200, 503)
+                statuses += 1
+        await asyncio.sleep(rng.uniform(0.05, 0.3))
+
+    store = apps[0].app[keys.STORE]
+
+    async def settled():
+        stored = {c.id: c.updated_at for c in await store.load_window(None)}
+        held = [{r.id: r.updated_at for r in app.app[keys.SNAPSHOT].rows()} for app in apps]
+        return stored if all(h == stored for h in held) else None
+
+    stored = await wait_until(settled, within=30, interval=0.5)
+    await asyncio.sleep(2)
+    for reader in readers:
+        reader.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+
+    messages: dict[str, dict] = {}
+    for cid in stored:
+        for m in await all_messages(apps[0], cid):
+            messages[m["id"]] = m
+    assert sent_webhooks > 50 and replies > 20 and statuses > 20
+    for stream in streams:
+        news = [e.data["message"]["id"] for e in stream.events if is_message_event(e)]
+        assert sorted(news) == sorted(messages), "a message told twice, or never"
+        ticks = [
+            (e.data["message_id"], e.data["attempt"], e.data["status"])
+            for e in stream.events
+            if e.name == "message_status"
+        ]
+        assert len(ticks) == len(set(ticks)), "a status told twice"
+        final = {}
+        for e in stream.events:
+            if is_message_event(e):
+                final[e.data["message"]["id"]] = e.data["message"]["status"]
+            elif e.name == "message_status":
+                final[e.data["message_id"]] = e.data["status"]
+        for mid, m in messages.items():
+            assert final[mid] == m["status"], (mid, final[mid], m["status"])
+        assert not [e for e in stream.events if e.name == "resync"]
+        stream.close()
+
+
+def is_message_event(event) -> bool:
+    return event.name in ("new_message", "new_conversation")
