@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from server import keys
+from server.broadcaster import Broadcaster
 from server.chatlist import ChatList
 from server.config import Settings
 from server.cursor import CursorCodec
@@ -87,6 +88,7 @@ def _routes(app: web.Application, settings: Settings) -> None:
     r.add_get("/api/live-chat/events", events.events)
     r.add_get("/api/live-chat/conversations/{id}", chats.get_conversation)
     r.add_patch("/api/live-chat/conversations/{id}", chats.patch_conversation)
+    r.add_delete("/api/live-chat/conversations/{id}", chats.delete_conversation)
     r.add_get("/api/live-chat/conversations/{id}/messages", chats.list_messages)
     r.add_post("/api/live-chat/conversations/{id}/messages", chats.post_message)
     r.add_post("/api/live-chat/conversations/{id}/messages/{message_id}/retry", chats.retry_message)
@@ -127,6 +129,11 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     store = make_store(app[keys.SETTINGS])
     await store.start()
     app[keys.STORE] = store
+    # The one way into the hub: every committed write, this process's or another
+    # instance's, reaches the feed once and is told to the dashboards from there.
+    broadcaster = Broadcaster(app[keys.HUB])
+    app[keys.BROADCASTER] = broadcaster
+    store.subscribe(broadcaster.on_changes)
     app[keys.CHATLIST] = ChatList(app[keys.SNAPSHOT], store, app[keys.CURSORS])
     try:
         if app[keys.SETTINGS].demo:
@@ -163,7 +170,6 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
     sender = make_sender(settings, app[keys.HTTP])
     inbox = Inbox(
         store,
-        app[keys.HUB],
         outbox,
         sender,
         app[keys.MEDIA],
@@ -211,7 +217,7 @@ async def _sweeper(app: web.Application) -> AsyncIterator[None]:
 
 async def _warmer(app: web.Application) -> AsyncIterator[None]:
     """The background worker that keeps the snapshot warm; cancelled and awaited on exit."""
-    warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.INBOX])
+    warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.BROADCASTER])
     app[keys.WARMER] = warmer
     task = asyncio.create_task(warmer.run(), name="snapshot-warmer")
     try:

@@ -1,8 +1,9 @@
 """The inbox: the domain operations handlers call, in the order the product promises.
 
-Save first (durable, with the work it owes recorded in the same write), publish at once
-(every open dashboard sees it), then the slow work (the AI reply, the WhatsApp send) in the
-outbox's lanes, never holding up the caller; see server/workers/outbox.py.
+Save first (durable, with the work it owes recorded in the same write); the store's change
+feed tells every open dashboard at once (server/broadcaster.py); then the slow work (the AI
+reply, the WhatsApp send) runs in the outbox's lanes, never holding up the caller; see
+server/workers/outbox.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any, Final, Protocol
 
 import structlog
 
-from server.hub import Hub
 from server.media import MediaStore, MediaStoreError
 from server.models import Conversation, Message, MessageError, preview
 from server.store import rules
@@ -29,10 +29,10 @@ from server.store.base import (
     Saved,
     StatusChange,
     StoreError,
-    StoreUnavailable,
     Task,
     UnknownMessage,
     Unset,
+    Unstorable,
 )
 from server.workers.outbox import Outbox, room
 
@@ -115,12 +115,6 @@ class Responder(Protocol):
         """The reply to send, or None to stay silent."""
 
 
-def message_event(saved: Saved) -> tuple[str, dict[str, Any]]:
-    """The SSE event a stored message produces."""
-    name = "new_conversation" if saved.new_conversation else "new_message"
-    return name, {"conversation": saved.conversation.to_json(), "message": saved.message.to_json()}
-
-
 def quoted(message: Message) -> dict[str, Any]:
     """A short copy of a message another one quotes, shown above the reply."""
     text = message.text
@@ -135,12 +129,12 @@ def quoted(message: Message) -> dict[str, Any]:
 
 
 class Inbox:
-    """Receives, replies and updates: store, then hub, then the outbox."""
+    """Receives, replies and updates: the store (whose feed tells the dashboards), then the
+    outbox."""
 
     def __init__(
         self,
         store: ChatStore,
-        hub: Hub,
         outbox: Outbox,
         sender: Sender,
         media: MediaStore | None = None,
@@ -148,7 +142,6 @@ class Inbox:
         read_receipts: bool = True,
     ) -> None:
         self.store = store
-        self.hub = hub
         self.outbox = outbox
         self.sender = sender
         self.media = media
@@ -159,70 +152,6 @@ class Inbox:
     def close(self) -> None:
         """Shutting down: background waits that can be dropped end now."""
         self._closing.set()
-
-    def publish_message(self, saved: Saved) -> None:
-        """Broadcast a stored message once (its id dedupes the change feed's copy)."""
-        name, data = message_event(saved)
-        self.hub.publish(
-            name,
-            data,
-            dedupe_key=f"msg:{saved.message.id}",
-            conversation_id=saved.conversation.id,
-            user_id=saved.conversation.user_id,
-        )
-
-    def publish_conversation(self, conversation: Conversation) -> None:
-        """Broadcast a changed conversation summary (read, status, AI switch, assignee)."""
-        self.hub.publish(
-            "conversation_updated",
-            {"conversation": conversation.to_json()},
-            dedupe_key=f"conv:{conversation.id}:{conversation.updated_at}",
-            conversation_id=conversation.id,
-            user_id=conversation.user_id,
-        )
-
-    def publish_resync(self, conversation: Conversation) -> None:
-        """Tell open panes of a conversation to reload its messages: some reached this
-        instance only as a summary (a burst merged by the store's listener)."""
-        self.hub.publish(
-            "conversation_resync",
-            {"conversation_id": conversation.id},
-            dedupe_key=f"resync:{conversation.id}:{conversation.updated_at}",
-            conversation_id=conversation.id,
-            user_id=conversation.user_id,
-        )
-
-    def publish_status(self, change: StatusChange) -> None:
-        """Broadcast a message's new delivery status."""
-        message = change.message
-        self.hub.publish(
-            "message_status",
-            {
-                "conversation_id": message.conversation_id,
-                "message_id": message.id,
-                "status": message.status,
-                "error": message.error.to_json() if message.error else None,
-                "attempt": message.attempt,
-                # Once sent, WhatsApp's id: what customers' reactions and quotes name.
-                "wa_message_id": message.wa_message_id,
-            },
-            dedupe_key=f"status:{message.id}:{message.attempt}:{message.status}",
-            conversation_id=message.conversation_id,
-            user_id=change.conversation.user_id,
-        )
-
-    def publish_message_updated(self, change: StatusChange) -> None:
-        """Broadcast a message whose content changed (its media was downloaded or given
-        up on): open panes replace their copy."""
-        message = change.message
-        state = message.media.state if message.media else None
-        self.hub.publish(
-            "message_updated",
-            {"conversation_id": message.conversation_id, "message": message.to_json()},
-            dedupe_key=f"updated:{message.id}:{state}",
-            conversation_id=message.conversation_id,
-            user_id=change.conversation.user_id,
-        )
 
     async def receive(self, inbound: InboundMessage) -> Saved | None:
         """A customer's message: save, broadcast, then ask the AI. None for a duplicate."""
@@ -236,10 +165,7 @@ class Inbox:
         results: list[Saved | None] = []
         try:
             for inbound in inbounds:
-                saved = await self._save_inbound(inbound)
-                if saved is not None:
-                    self.publish_message(saved)
-                results.append(saved)
+                results.append(await self._save_inbound(inbound))
         finally:
             # Also when a later message could not be saved: what was saved owes its work.
             owed = {
@@ -258,27 +184,33 @@ class Inbox:
         kept once as `unsupported` with the reason, so the rest of its batch stands."""
         try:
             return await self.store.save_inbound(await self._with_quote(inbound))
-        except StoreUnavailable:
-            raise
-        except Exception as e:  # its content, not the store: keep what can be kept
-            log.exception(
-                "webhook.message_not_stored",
-                wa_message_id=inbound.wa_message_id,
-                type=inbound.type,
-                error=type(e).__name__,
-            )
-            kept = dataclasses.replace(
-                inbound,
-                type="unsupported",
-                text=None,
-                media=None,
-                user_name=None,
-                extra={
-                    "original_type": inbound.type,
-                    "reason": f"the message could not be stored ({type(e).__name__})",
-                },
-            )
-            return await self.store.save_inbound(kept)
+        except StoreError as e:
+            if not isinstance(e, Unstorable):
+                raise  # an outage or contention: the webhook answers 503, Meta redelivers
+            refused: Exception = e
+        except Exception as e:  # the store's encoders refused its content
+            refused = e
+        # Logged with the traceback: a value the parser let through that the store cannot
+        # hold is a parser bug to fix, though no message is lost to it.
+        log.warning(
+            "webhook.message_not_stored",
+            wa_message_id=inbound.wa_message_id,
+            type=inbound.type,
+            error=type(refused).__name__,
+            exc_info=refused,
+        )
+        kept = dataclasses.replace(
+            inbound,
+            type="unsupported",
+            text=None,
+            media=None,
+            user_name=None,
+            extra={
+                "original_type": inbound.type,
+                "reason": f"the message could not be stored ({type(refused).__name__})",
+            },
+        )
+        return await self.store.save_inbound(kept)
 
     async def _with_quote(self, inbound: InboundMessage) -> InboundMessage:
         """A reply to an earlier message carries a copy of what it quotes, so the thread
@@ -303,7 +235,7 @@ class Inbox:
         instance may be sending it).
         """
         try:
-            change = await self.store.apply_status(wa_message_id, status, error)
+            return await self.store.apply_status(wa_message_id, status, error)
         except UnknownMessage:
             lane = self.outbox.lanes.statuses
             if room(lane) > 0 and not lane.closed and not self._closing.is_set():
@@ -311,9 +243,6 @@ class Inbox:
             else:
                 log.info("status.unmatched", wa_message_id=wa_message_id, status=status)
             return None
-        if change is not None:
-            self.publish_status(change)
-        return change
 
     async def _retry_status(
         self, wa_message_id: str, status: str, error: MessageError | None
@@ -325,14 +254,12 @@ class Inbox:
                 log.info("status.dropped", wa_message_id=wa_message_id, reason="shutting down")
                 return  # the delivery was answered 200: Meta will not send it again
             try:
-                change = await self.store.apply_status(wa_message_id, status, error)
+                await self.store.apply_status(wa_message_id, status, error)
             except UnknownMessage:
                 continue
             except StoreError as e:
                 log.warning("status.retry_failed", wa_message_id=wa_message_id, error=str(e))
                 return
-            if change is not None:
-                self.publish_status(change)
             log.info("status.applied_late", wa_message_id=wa_message_id, status=status)
             return
         # A message this server never sent (the business's phone app, another tool).
@@ -356,7 +283,6 @@ class Inbox:
             take_over=sender == "agent",
             answers=answers,
         )
-        self.publish_message(saved)
         if saved.task is not None:
             await self.outbox.submit(saved.task)
         return saved
@@ -364,7 +290,6 @@ class Inbox:
     async def retry(self, message_id: str) -> Saved:
         """Send a failed reply again (an agent's decision): queued, broadcast, sent."""
         saved = await self.store.retry_send(message_id)
-        self.publish_status(StatusChange(saved.conversation, saved.message))
         if saved.task is not None:
             await self.outbox.submit(saved.task)
         return saved
@@ -439,7 +364,6 @@ class Inbox:
         """An agent's message of any kind: checked against the customer-service window,
         saved as queued with its send (taking over from the AI), broadcast, then sent."""
         saved = await self.store.save_agent_message(conversation_id, draft, agent_id=agent_id)
-        self.publish_message(saved)
         if saved.task is not None:
             await self.outbox.submit(saved.task)
         return saved
@@ -463,7 +387,6 @@ class Inbox:
         change = await self.store.set_delivery(newest.id, status="read")
         if change is None:
             return conversation
-        self.publish_status(change)
         lane = self.outbox.lanes.statuses
         if room(lane) > 0 and not lane.closed and not self._closing.is_set():
             await lane.spawn(
@@ -489,11 +412,10 @@ class Inbox:
     async def _record(
         self, conversation: Conversation, message: Message, result: SendResult
     ) -> None:
-        """Store a send's outcome (tried again while the store fails) and broadcast it."""
-        change: StatusChange | None = None
+        """Store a send's outcome (tried again while the store fails)."""
         for delay in (*OUTCOME_RETRY_DELAYS_S, None):
             try:
-                change = await self.store.set_delivery(
+                await self.store.set_delivery(
                     message.id,
                     status=result.status,
                     wa_message_id=result.wa_message_id,
@@ -520,8 +442,12 @@ class Inbox:
             status=result.status,
             error_code=result.error.code if result.error else None,
         )
-        if change is not None:
-            self.publish_status(change)
+
+    async def delete(self, conversation_id: str) -> Conversation:
+        """Erase a conversation (a customer's request to be forgotten, say)."""
+        conversation = await self.store.delete_conversation(conversation_id)
+        log.info("conversation.deleted", conversation_id=conversation_id)
+        return conversation
 
     async def update(
         self,
@@ -532,13 +458,11 @@ class Inbox:
         assignee: str | Unset | None = UNSET,
         mark_read: bool = False,
     ) -> Conversation:
-        """Change a conversation and broadcast the new summary."""
-        conversation = await self.store.update_conversation(
+        """Change a conversation (the store's feed tells the dashboards)."""
+        return await self.store.update_conversation(
             conversation_id,
             status=status,
             ai_enabled=ai_enabled,
             assignee=assignee,
             mark_read=mark_read,
         )
-        self.publish_conversation(conversation)
-        return conversation

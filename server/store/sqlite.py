@@ -447,7 +447,7 @@ class SqliteStore:
                 conversation, message, new_conversation=created, task=task, media_task=media_task
             )
 
-        return await self._write(write, lambda s: [Change(s.conversation, local=True)] if s else [])
+        return await self._write(write, rules.saved_changes)
 
     async def save_outbound(
         self,
@@ -482,7 +482,7 @@ class SqliteStore:
                 self._put_task(task)
             return Saved(conversation, message, task=task)
 
-        return await self._write(write, lambda s: [Change(s.conversation, local=True)])
+        return await self._write(write, rules.saved_changes)
 
     async def get_message(self, message_id: str) -> Message:
         """One message."""
@@ -520,7 +520,7 @@ class SqliteStore:
             self._put_task(task)
             return Saved(conversation, message, task=task)
 
-        return await self._write(write, lambda s: [Change(s.conversation, local=True)])
+        return await self._write(write, rules.saved_changes)
 
     async def set_media(self, message_id: str, media: Media) -> StatusChange | None:
         """Record a message's media state, completing its download task."""
@@ -534,7 +534,7 @@ class SqliteStore:
             self._put_message(updated, insert=False)
             return StatusChange(self._conversation(message.conversation_id), updated)
 
-        return await self._write(write, _no_changes)
+        return await self._write(write, rules.status_changes)
 
     async def claim_tasks(self, *, limit: int, kind: TaskKind, steal: bool = False) -> list[Task]:
         """Lease up to `limit` tasks whose lease ran out (all of them with `steal`)."""
@@ -623,7 +623,9 @@ class SqliteStore:
             self._put_task(task)
             return Saved(after, queued, task=task)
 
-        return await self._write(write, lambda s: [Change(s.conversation, local=True)])
+        return await self._write(
+            write, lambda s: rules.status_changes(StatusChange(s.conversation, s.message))
+        )
 
     def _message(self, where: str, arg: str) -> Message | None:
         row = self._db.execute(f"SELECT doc FROM messages WHERE {where} = ?", (arg,)).fetchone()
@@ -650,18 +652,6 @@ class SqliteStore:
             self._put_conversation(after)
         return StatusChange(after, updated)
 
-    @staticmethod
-    def _status_changes(result: StatusChange | None) -> list[Change]:
-        if result is None:
-            return []
-        last = result.conversation.last_message
-        # Only the list's tick changed when this was the last message; otherwise nothing.
-        return (
-            [Change(result.conversation, local=True)]
-            if last and last.id == result.message.id
-            else []
-        )
-
     async def set_delivery(
         self,
         message_id: str,
@@ -673,7 +663,7 @@ class SqliteStore:
         """Record the outcome of sending an outbound message."""
         return await self._write(
             lambda: self._deliver(self._message("id", message_id), status, wa_message_id, error),
-            self._status_changes,
+            rules.status_changes,
         )
 
     async def apply_status(
@@ -687,7 +677,7 @@ class SqliteStore:
                 raise UnknownMessage(f"no message with WhatsApp id {wa_message_id!r}")
             return self._deliver(message, status, None, error)
 
-        return await self._write(write, self._status_changes)
+        return await self._write(write, rules.status_changes)
 
     async def update_conversation(
         self,
@@ -713,7 +703,30 @@ class SqliteStore:
             self._put_conversation(updated)
             return updated
 
-        return await self._write(write, lambda c: [Change(c, local=True)])
+        return await self._write(write, rules.conversation_changes)
+
+    async def delete_conversation(self, conversation_id: str) -> Conversation:
+        """Erase a conversation, its messages and their tasks in one transaction."""
+
+        def write() -> Conversation:
+            conversation = self._conversation(conversation_id)
+            db = self._db
+            message_ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM messages WHERE conversation_id = ?", (conversation_id,)
+                )
+            ]
+            db.executemany(
+                "DELETE FROM outbox WHERE id = ?",
+                [(rules.send_task_id(m),) for m in message_ids]
+                + [(rules.ai_task_id(conversation_id),)],
+            )
+            db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            return conversation
+
+        return await self._write(write, lambda c: [Change(c, removed=True)])
 
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]
@@ -751,4 +764,4 @@ class SqliteStore:
                 ],
             )
 
-        await self._write(write, lambda _: [Change(c, local=True) for c in conversations])
+        await self._write(write, lambda _: [Change(c, announce=False) for c in conversations])

@@ -157,15 +157,13 @@ class MediaDownloads:
     async def _record(
         self, message_id: str, media: Media, size: int | None, failure: str | None
     ) -> None:
-        """Store the outcome (completing the task) and tell the open dashboards."""
+        """Store the outcome, completing the task (the store's feed tells the dashboards)."""
         if failure is None:
             outcome = dataclasses.replace(media, state="ready", size=size, error=None)
         else:
             log.warning("media.failed", message_id=message_id, reason=failure[:300])
             outcome = dataclasses.replace(media, state="failed", error=failure[:300])
-        change = await self.store.set_media(message_id, outcome)
-        if change is not None:
-            self.inbox.publish_message_updated(change)
+        await self.store.set_media(message_id, outcome)
 
 
 # What WhatsApp's signed media URLs answer once expired (whatsapp.EXPIRED_STATUSES).
