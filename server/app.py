@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
@@ -162,28 +162,30 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
         inbox.close()  # before the jobs drain: statuses still waiting give up at once
 
 
-async def _sweeper(app: web.Application) -> AsyncIterator[None]:
-    """The outbox's sweeper: resumes what a crash or a deploy left (cancelled on exit)."""
-    task = asyncio.create_task(app[keys.OUTBOX].run(), name="outbox-sweeper")
+@contextlib.asynccontextmanager
+async def _background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """Run `work` as a task for the app's lifetime; cancel and await it on the way out."""
+    task = asyncio.create_task(work, name=name)
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _sweeper(app: web.Application) -> AsyncIterator[None]:
+    """The outbox's sweeper: resumes what a crash or a deploy left."""
+    async with _background(app[keys.OUTBOX].run(), "outbox-sweeper"):
+        yield
 
 
 async def _warmer(app: web.Application) -> AsyncIterator[None]:
-    """The background worker that keeps the snapshot warm; cancelled and awaited on exit."""
+    """The background worker that keeps the snapshot warm."""
     warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.BROADCASTER])
     app[keys.WARMER] = warmer
-    task = asyncio.create_task(warmer.run(), name="snapshot-warmer")
-    try:
+    async with _background(warmer.run(), "snapshot-warmer"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _close_streams(app: web.Application) -> None:

@@ -1302,19 +1302,11 @@ class FirestoreStore:
         error: MessageError | None = None,
     ) -> StatusChange | None:
         """Record the outcome of sending an outbound message (never moves it backwards)."""
-        query = (
-            self._client.collection_group(MESSAGES)
-            .where(filter=FieldFilter("id", "==", message_id))
-            .limit(1)
-        )
-        async with self._guard("find message"):
-            found = await query.get()
-        self.reads.direct += max(1, len(found))
-        if not found:
+        try:
+            ref = await self._message_ref(message_id)
+        except NotFound:
             return None
-        return await self._set_status(
-            found[0].reference.path, status, wa_message_id, error, finish=True
-        )
+        return await self._set_status(ref.path, status, wa_message_id, error, finish=True)
 
     async def _set_status(
         self,
