@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
@@ -187,45 +187,42 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
         inbox.close()  # before the jobs drain: statuses still waiting give up at once
 
 
+@contextlib.asynccontextmanager
+async def _background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """Run `work` as a task for the app's lifetime; cancel and await it on the way out."""
+    task = asyncio.create_task(work, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def _templates(app: web.Application) -> AsyncIterator[None]:
-    """The template catalog, and its refresher (on template webhooks) cancelled on exit."""
+    """The template catalog, and its refresher (on template webhooks)."""
     settings = app[keys.SETTINGS]
     inbox = app[keys.INBOX]
     client = inbox.sender if isinstance(inbox.sender, WhatsAppClient) else None
     catalog = TemplateCatalog(client, settings.whatsapp_business_account_id)
     app[keys.TEMPLATES] = catalog
     app[keys.REPLIES] = Replies(app[keys.STORE], inbox, app[keys.MEDIA], catalog)
-    task = asyncio.create_task(catalog.run(), name="template-refresher")
-    try:
+    async with _background(catalog.run(), "template-refresher"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _sweeper(app: web.Application) -> AsyncIterator[None]:
-    """The outbox's sweeper: resumes what a crash or a deploy left (cancelled on exit)."""
-    task = asyncio.create_task(app[keys.OUTBOX].run(), name="outbox-sweeper")
-    try:
+    """The outbox's sweeper: resumes what a crash or a deploy left."""
+    async with _background(app[keys.OUTBOX].run(), "outbox-sweeper"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _warmer(app: web.Application) -> AsyncIterator[None]:
-    """The background worker that keeps the snapshot warm; cancelled and awaited on exit."""
+    """The background worker that keeps the snapshot warm."""
     warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.BROADCASTER])
     app[keys.WARMER] = warmer
-    task = asyncio.create_task(warmer.run(), name="snapshot-warmer")
-    try:
+    async with _background(warmer.run(), "snapshot-warmer"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _close_streams(app: web.Application) -> None:

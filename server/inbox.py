@@ -228,7 +228,8 @@ class Inbox:
     async def apply_status(
         self, wa_message_id: str, status: str, error: MessageError | None
     ) -> StatusChange | None:
-        """A WhatsApp delivery status; broadcast when it moved the message forward.
+        """A WhatsApp delivery status (the store's feed tells the dashboards when it moved
+        the message forward).
 
         A status for a message not stored (yet) is tried again in its own lane: it can
         overtake the answer of the send that stores the message's WhatsApp id (another

@@ -166,6 +166,8 @@ VERSIONS_KEPT: Final = 100_000
 # Stopping a listener normally takes well under a second (the library waits up to 1 s for
 # its thread); past this it is stuck and left behind on its daemon thread.
 STOP_TIMEOUT_S: Final = 5.0
+# How long a count of conversations is reused (see count()).
+COUNT_TTL_S: Final = 30.0
 # Firestore accepts at most 500 writes in one batch.
 BATCH_WRITES: Final = 500
 # Batches committed at once by a bulk import: enough to hide round trips, few enough not
@@ -283,6 +285,7 @@ class FirestoreStore:
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._closed = False
         self.reads = Reads()
+        self._counts: dict[str | None, tuple[float, int]] = {}
         # Documents written by transactions, by kind (conversation, message, user, ...).
         self.writes: Counter[str] = Counter()
         # Clients replaced by recover(), with when: closed once no call can still use them.
@@ -299,7 +302,8 @@ class FirestoreStore:
             # The one environment write of the server: the client library reads the
             # emulator address only from the environment, when a client is created.
             os.environ["FIRESTORE_EMULATOR_HOST"] = self.emulator_host
-        self._db = firestore.AsyncClient(project=self.project)
+        # Creating a client may look up credentials (files, the metadata server).
+        self._db = await asyncio.to_thread(firestore.AsyncClient, project=self.project)
 
     async def close(self) -> None:
         """Stop the listener and forget every subscriber; nothing is called after this."""
@@ -324,7 +328,7 @@ class FirestoreStore:
         """
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        fresh = firestore.AsyncClient(project=self.project)
+        fresh = await asyncio.to_thread(firestore.AsyncClient, project=self.project)
         self.reads.health += 1
         try:
             await self._ping(fresh)
@@ -535,7 +539,8 @@ class FirestoreStore:
                 return
             # Every commit up to the newest listener's last read time has been delivered,
             # except one still landing with an earlier request time: hence the margin.
-            feed = await self._start_feed(last - timedelta(milliseconds=MARK_MARGIN_MS))
+            healthy = old[-1].client if old and old[-1].alive else None
+            feed = await self._start_feed(last - timedelta(milliseconds=MARK_MARGIN_MS), healthy)
             try:
                 await self._first_snapshot(feed)
             except StoreUnavailable:
@@ -633,14 +638,15 @@ class FirestoreStore:
         async with self._feed_lock:
             await self._stop_feeds(self._feeds)
 
-    async def _start_feed(self, mark: datetime) -> _Feed:
+    async def _start_feed(self, mark: datetime, client: Any = None) -> _Feed:
         loop = asyncio.get_running_loop()
         self._generation += 1
         feed = _Feed(self._generation, loop, mark=mark)
-        # A new sync client per listener: a fresh channel, not one in gRPC's reconnect
-        # backoff from before an outage. The emulator address is in the environment.
-        # Creating it may look up credentials (files, the metadata server): not on the loop.
-        feed.client = await asyncio.to_thread(firestore.Client, project=self.project)
+        # A hand-over of a healthy listener shares its client (and channel). Otherwise a
+        # new sync client: a fresh channel, not one in gRPC's reconnect backoff from before
+        # a failure. The emulator address is in the environment. Creating it may look up
+        # credentials (files, the metadata server): not on the loop.
+        feed.client = client or await asyncio.to_thread(firestore.Client, project=self.project)
         query = feed.client.collection_group(CONVERSATIONS).where(
             filter=FieldFilter(FEED_AT, ">", feed.mark)
         )
@@ -675,7 +681,8 @@ class FirestoreStore:
             if feed.watch is not None:
                 # unsubscribe joins the client's threads, which can take a moment.
                 await _blocking(feed.watch.unsubscribe, "unsubscribe")
-            if feed.client is not None:
+            shared = any(other.client is feed.client for other in self._feeds)
+            if feed.client is not None and not shared:
                 # During an outage unsubscribing is not enough: the stream's thread goes on
                 # re-opening a stream that fails at once, a whole core's worth, until it sees
                 # a non-retryable error. A closed channel is one, so the thread exits.
@@ -857,7 +864,17 @@ class FirestoreStore:
         return snaps
 
     async def count(self, status: str | None) -> int:
-        """How many conversations (with that status) there are: one aggregation query."""
+        """How many conversations (with that status) there are: an aggregation query
+        (billed one read per 1,000 entries), so its answer is kept for COUNT_TTL_S: pages
+        past the window show a total a few seconds old instead of paying it every page."""
+        cached = self._counts.get(status)
+        if cached is not None and time.monotonic() - cached[0] < COUNT_TTL_S:
+            return cached[1]
+        n = await self._count(status)
+        self._counts[status] = (time.monotonic(), n)
+        return n
+
+    async def _count(self, status: str | None) -> int:
         query = self._client.collection_group(CONVERSATIONS)
         if status is not None:
             query = query.where(filter=FieldFilter("status", "==", status))
@@ -1388,19 +1405,11 @@ class FirestoreStore:
         error: MessageError | None = None,
     ) -> StatusChange | None:
         """Record the outcome of sending an outbound message (never moves it backwards)."""
-        query = (
-            self._client.collection_group(MESSAGES)
-            .where(filter=FieldFilter("id", "==", message_id))
-            .limit(1)
-        )
-        async with self._guard("find message"):
-            found = await query.get()
-        self.reads.direct += max(1, len(found))
-        if not found:
+        try:
+            ref = await self._message_ref(message_id)
+        except NotFound:
             return None
-        return await self._set_status(
-            found[0].reference.path, status, wa_message_id, error, finish=True
-        )
+        return await self._set_status(ref.path, status, wa_message_id, error, finish=True)
 
     async def _set_status(
         self,
