@@ -303,9 +303,12 @@ async def test_killed_mid_download_the_media_still_ends_downloaded(server, graph
     graph.download_delay_s = 0.0
     await server.start()
     conversation = await server.only_conversation()
+    # The restarted server takes the task once the dead one's lease runs out (Firestore)
+    # or at once (SQLite); a loaded emulator can take a while.
     stored = await server.until_message(
         conversation["id"],
         lambda m: m["type"] == "image" and m["media"]["state"] in ("ready", "failed"),
+        within=60.0,
     )
     assert stored["media"]["state"] == "ready"
     assert graph.downloads == [media_id, media_id]  # the cut-off one, and the one that kept it

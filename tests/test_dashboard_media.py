@@ -88,11 +88,15 @@ async def start(serve, graph: FakeGraph) -> Served:
 
 
 async def deliver(
-    http, served: Served, messages: list[dict[str, Any]], phone: str = CUSTOMER
+    http,
+    served: Served,
+    messages: list[dict[str, Any]],
+    phone: str = CUSTOMER,
+    name: str = NAME,
 ) -> None:
     for m in messages:
         m["from"] = phone
-    raw = json.dumps(webhook(messages, contacts={phone: NAME}), ensure_ascii=False).encode()
+    raw = json.dumps(webhook(messages, contacts={phone: name}), ensure_ascii=False).encode()
     headers = {"Content-Type": "application/json", "X-Hub-Signature-256": sign(APP_SECRET, raw)}
     async with http.post(served.url + "webhooks/whatsapp", data=raw, headers=headers) as resp:
         assert resp.status == 200, await resp.text()
@@ -328,6 +332,7 @@ async def test_a_closed_window_offers_the_template_picker_and_an_open_one_counts
         served,
         [text("Are you open tomorrow?", timestamp=str(now - 23 * 3600 - 1200))],
         phone=closing,
+        name="Omar Farouk",
     )
     closed_id = await conversation_id(http, served)
     closing_id = await conversation_id(http, served, closing)
