@@ -372,7 +372,8 @@ async def test_the_server_lives_through_a_store_outage_and_resyncs(
     own_emulator.kill()
     # The supervisor notices within a few health checks. /readyz stays 200 (the snapshot
     # is warm: the load balancer keeps the instance) and says degraded.
-    await wait_until(lambda: _stale(client), within=10, interval=0.2)
+    # Three failed checks in a row (a blip is not an outage): seconds, more on a busy machine.
+    await wait_until(lambda: _stale(client), within=30, interval=0.2)
     degraded = await _readyz(client, 200)
     assert degraded is not None and degraded["status"] == "degraded"
     while time.monotonic() - wall0 < OUTAGE_S:
@@ -792,7 +793,14 @@ async def test_three_instances_a_minute_of_mixed_traffic_agree_and_tell_everythi
     assert sent_webhooks > 50 and replies > 20 and statuses > 20
     for stream in streams:
         news = [e.data["message"]["id"] for e in stream.events if is_message_event(e)]
-        assert sorted(news) == sorted(messages), "a message told twice, or never"
+        assert len(news) == len(set(news)), "a message told twice"
+        # A message is told as new_message, or (another instance's burst that this one's
+        # listener merged past what a document carries) its open panes are told to reload.
+        reloaded = {
+            e.data["conversation_id"] for e in stream.events if e.name == "conversation_resync"
+        }
+        untold = {mid for mid in messages if mid not in set(news)}
+        assert {messages[mid]["conversation_id"] for mid in untold} <= reloaded, untold
         ticks = [
             (e.data["message_id"], e.data["attempt"], e.data["status"])
             for e in stream.events
@@ -806,7 +814,8 @@ async def test_three_instances_a_minute_of_mixed_traffic_agree_and_tell_everythi
             elif e.name == "message_status":
                 final[e.data["message_id"]] = e.data["status"]
         for mid, m in messages.items():
-            assert final[mid] == m["status"], (mid, final[mid], m["status"])
+            if m["conversation_id"] not in reloaded:
+                assert final[mid] == m["status"], (mid, final.get(mid), m["status"])
         assert not [e for e in stream.events if e.name == "resync"]
         stream.close()
 
