@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
@@ -23,11 +23,14 @@ from server.cursor import CursorCodec
 from server.demo import seed_demo
 from server.handlers import auth, chats, events, health, webhook
 from server.handlers.errors import error_middleware
+from server.handlers.metrics import metrics_handler
 from server.hub import Hub
 from server.inbox import Inbox
 from server.integrations.ai import make_responder
 from server.integrations.whatsapp import make_sender
 from server.logging import RequestIds
+from server.metrics import CountingSender, Metrics, State
+from server.shutdown import Shutdown, stop_accepting
 from server.snapshot import Snapshot
 from server.store import make_store
 from server.workers.ai import AiReplies
@@ -35,9 +38,6 @@ from server.workers.warmer import Warmer
 
 log = structlog.get_logger(__name__)
 
-# Background jobs (AI replies, WhatsApp sends) get this long to finish on shutdown; an LLM
-# call can take seconds, and a reply cut off half-way would be lost, not retried.
-JOBS_DRAIN_S: Final = 10.0
 # At most this many AI replies and sends run at once; the rest wait their turn.
 JOBS_LIMIT: Final = 200
 
@@ -55,13 +55,19 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.STREAMS] = weakref.WeakSet()
     window = settings.firestore_window if settings.store == "firestore" else None
     app[keys.SNAPSHOT] = Snapshot(complete=window is None, window=window)
+    app[keys.SHUTDOWN] = Shutdown()
+    app[keys.METRICS] = metrics = Metrics()
+    metrics.watch(
+        State(app[keys.HUB], app[keys.SNAPSHOT], lambda: app.get(keys.WARMER), _jobs(app))
+    )
 
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_store)
+    # On shutdown, running jobs (AI replies, WhatsApp sends) get this long to finish.
     setup_jobs(
         app,
         limit=JOBS_LIMIT,
-        wait_timeout=JOBS_DRAIN_S,
+        wait_timeout=settings.shutdown_timeout_s,
         exception_handler=_job_failed,
     )
     app.cleanup_ctx.append(_inbox)
@@ -87,6 +93,8 @@ def _routes(app: web.Application, settings: Settings) -> None:
     r.add_post("/api/live-chat/conversations/{id}/read", chats.mark_read)
     r.add_get("/webhooks/whatsapp", webhook.verify)
     r.add_post("/webhooks/whatsapp", webhook.receive)
+    if settings.metrics_port is None:
+        r.add_get("/metrics", metrics_handler(app[keys.METRICS]))
     static = Path(settings.static_dir)
     if static.is_dir():
         r.add_get("/", _index)
@@ -138,11 +146,12 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     session = app[keys.HTTP]
     store = app[keys.STORE]
-    sender = make_sender(settings, session)
+    metrics = app[keys.METRICS]
+    sender = CountingSender(make_sender(settings, session), metrics)
     inbox = Inbox(store, app[keys.HUB], _spawner(app), sender)
     responder = make_responder(settings, session)
     if responder is not None:
-        inbox.ai_reply = AiReplies(store, inbox, responder, settings).run
+        inbox.ai_reply = AiReplies(store, inbox, responder, settings, metrics).run
     app[keys.INBOX] = inbox
     try:
         yield
@@ -164,12 +173,19 @@ async def _warmer(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_streams(app: web.Application) -> None:
-    """On shutdown, end every SSE stream at once so the server can stop promptly."""
-    app[keys.HUB].close()
-    streams = app[keys.STREAMS]
-    for stream in list(streams):
-        with contextlib.suppress(RuntimeError):
-            stream.stop_streaming()
+    """On shutdown, end every SSE stream at once so the server can stop promptly (a server
+    stopped by a signal did this already, before its jobs drained)."""
+    stop_accepting(app)
+
+
+def _jobs(app: web.Application) -> Callable[[], tuple[int, int]]:
+    def counts() -> tuple[int, int]:
+        scheduler = get_scheduler_from_app(app)
+        if scheduler is None:
+            return 0, 0
+        return scheduler.active_count, scheduler.pending_count
+
+    return counts
 
 
 def _job_failed(scheduler: aiojobs.Scheduler, context: dict[str, Any]) -> None:

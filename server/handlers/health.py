@@ -16,9 +16,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready once the snapshot is warm and the store answers; degraded while it does not."""
+    """Ready once the snapshot is warm and the store answers; 503 while it does not, and
+    from the moment the server starts stopping."""
     snapshot = request.app[keys.SNAPSHOT]
     store = request.app[keys.STORE]
+    if request.app[keys.SHUTDOWN].stopping:
+        # First thing on a stop signal: load balancers take this instance out of rotation.
+        return web.json_response({"status": "stopping"}, status=HTTPStatus.SERVICE_UNAVAILABLE)
     body = {
         "status": "ok",
         "snapshot": {

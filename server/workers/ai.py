@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 
@@ -12,6 +13,9 @@ from server.inbox import Inbox, Responder
 from server.integrations.ai import AiError
 from server.models import MessageError
 from server.store.base import AiDisabled, ChatStore, NotFound
+
+if TYPE_CHECKING:
+    from server.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -30,12 +34,18 @@ class AiReplies:
     """
 
     def __init__(
-        self, store: ChatStore, inbox: Inbox, responder: Responder, settings: Settings
+        self,
+        store: ChatStore,
+        inbox: Inbox,
+        responder: Responder,
+        settings: Settings,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.inbox = inbox
         self.responder = responder
         self.settings = settings
+        self.metrics = metrics
         # The newest message whose job is running, per conversation (this instance only).
         self._latest: dict[str, str] = {}
         # Conversations where a job stood down for a newer one, which must then answer
@@ -45,11 +55,18 @@ class AiReplies:
     async def run(self, conversation_id: str, message_id: str) -> None:
         """Reply to the message `message_id` of a conversation; a failure is recorded."""
         self._latest[conversation_id] = message_id
+        started = time.perf_counter()
+        outcome = "error"
         try:
-            await self._reply(conversation_id, message_id)
+            outcome = await self._reply(conversation_id, message_id)
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # cut at shutdown
+            raise
         finally:
             if self._latest.get(conversation_id) == message_id:
                 del self._latest[conversation_id]
+            if self.metrics is not None:
+                self.metrics.ai_job(outcome, time.perf_counter() - started)
 
     def _superseded(self, conversation_id: str, message_id: str) -> bool:
         """True when a newer message's job took over; that job then owes the reply."""
@@ -60,48 +77,49 @@ class AiReplies:
         self._owed.add(conversation_id)
         return True
 
-    async def _reply(self, conversation_id: str, message_id: str) -> None:
+    async def _reply(self, conversation_id: str, message_id: str) -> str:
+        """Reply, or stand down; returns the outcome (metrics count jobs by it)."""
         started = time.perf_counter()
         try:
             conversation = await self.store.get_conversation(conversation_id)
         except NotFound:
-            return
+            return "skipped"
         if not conversation.ai_enabled:
             self._owed.discard(conversation_id)
-            return
+            return "skipped"
         history, _ = await self.store.list_messages(
             conversation_id, self.settings.ai_context_messages, None
         )
         trigger = next((m for m in history if m.id == message_id), None)
         if self._superseded(conversation_id, message_id):
-            return
+            return "superseded"
         owed = conversation_id in self._owed
         self._owed.discard(conversation_id)
         if not owed and (trigger is None or trigger.type in NO_REPLY_TYPES):
-            return
+            return "skipped"
         try:
             text = await self.responder.reply(conversation, history)
         except AiError as e:
             await self._record_failure(conversation_id, message_id, e.code, str(e), e.attempts)
-            return
+            return "failed"
         except Exception as e:
             # A bug, not an outage: logged with its traceback, and still shown to the agents
             # so the customer is not left waiting on a reply that will never come.
             log.exception("ai.error", conversation_id=conversation_id, message_id=message_id)
             await self._record_failure(conversation_id, message_id, "internal_error", repr(e), 1)
-            return
+            return "failed"
         if not text:
-            return
+            return "skipped"
         if self._superseded(conversation_id, message_id):
             log.info("ai.discarded", conversation_id=conversation_id, reason="newer_message")
-            return
+            return "superseded"
         # An agent may have taken over while the model was thinking: theirs is the answer.
         # The store checks it in the same transaction that would save the reply.
         try:
             saved = await self.inbox.reply(conversation_id, text, sender="ai")
         except AiDisabled:
             log.info("ai.discarded", conversation_id=conversation_id, reason="ai_disabled")
-            return
+            return "discarded"
         log.info(
             "ai.replied",
             conversation_id=conversation_id,
@@ -109,6 +127,7 @@ class AiReplies:
             in_reply_to=message_id,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
+        return "replied"
 
     async def _record_failure(
         self, conversation_id: str, message_id: str, code: str, detail: str, attempts: int

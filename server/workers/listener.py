@@ -79,6 +79,9 @@ class ListenerSupervisor:
         self.store = store
         self.warmer = warmer
         self.outages = 0
+        # Listens started after the first (each outage ends with one).
+        self.restarts = 0
+        self._listened = False
         # True from an outage of a ready snapshot until the snapshot is fresh again.
         self._served_stale = False
 
@@ -91,6 +94,9 @@ class ListenerSupervisor:
                 try:
                     await probe()
                     await self.store.listen()
+                    if self._listened:
+                        self.restarts += 1
+                    self._listened = True
                     await self.warmer.load_once()
                 except Exception as e:
                     if not isinstance(e, StoreError):  # a bug: logged, handled as an outage
@@ -112,6 +118,11 @@ class ListenerSupervisor:
                 probe = self.store.recover
         finally:
             await asyncio.shield(self.store.unlisten())
+
+    @property
+    def up(self) -> bool:
+        """True while the listener streams and the snapshot follows it."""
+        return self.store.listening and self.warmer.snapshot.ready and self.warmer.snapshot.fresh
 
     async def _watch(self) -> str:
         """Return why the listener stopped being trustworthy (it never returns while healthy)."""
