@@ -92,8 +92,17 @@ def quiet_logs() -> None:
 
 
 async def serve(app: web.Application, conn: Connection, ready: Awaitable[Any] | None) -> None:
-    """Serve `app` on a free loopback port; send the port once ready; stop when told."""
-    runner = web.AppRunner(app, access_log=None)
+    """Serve `app` on a free loopback port; send the port once ready; stop when told.
+
+    The real app gets the production access log (one JSON line per request); the floor none.
+    """
+    from server.keys import SETTINGS
+    from server.serve import AccessLog
+
+    if SETTINGS in app:
+        runner = web.AppRunner(app, access_log_class=AccessLog)
+    else:
+        runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, HOST, 0, backlog=1024)
     await site.start()

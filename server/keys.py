@@ -33,6 +33,8 @@ WARMER = web.AppKey("warmer", Warmer)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 CHATLIST = web.AppKey("chatlist", ChatList)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
+# The id of a request, for the access log line written after its answer.
+REQUEST_ID = web.RequestKey("request_id", str)
 METRICS = web.AppKey("metrics", Metrics)
 # Set by the first stop signal (server/shutdown.py imports this module, hence no type here).
 SHUTDOWN: web.AppKey[Shutdown] = web.AppKey("shutdown")

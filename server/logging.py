@@ -18,8 +18,6 @@ from typing import Any, Final
 
 import orjson
 import structlog
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
 from structlog.tracebacks import ExceptionDictTransformer
 
 LEVELS = {
@@ -32,12 +30,8 @@ LEVELS = {
 # secret is that short (production refuses to start without long ones).
 MIN_SECRET_CHARS: Final = 8
 REDACTED: Final = "[redacted]"
-# A path is logged cut to this: the client chooses it.
-LOGGED_PATH_CHARS: Final = 200
 # Marks the handler this module installs, so configuring again replaces it.
 HANDLER_NAME: Final = "livechat"
-
-log = structlog.get_logger("access")
 
 
 def configure_logging(
@@ -136,26 +130,6 @@ class StdoutHandler(logging.Handler):
             stream.flush()
         except Exception:
             self.handleError(record)
-
-
-class AccessLog(AbstractAccessLogger):
-    """One `http.request` line per answered request, failed ones inside aiohttp included."""
-
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        """Method, route, path (never the query: it can carry tokens), status, duration."""
-        match_info = getattr(request, "match_info", None)
-        resource = match_info.route.resource if match_info is not None else None
-        request_id = request.get("request_id") or request.headers.get("X-Request-ID", "")[:64]
-        log.info(
-            "http.request",
-            request_id=request_id or new_request_id(),
-            method=request.method,
-            route=resource.canonical if resource is not None else None,
-            path=request.path[:LOGGED_PATH_CHARS],
-            status=response.status,
-            bytes=response.body_length,
-            duration_ms=round(time * 1000, 3),
-        )
 
 
 def new_request_id() -> str:

@@ -50,7 +50,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     # system call on every request).
     app = request.app
     request_id = request.headers.get("X-Request-ID", "")[:64] or app[keys.REQUEST_IDS]()
-    request["request_id"] = request_id
+    request[keys.REQUEST_ID] = request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
     status: int | None = None
