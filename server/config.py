@@ -275,8 +275,8 @@ VARIABLES: Final = (
         choices=AI_PROVIDERS,
     ),
     Variable("AI_BASE_URL", "ai_base_url", "the chat-completions server"),
-    Variable("AI_API_KEY", "ai_api_key", "its API key"),
-    Variable("AI_MODEL", "ai_model", "the model asked"),
+    Variable("AI_API_KEY", "ai_api_key", "the chat-completions server's API key"),
+    Variable("AI_MODEL", "ai_model", "the chat model to ask"),
     Variable("AI_TIMEOUT", "ai_timeout_s", "seconds per AI call", float),
     Variable(
         "AI_MAX_RETRIES",
