@@ -60,7 +60,8 @@ class AiReplies:
         try:
             outcome = await self._reply(conversation_id, message_id)
         except asyncio.CancelledError:
-            outcome = "cancelled"  # cut at shutdown
+            outcome = "cancelled"
+            log.warning("ai.cancelled", conversation_id=conversation_id, message_id=message_id)
             raise
         finally:
             if self._latest.get(conversation_id) == message_id:
