@@ -35,6 +35,8 @@ CHATLIST = web.AppKey("chatlist", ChatList)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 # The id of a request, for the access log line written after its answer.
 REQUEST_ID = web.RequestKey("request_id", str)
+# Its route as the router knows it (`/api/live-chat/conversations/{id}`), for the same line.
+ROUTE = web.RequestKey("route", str)
 METRICS = web.AppKey("metrics", Metrics)
 # Set by the first stop signal (server/shutdown.py imports this module, hence no type here).
 SHUTDOWN: web.AppKey[Shutdown] = web.AppKey("shutdown")

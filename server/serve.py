@@ -103,14 +103,13 @@ class AccessLog(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         """Method, route, path (never the query: it can carry tokens), status, duration."""
-        match_info = getattr(request, "match_info", None)
-        resource = match_info.route.resource if match_info is not None else None
         request_id = request.get(keys.REQUEST_ID) or request.headers.get("X-Request-ID", "")[:64]
         access_log.info(
             "http.request",
             request_id=request_id or new_request_id(),
             method=request.method,
-            route=resource.canonical if resource is not None else None,
+            # None: the request never reached the app (aiohttp refused it).
+            route=request.get(keys.ROUTE),
             path=request.path[:LOGGED_PATH_CHARS],
             status=response.status,
             bytes=response.body_length,

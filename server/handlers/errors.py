@@ -50,7 +50,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     # system call on every request).
     app = request.app
     request_id = request.headers.get("X-Request-ID", "")[:64] or app[keys.REQUEST_IDS]()
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else UNMATCHED
     request[keys.REQUEST_ID] = request_id
+    request[keys.ROUTE] = route
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
     status: int | None = None
@@ -68,8 +71,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     finally:
         elapsed = time.perf_counter() - started
         if status is not None:  # None: cancelled, the client never gets an answer
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else UNMATCHED
             app[keys.METRICS].request(request.method, route, status, elapsed)
         if elapsed > 1 and request.path != "/api/live-chat/events":
             log.warning("request.slow", path=request.path, duration_ms=round(elapsed * 1000, 3))
