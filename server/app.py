@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -13,8 +13,6 @@ import aiohttp
 import aiojobs
 import structlog
 from aiohttp import web
-from aiojobs.aiohttp import get_scheduler_from_app
-from aiojobs.aiohttp import setup as setup_jobs
 
 from server import keys
 from server.chatlist import ChatList
@@ -34,12 +32,15 @@ from server.shutdown import Shutdown, stop_accepting
 from server.snapshot import Snapshot
 from server.store import make_store
 from server.workers.ai import AiReplies
+from server.workers.outbox import Lanes, Outbox
 from server.workers.warmer import Warmer
 
 log = structlog.get_logger(__name__)
 
-# At most this many AI replies and sends run at once; the rest wait their turn.
-JOBS_LIMIT: Final = 200
+# Outbound connections per pool. WhatsApp sends and AI calls each have their own pool, so
+# AI calls stuck on a slow provider never hold the connections an agent's reply needs.
+WHATSAPP_CONNECTIONS: Final = 64
+AI_CONNECTIONS: Final = 200
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -61,16 +62,11 @@ def create_app(settings: Settings) -> web.Application:
         State(app[keys.HUB], app[keys.SNAPSHOT], lambda: app.get(keys.WARMER), _jobs(app))
     )
 
-    app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_http_sessions)
     app.cleanup_ctx.append(_store)
-    # On shutdown, running jobs (AI replies, WhatsApp sends) get this long to finish.
-    setup_jobs(
-        app,
-        limit=JOBS_LIMIT,
-        wait_timeout=settings.shutdown_timeout_s,
-        exception_handler=_job_failed,
-    )
+    app.cleanup_ctx.append(_outbox)
     app.cleanup_ctx.append(_inbox)
+    app.cleanup_ctx.append(_sweeper)
     app.cleanup_ctx.append(_warmer)
     app.on_shutdown.append(_close_streams)
     _routes(app, settings)
@@ -90,6 +86,7 @@ def _routes(app: web.Application, settings: Settings) -> None:
     r.add_patch("/api/live-chat/conversations/{id}", chats.patch_conversation)
     r.add_get("/api/live-chat/conversations/{id}/messages", chats.list_messages)
     r.add_post("/api/live-chat/conversations/{id}/messages", chats.post_message)
+    r.add_post("/api/live-chat/conversations/{id}/messages/{message_id}/retry", chats.retry_message)
     r.add_post("/api/live-chat/conversations/{id}/read", chats.mark_read)
     r.add_get("/webhooks/whatsapp", webhook.verify)
     r.add_post("/webhooks/whatsapp", webhook.receive)
@@ -107,10 +104,17 @@ async def _index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
 
-async def _http_session(app: web.Application) -> AsyncIterator[None]:
-    """One client session for every outbound call (WhatsApp, the AI), reused."""
-    async with aiohttp.ClientSession(raise_for_status=False) as session:
-        app[keys.HTTP] = session
+async def _http_sessions(app: web.Application) -> AsyncIterator[None]:
+    """One client session per outbound service (WhatsApp, the AI), each with its own pool."""
+    whatsapp = aiohttp.ClientSession(
+        raise_for_status=False, connector=aiohttp.TCPConnector(limit=WHATSAPP_CONNECTIONS)
+    )
+    ai = aiohttp.ClientSession(
+        raise_for_status=False, connector=aiohttp.TCPConnector(limit=AI_CONNECTIONS)
+    )
+    async with whatsapp, ai:
+        app[keys.HTTP] = whatsapp
+        app[keys.AI_HTTP] = ai
         yield
 
 
@@ -129,34 +133,46 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
-def _spawner(app: web.Application) -> Any:
-    async def spawn(coro: Coroutine[Any, Any, Any]) -> None:
-        scheduler = get_scheduler_from_app(app)
-        if scheduler is None or scheduler.closed:
-            coro.close()
-            log.warning("job.refused", reason="shutting down")
-            return
-        await scheduler.spawn(coro)
-
-    return spawn
+async def _outbox(app: web.Application) -> AsyncIterator[None]:
+    """The lanes of background work and the outbox that feeds them; on the way out,
+    running jobs get LIVECHAT_SHUTDOWN_TIMEOUT and what is left stays pending in the store
+    (a server stopped by a signal has drained them already: server/shutdown.py)."""
+    settings = app[keys.SETTINGS]
+    outbox = Outbox(app[keys.STORE], Lanes.create(_job_failed), lease_s=settings.outbox_lease_s)
+    app[keys.OUTBOX] = outbox
+    try:
+        yield
+    finally:
+        await outbox.close(settings.shutdown_timeout_s)
 
 
 async def _inbox(app: web.Application) -> AsyncIterator[None]:
     """The inbox with its WhatsApp sender and AI replies."""
     settings = app[keys.SETTINGS]
-    session = app[keys.HTTP]
     store = app[keys.STORE]
-    metrics = app[keys.METRICS]
-    sender = CountingSender(make_sender(settings, session), metrics)
-    inbox = Inbox(store, app[keys.HUB], _spawner(app), sender)
-    responder = make_responder(settings, session)
+    outbox = app[keys.OUTBOX]
+    sender = CountingSender(make_sender(settings, app[keys.HTTP]), app[keys.METRICS])
+    inbox = Inbox(store, app[keys.HUB], outbox, sender)
+    responder = make_responder(settings, app[keys.AI_HTTP])
     if responder is not None:
-        inbox.ai_reply = AiReplies(store, inbox, responder, settings, metrics).run
+        replies = AiReplies(store, inbox, responder, settings, app[keys.METRICS])
+        outbox.runners["ai"] = replies.run
     app[keys.INBOX] = inbox
     try:
         yield
     finally:
         inbox.close()  # before the jobs drain: statuses still waiting give up at once
+
+
+async def _sweeper(app: web.Application) -> AsyncIterator[None]:
+    """The outbox's sweeper: resumes what a crash or a deploy left (cancelled on exit)."""
+    task = asyncio.create_task(app[keys.OUTBOX].run(), name="outbox-sweeper")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _warmer(app: web.Application) -> AsyncIterator[None]:
@@ -178,12 +194,14 @@ async def _close_streams(app: web.Application) -> None:
     stop_accepting(app)
 
 
-def _jobs(app: web.Application) -> Callable[[], tuple[int, int]]:
-    def counts() -> tuple[int, int]:
-        scheduler = get_scheduler_from_app(app)
-        if scheduler is None:
-            return 0, 0
-        return scheduler.active_count, scheduler.pending_count
+def _jobs(app: web.Application) -> Callable[[], dict[str, tuple[int, int]]]:
+    def counts() -> dict[str, tuple[int, int]]:
+        outbox = app.get(keys.OUTBOX)
+        if outbox is None:
+            return {}
+        lanes = {"sends": outbox.lanes.sends, "ai": outbox.lanes.ai}
+        lanes["statuses"] = outbox.lanes.statuses
+        return {name: (lane.active_count, lane.pending_count) for name, lane in lanes.items()}
 
     return counts
 

@@ -18,6 +18,7 @@ from server.logging import RequestIds
 from server.metrics import Metrics
 from server.snapshot import Snapshot
 from server.store.base import ChatStore
+from server.workers.outbox import Outbox
 from server.workers.warmer import Warmer
 
 if TYPE_CHECKING:
@@ -30,7 +31,10 @@ HUB = web.AppKey("hub", Hub)
 CURSORS = web.AppKey("cursors", CursorCodec)
 INBOX = web.AppKey("inbox", Inbox)
 WARMER = web.AppKey("warmer", Warmer)
+# Outbound HTTP: WhatsApp's pool, and the AI provider's apart from it.
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+AI_HTTP = web.AppKey("ai_http", aiohttp.ClientSession)
+OUTBOX = web.AppKey("outbox", Outbox)
 CHATLIST = web.AppKey("chatlist", ChatList)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 # The id of a request, for the access log line written after its answer.

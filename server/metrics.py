@@ -161,7 +161,7 @@ class State(Collector):
         hub: Hub,
         snapshot: Snapshot,
         warmer: Callable[[], Warmer | None],
-        jobs: Callable[[], tuple[int, int]],
+        jobs: Callable[[], dict[str, tuple[int, int]]],
     ) -> None:
         self.hub = hub
         self.snapshot = snapshot
@@ -219,9 +219,19 @@ class State(Collector):
                 "Times the listener stopped or the store could not be reached",
                 listener.outages if listener is not None else 0,
             )
-        active, pending = self.jobs()
-        yield GaugeMetricFamily("livechat_jobs_active", "Background jobs running", active)
-        yield GaugeMetricFamily("livechat_jobs_pending", "Background jobs waiting to run", pending)
+        active = GaugeMetricFamily(
+            "livechat_jobs_active", "Background jobs running, by lane", labels=["lane"]
+        )
+        pending = GaugeMetricFamily(
+            "livechat_jobs_pending",
+            "Background jobs waiting in memory for room in their lane",
+            labels=["lane"],
+        )
+        for lane, (running, waiting) in sorted(self.jobs().items()):
+            active.add_metric([lane], running)
+            pending.add_metric([lane], waiting)
+        yield active
+        yield pending
 
 
 class CountingSender:

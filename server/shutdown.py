@@ -15,7 +15,6 @@ import time
 
 import structlog
 from aiohttp import web
-from aiojobs.aiohttp import get_scheduler_from_app
 
 from server import keys
 
@@ -55,16 +54,18 @@ def stop_accepting(app: web.Application) -> None:
 async def drain(app: web.Application, within_s: float) -> None:
     """Stop accepting, then give running background jobs `within_s` seconds to finish.
 
-    Jobs that the finishing ones start (the send of an AI reply) are waited for too; what
-    is still running at the deadline is cancelled.
+    What is still running at the deadline is cancelled, and its task stays pending in the
+    store (its lease given up, so another instance or the next start resumes it); so does
+    work a finishing job leaves behind (the send of an AI reply it just stored).
     """
     stop_accepting(app)
-    scheduler = get_scheduler_from_app(app)
-    if scheduler is None or scheduler.closed:
+    outbox = app.get(keys.OUTBOX)
+    if outbox is None:
         return
-    running = len(scheduler)
+    lanes = outbox.lanes.all()
+    running = sum(len(lane) for lane in lanes)
     started = time.monotonic()
-    await scheduler.wait_and_close(within_s)
+    await outbox.close(within_s)
     elapsed = time.monotonic() - started
     log.info(
         "jobs.drained",
@@ -75,8 +76,9 @@ async def drain(app: web.Application, within_s: float) -> None:
 
 
 async def cut_jobs(app: web.Application) -> None:
-    """Cancel every running background job now (a second stop signal)."""
-    scheduler = get_scheduler_from_app(app)
-    if scheduler is not None and not scheduler.closed:
-        log.warning("jobs.cut", running=len(scheduler))
-        await scheduler.close()
+    """Cancel every running background job now (a second stop signal); their tasks stay
+    pending in the store."""
+    outbox = app.get(keys.OUTBOX)
+    if outbox is not None:
+        log.warning("jobs.cut", running=sum(len(lane) for lane in outbox.lanes.all()))
+        await outbox.close(0)

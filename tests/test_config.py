@@ -60,16 +60,11 @@ def test_settings_are_frozen():
         s.port = 1  # type: ignore[misc]
 
 
-def test_json_logs_carry_event_level_timestamp_and_fields(capsys):
+def test_json_logs_carry_event_level_timestamp_and_fields(capsys, logging_restored):
     configure_logging("json", "info")
-    try:
-        structlog.contextvars.bind_contextvars(request_id="r-1")
-        structlog.get_logger("t").info("unified_chats.served", chats=3, duration_ms=0.2)
-        structlog.get_logger("t").debug("hidden")
-    finally:
-        structlog.contextvars.clear_contextvars()
-        # Back to structlog's defaults: the configured logger holds this test's captured stdout.
-        structlog.reset_defaults()
+    structlog.contextvars.bind_contextvars(request_id="r-1")
+    structlog.get_logger("t").info("unified_chats.served", chats=3, duration_ms=0.2)
+    structlog.get_logger("t").debug("hidden")
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 1
     line = lines[0]
@@ -127,6 +122,7 @@ def test_every_documented_variable_is_read_from_the_environment():
         "AI_MODEL": "m",
         "AI_TIMEOUT": "2.5",
         "AI_MAX_RETRIES": "1",
+        "LIVECHAT_OUTBOX_LEASE": "5",
         "LIVECHAT_FAQ": "/tmp/faq.json",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "warning",

@@ -422,3 +422,88 @@ async def _stale(client) -> bool:
 
 async def _count(client, n: int) -> bool:
     return len(await listed_ids(client)) == n
+
+
+@pytest.mark.firestore
+@pytest.mark.parametrize("store_kind", ["firestore"], indirect=True)
+async def test_a_tick_on_an_older_reply_reaches_the_other_instance(make_client, graph):
+    a = await make_client(instance_id="a", **graph_settings(graph))
+    b = await make_client(instance_id="b", **graph_settings(graph))
+    assert (await post_webhook(a, webhook([text("hi", frm="966508887777")]))).status == 200
+    [conversation] = await wait_until(lambda: _chats_of(a))
+    cid = conversation["id"]
+    replies = []
+    for body in ("first reply", "second reply"):
+        resp = await a.post(f"/api/live-chat/conversations/{cid}/messages", json={"text": body})
+        replies.append((await resp.json())["id"])
+
+    async def both_sent():
+        stored = {m["id"]: m for m in await all_messages(a, cid)}
+        return all(stored[r]["status"] == "sent" for r in replies) and stored
+
+    stored = await wait_until(both_sent)
+    stream_b = await SseStream.open(b)
+    older = stored[replies[0]]["wa_message_id"]
+    assert (await post_webhook(a, webhook(statuses=[status(older, "read")]))).status == 200
+    event, _ = await stream_b.until(
+        lambda e: e.name == "message_status" and e.data["message_id"] == replies[0], within=5
+    )
+    assert event.data["status"] == "read"
+    stream_b.close()
+
+
+async def _chats_of(client):
+    return (await (await client.get(LIST)).json())["chats"]
+
+
+def test_a_burst_merged_past_what_the_document_carries_asks_open_panes_to_reload():
+    from server.store.firestore import FEED_MESSAGES_KEPT, FirestoreStore
+    from tests.firestore_emulator import firestore_settings
+
+    store = FirestoreStore(
+        firestore_settings(Emulator(port=1), "livechat-unit"), None, ai_replies=False
+    )
+
+    def doc(version: int, seqs: range) -> dict:
+        base = {
+            "id": "c1",
+            "user_id": "u1",
+            "user_name": "Sara",
+            "phone": "+966500000000",
+            "status": "open",
+            "unread_count": 0,
+            "ai_enabled": True,
+            "created_at": 1,
+            "last_activity": version,
+            "updated_at": version,
+            "feed_seq": seqs[-1],
+        }
+        base["feed_messages"] = [
+            {
+                "message": {
+                    "id": f"m{n}",
+                    "conversation_id": "c1",
+                    "direction": "in",
+                    "sender": "user",
+                    "type": "text",
+                    "text": f"part {n}",
+                    "at": 100 + n,
+                    "status": "received",
+                },
+                "new_conversation": n == 1,
+                "version": 100 + n,
+                "seq": n,
+            }
+            for n in seqs
+        ]
+        return base
+
+    first = store._change(False, doc(101, range(1, 2)), 0)
+    assert first is not None and not first.missed
+    # The listener merged eight writes; the document carries the last five.
+    merged = store._change(False, doc(109, range(9 - FEED_MESSAGES_KEPT + 1, 10)), 0)
+    assert merged is not None and merged.missed
+    assert len(merged.messages) == FEED_MESSAGES_KEPT
+    # Next time nothing is missing.
+    following = store._change(False, doc(110, range(6, 11)), 0)
+    assert following is not None and not following.missed

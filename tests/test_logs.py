@@ -204,20 +204,16 @@ async def traffic(http: aiohttp.ClientSession, base: str, port: int, metrics_por
     await asyncio.sleep(0.3)
 
 
-def test_stdlib_records_are_rendered_like_our_own(capsys):
+def test_stdlib_records_are_rendered_like_our_own(capsys, logging_restored):
     """asyncio's and aiohttp's loggers, and a secret inside an exception, as JSON fields."""
     configure_logging("json", "info", secret_values=[TOKEN])
     try:
-        try:
-            raise ValueError(f"bad header Bearer {TOKEN}")
-        except ValueError:
-            logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=True)
-        logging.getLogger("aiohttp.server").warning("something %s", "odd")
-        logging.getLogger("aiohttp.access").info("an access record aiohttp would write")
-        structlog.get_logger("t").info("ours", request_id="r-9")
-    finally:
-        structlog.reset_defaults()
-        configure_logging("console", "info")
+        raise ValueError(f"bad header Bearer {TOKEN}")
+    except ValueError:
+        logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=True)
+    logging.getLogger("aiohttp.server").warning("something %s", "odd")
+    logging.getLogger("aiohttp.access").info("an access record aiohttp would write")
+    structlog.get_logger("t").info("ours", request_id="r-9")
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["event"] for line in lines] == [
         "Task exception was never retrieved",

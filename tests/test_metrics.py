@@ -84,7 +84,7 @@ async def test_metrics_count_known_traffic(make_client, llm, graph):
     assert 0 <= m("livechat_snapshot_last_change_age_seconds") < 10
     assert m("livechat_listener_up") == 1
     assert m("livechat_listener_restarts_total") == 0
-    assert m("livechat_jobs_active") == 0
+    assert m("livechat_jobs_active", lane="ai") == m("livechat_jobs_active", lane="sends") == 0
 
     # Events: two conversations opened, four replies (two AI, two agents), four delivery
     # outcomes; each open dashboard received exactly what the counter says.
@@ -107,7 +107,12 @@ async def wait_for_jobs(client, within: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + within
     while True:
         m = await scrape(client)
-        if m("livechat_jobs_active") == 0 and m("livechat_jobs_pending") == 0:
+        busy = [
+            m(name, lane=lane)
+            for name in ("livechat_jobs_active", "livechat_jobs_pending")
+            for lane in ("sends", "ai", "statuses")
+        ]
+        if busy == [0] * 6:
             return
         assert asyncio.get_running_loop().time() < deadline, "jobs still running"
         await asyncio.sleep(0.05)

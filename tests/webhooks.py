@@ -70,7 +70,9 @@ def webhook(
         "metadata": {"display_phone_number": "15550783881", "phone_number_id": "123"},
     }
     if messages:
-        names = contacts or {m["from"]: f"Customer {m['from'][-4:]}" for m in messages}
+        names = contacts or {
+            m["from"]: f"Customer {m['from'][-4:]}" for m in messages if "from" in m
+        }
         value["contacts"] = [{"profile": {"name": n}, "wa_id": w} for w, n in names.items()]
         value["messages"] = list(messages)
     if statuses:

@@ -14,7 +14,7 @@ from aiohttp import web
 from server import keys
 from server.cursor import InvalidCursor
 from server.metrics import UNMATCHED
-from server.store.base import NotFound, StoreUnavailable
+from server.store.base import NotFound, NotRetryable, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -94,6 +94,8 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
             "the store cannot be reached; try again shortly",
             headers={"Retry-After": "2"},
         )
+    except NotRetryable as e:
+        return json_error(HTTPStatus.CONFLICT, "not_retryable", str(e))
     except web.HTTPException as e:
         if e.status >= 400 and e.content_type != "application/json":
             return json_error(HTTPStatus(e.status), _code(e.status), e.reason)
@@ -101,10 +103,13 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ConnectionError:
         raise  # the client went away: there is no one to answer
     except Exception:
-        # A bug: logged with its traceback (and this request's id), answered in JSON.
-        log.exception("request.failed", method=request.method, path=request.path)
+        # A bug: never a plain-text traceback to the caller; the log has it, with the
+        # request id the caller can quote.
+        log.exception("request.failed", path=request.path, method=request.method)
         return json_error(
-            HTTPStatus.INTERNAL_SERVER_ERROR, "internal_error", "the server failed to answer"
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+            "internal_error",
+            f"the server failed on this request (request id {request[keys.REQUEST_ID]})",
         )
 
 

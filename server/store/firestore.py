@@ -11,6 +11,13 @@ Data model (DESIGN.md "Stores"):
   server/store/rules.py (times as integer ms), with its own id in the `id` field: a
   collection-group query finds it by id and orders ties by it like the snapshot does.
 - `users/{user_id}/conversations/{conversation_id}/messages/{message_id}`.
+- `identities/{identity}`: `{"user_id"}` for every way a customer was addressed
+  (`phone:<digits>`, `bsuid:<business-scoped user id>`): a customer known by their
+  number who later writes with a username (or the other way round) stays one customer.
+  A user document lists its identities, so the usual message (a number that is a user
+  id) costs no extra read.
+- `outbox/{task_id}`: the work a commit owes (server/store/rules.py, "the outbox"),
+  written in the same transaction; leased to one instance at a time through transactions.
 - `wamids/{message_id_for_wamid(wamid)}`: `{"path": <message document path>}`. A small
   top-level index: it makes a redelivered webhook a one-document read (and a `create()` that
   fails even if the customer's conversation changed in between), and it finds the message a
@@ -66,11 +73,14 @@ from server.store.base import (
     ChangeListener,
     FeedMessage,
     InboundMessage,
+    Leases,
     NotFound,
     Saved,
     StatusChange,
     StoreError,
     StoreUnavailable,
+    Task,
+    TaskKind,
     UnknownMessage,
     Unset,
     message_id_for_wamid,
@@ -83,9 +93,14 @@ T = TypeVar("T")
 USERS: Final = "users"
 # The field every conversation write sets to Firestore's commit time; the listener's.
 FEED_AT: Final = "feed_at"
+# Counts the message writes a conversation's document carried: an instance whose listener
+# merged more of them than the document keeps sees the gap and has the open panes reload.
+FEED_SEQ: Final = "feed_seq"
 CONVERSATIONS: Final = "conversations"
 MESSAGES: Final = "messages"
 WAMIDS: Final = "wamids"
+IDENTITIES: Final = "identities"
+OUTBOX: Final = "outbox"
 # A document that never exists: reading it is the cheapest round trip (one read).
 HEALTH_DOC: Final = "_livechat/health"
 
@@ -205,8 +220,13 @@ class FirestoreStore:
     """ChatStore on Cloud Firestore: AsyncClient for reads and writes, a listener for the feed."""
 
     name = "firestore"
+    exclusive = False  # several instances share it: leases decide who works
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, leases: Leases | None = None, *, ai_replies: bool = True
+    ) -> None:
+        self.leases = leases or Leases()
+        self.ai_replies = ai_replies
         self.project = settings.google_cloud_project
         self.emulator_host = settings.firestore_emulator_host
         self._db: Any = None
@@ -218,6 +238,8 @@ class FirestoreStore:
         # The version (updated_at) of each conversation the feed delivered last: a change
         # delivered by two listeners during a hand-over reaches the subscribers once.
         self._versions: OrderedDict[str, int] = OrderedDict()
+        # The feed_seq of each conversation's document as last seen (to see gaps).
+        self._seqs: OrderedDict[str, int] = OrderedDict()
         self._local: OrderedDict[tuple[str, int], None] = OrderedDict()
         # The latest echoes of local writes, in case their write fails after all (_unmark).
         self._echoed: OrderedDict[tuple[str, int], Change] = OrderedDict()
@@ -522,20 +544,35 @@ class FirestoreStore:
             return None
         if removed:  # deleted (a change never leaves `feed_at > mark`)
             self._versions.pop(conversation.id, None)
+            self._seqs.pop(conversation.id, None)
             return Change(conversation, removed=True)
+        missed = self._follow_seq(conversation.id, doc)
         seen = self._versions.get(conversation.id)
         if not self._first_delivery(conversation):
             return None  # delivered already: by this process's commit, or another listener
         key = (conversation.id, conversation.updated_at)
         local = key in self._local
         messages = _feed_messages(doc, since if seen is None else seen)
-        change = Change(conversation, local=local, messages=messages)
+        change = Change(conversation, local=local, messages=messages, missed=missed)
         if local:
             del self._local[key]
             self._echoed[key] = change
             if len(self._echoed) > ECHOES_KEPT:
                 self._echoed.popitem(last=False)
         return change
+
+    def _follow_seq(self, conversation_id: str, doc: dict[str, Any]) -> bool:
+        """Note the document's message count; True when it shows messages this process
+        never received (more than the document carries were merged into one change)."""
+        last = self._seqs.get(conversation_id)
+        missed = _missed(doc, last)
+        seq = doc.get(FEED_SEQ)
+        if isinstance(seq, int) and (last is None or seq > last):
+            self._seqs[conversation_id] = seq
+            self._seqs.move_to_end(conversation_id)
+            if len(self._seqs) > VERSIONS_KEPT:
+                self._seqs.popitem(last=False)
+        return missed
 
     def _first_delivery(self, conversation: Conversation) -> bool:
         """Record that this version reached the feed; False if it (or a newer one) had."""
@@ -733,45 +770,90 @@ class FirestoreStore:
         self.reads.direct += max(1, len(snaps))
         return (snaps[0].to_dict() or {}) if snaps else {}
 
+    async def _customer(self, inbound: InboundMessage, tx: Any) -> tuple[str, Any]:
+        """The customer a message is from, and their user document (read in `tx`).
+
+        A number that is a user's id finds them at once (one read, needed anyway);
+        otherwise each identity the message carries is looked up; a customer found by
+        none is new, under the message's own id.
+        """
+        db = self._client
+        phone_user = next(
+            (i.split(":", 1)[1] for i in inbound.identities if i.startswith("phone:")), None
+        )
+        if phone_user is None and not inbound.identities:
+            phone_user = inbound.user_id
+        if phone_user is not None:
+            user = await db.collection(USERS).document(phone_user).get(transaction=tx)
+            self.reads.direct += 1
+            if user.exists:
+                return phone_user, user
+        for identity in inbound.identities:
+            found = await db.collection(IDENTITIES).document(identity).get(transaction=tx)
+            self.reads.direct += 1
+            user_id = found.get("user_id") if found.exists else None
+            if isinstance(user_id, str) and user_id:
+                user = await db.collection(USERS).document(user_id).get(transaction=tx)
+                self.reads.direct += 1
+                return user_id, user
+        user = await db.collection(USERS).document(inbound.user_id).get(transaction=tx)
+        self.reads.direct += 1
+        return inbound.user_id, user
+
+    def _task_ref(self, task_id: str) -> Any:
+        return self._client.collection(OUTBOX).document(task_id)
+
     async def save_inbound(self, inbound: InboundMessage) -> Saved | None:
-        """Store a customer's message and its summary in one transaction; None when a repeat."""
+        """Store a customer's message, its summary and the AI reply it owes in one
+        transaction; None when a repeat."""
         db = self._client
         message_id = message_id_for_wamid(inbound.wa_message_id)
         wamid_ref = db.collection(WAMIDS).document(message_id)
-        user_ref = db.collection(USERS).document(inbound.user_id)
 
         async def write(tx: Any) -> Saved | None:
-            self.reads.direct += 1
-            user = await user_ref.get(transaction=tx)
+            user_id, user = await self._customer(inbound, tx)
+            user_ref = db.collection(USERS).document(user_id)
+            customer = dataclasses.replace(inbound, user_id=user_id)
             previous = await self._latest_conversation(user_ref, user, tx)
             latest = rules.conversation_from_doc(previous) if previous else None
             now = now_ms()
             created = rules.needs_new_conversation(latest)
             if created or latest is None:
-                latest = rules.open_conversation(inbound, now)
+                latest = rules.open_conversation(customer, now, latest)
                 previous = {}
             else:
-                latest = latest.with_changes(user_name=inbound.user_name, phone=inbound.phone)
-            message = rules.inbound_message(inbound, latest.id)
+                latest = rules.with_customer(customer, latest)
+            message = rules.inbound_message(customer, latest.id)
             conversation = rules.after_message(latest, message, now)
             conversation_ref = user_ref.collection(CONVERSATIONS).document(conversation.id)
             message_ref = conversation_ref.collection(MESSAGES).document(message.id)
             self._remember_path(conversation.id, conversation_ref.path)
+            known = (user.to_dict() or {}).get("identities") if user.exists else None
+            known = set(known) if isinstance(known, list) else set()
+            fresh = [i for i in customer.identities if i not in known]
             profile: dict[str, Any] = {
-                "name": inbound.user_name,
-                "phone": inbound.phone,
-                "channel": inbound.channel,
+                "name": conversation.user_name,
+                "phone": conversation.phone,
+                "channel": customer.channel,
                 "latest_conversation_id": conversation.id,
             }
+            if fresh:
+                profile["identities"] = sorted(known | set(fresh))
             if not user.exists:
                 profile["created_at"] = now
             self._remember_local(conversation)
             tx.set(user_ref, profile, merge=True)
+            for identity in fresh:
+                tx.set(db.collection(IDENTITIES).document(identity), {"user_id": user_id})
             tx.set(conversation_ref, _document(conversation, previous, message, created))
             # create(): a redelivery racing this one fails the commit, never writes twice.
             tx.create(message_ref, rules.message_to_doc(message))
             tx.create(wamid_ref, {"path": message_ref.path})
-            return Saved(conversation, message, new_conversation=created)
+            task = None
+            if rules.wants_ai(conversation, message, self.ai_replies):
+                task = rules.ai_task(conversation, message, self.leases, now)
+                tx.set(self._task_ref(task.id), rules.task_to_doc(task))
+            return Saved(conversation, message, new_conversation=created, task=task)
 
         # A redelivery is caught by this plain read, outside the transaction: reading a
         # missing document inside one locks it, and the emulator then makes concurrent
@@ -798,18 +880,28 @@ class FirestoreStore:
         text: str,
         agent_id: str | None = None,
         take_over: bool = False,
+        answers: str | None = None,
+        failed: MessageError | None = None,
     ) -> Saved:
-        """Store an AI or agent reply as queued, with its summary, in one transaction."""
+        """Store a reply as queued with its send task (or a note, failed), in one
+        transaction."""
 
         path = await self._conversation_path(conversation_id)
+        ai_task_ref = self._task_ref(rules.ai_task_id(conversation_id))
 
         async def write(tx: Any) -> Saved:
             snap = await self._conversation_doc(conversation_id, tx)
+            ai_task = None
+            if answers is not None:
+                held = await ai_task_ref.get(transaction=tx)
+                self.reads.direct += 1
+                ai_task = rules.task_from_doc(held.to_dict()) if held.exists else None
             previous = snap.to_dict() or {}
             conversation = rules.conversation_from_doc(previous)
             rules.check_reply(conversation, sender)
+            rules.check_answer(ai_task, sender, answers)
             now = rules.reply_time(conversation, now_ms())
-            message = rules.outbound_message(conversation_id, sender, text, agent_id, now)
+            message = rules.outbound_message(conversation_id, sender, text, agent_id, now, failed)
             conversation = rules.after_message(conversation, message, now)
             if take_over:
                 conversation = conversation.with_changes(ai_enabled=False)
@@ -819,10 +911,158 @@ class FirestoreStore:
                 snap.reference.collection(MESSAGES).document(message.id),
                 rules.message_to_doc(message),
             )
-            return Saved(conversation, message)
+            if answers is not None or sender == "agent":
+                tx.delete(ai_task_ref)  # answered, or an agent took over
+            task = None
+            if failed is None:
+                task = rules.send_task(message, self.leases, now)
+                tx.set(self._task_ref(task.id), rules.task_to_doc(task))
+            return Saved(conversation, message, task=task)
 
         async with self._lock(_user_of(path)):
             return await self._transact("save outbound", write)
+
+    async def _message_ref(self, message_id: str) -> Any:
+        """A message's document reference, found by its id; NotFound if none."""
+        query = (
+            self._client.collection_group(MESSAGES)
+            .where(filter=FieldFilter("id", "==", message_id))
+            .limit(1)
+        )
+        async with self._guard("find message"):
+            found = await query.get()
+        self.reads.direct += max(1, len(found))
+        if not found:
+            raise NotFound(f"no message {message_id!r}")
+        return found[0].reference
+
+    async def get_message(self, message_id: str) -> Message:
+        """One message."""
+        ref = await self._message_ref(message_id)
+        async with self._guard("get message"):
+            snap = await ref.get()
+        self.reads.direct += 1
+        if not snap.exists:
+            raise NotFound(f"no message {message_id!r}")
+        return rules.message_from_doc(snap.to_dict())
+
+    async def _task_write(
+        self, what: str, task_id: str, change: Callable[[Task], Task | None]
+    ) -> Task | None:
+        """Read a task and write what `change` makes of it, in one transaction (None:
+        leave it as it is). The new task, or None."""
+        ref = self._task_ref(task_id)
+
+        async def write(tx: Any) -> Task | None:
+            snap = await ref.get(transaction=tx)
+            self.reads.direct += 1
+            if not snap.exists:
+                return None
+            updated = change(rules.task_from_doc(snap.to_dict()))
+            if updated is not None:
+                tx.set(ref, rules.task_to_doc(updated))
+            return updated
+
+        return await self._transact(what, write)
+
+    async def claim_tasks(self, *, limit: int, kind: TaskKind, steal: bool = False) -> list[Task]:
+        """Lease up to `limit` tasks whose lease ran out, each in its own transaction (so
+        two instances sweeping at once never take the same one)."""
+        now = now_ms()
+        query = self._client.collection(OUTBOX).where(filter=FieldFilter("kind", "==", kind))
+        if not steal:
+            query = query.where(filter=FieldFilter("lease_until", "<=", now))
+        query = query.order_by("lease_until").limit(limit)
+        async with self._guard("find due tasks"):
+            due = await query.get()
+        self.reads.direct += max(1, len(due))
+        owner = self.leases.owner
+
+        def take(task: Task) -> Task | None:
+            at = now_ms()
+            if not rules.claimable(task, owner, at, steal):
+                return None
+            return rules.leased(task, self.leases, at, attempts=task.attempts + 1)
+
+        claimed = []
+        for snap in due:
+            task = await self._task_write("claim task", snap.id, take)
+            if task is not None:
+                claimed.append(task)
+        return claimed
+
+    async def mark_sending(self, task: Task) -> bool:
+        """Record that the POST is about to start, while this process holds the task."""
+        owner = self.leases.owner
+
+        def sending(held: Task) -> Task | None:
+            at = now_ms()
+            if held.state != "pending" or not rules.claimable(held, owner, at, steal=False):
+                return None
+            return rules.leased(held, self.leases, at, state="sending")
+
+        return await self._task_write("mark sending", task.id, sending) is not None
+
+    async def renew_tasks(self, task_ids: Sequence[str]) -> None:
+        """Extend this process's leases on these tasks."""
+        owner = self.leases.owner
+        for task_id in task_ids:
+            await self._task_write(
+                "renew task",
+                task_id,
+                lambda held: (
+                    rules.leased(held, self.leases, now_ms()) if held.owner == owner else None
+                ),
+            )
+
+    async def release_tasks(self, task_ids: Sequence[str]) -> None:
+        """Give up this process's leases on these tasks."""
+        owner = self.leases.owner
+        for task_id in task_ids:
+            await self._task_write(
+                "release task",
+                task_id,
+                lambda held: (
+                    dataclasses.replace(held, lease_until=0) if held.owner == owner else None
+                ),
+            )
+
+    async def finish_task(self, task: Task) -> None:
+        """Drop the task if it is still the same one."""
+        ref = self._task_ref(task.id)
+
+        async def write(tx: Any) -> None:
+            snap = await ref.get(transaction=tx)
+            self.reads.direct += 1
+            if snap.exists and snap.get("message_id") == task.message_id:
+                tx.delete(ref)
+
+        await self._transact("finish task", write)
+
+    async def retry_send(self, message_id: str) -> Saved:
+        """Queue a failed reply again with a new send task."""
+        message_ref = await self._message_ref(message_id)
+        conversation_ref = message_ref.parent.parent
+
+        async def write(tx: Any) -> Saved:
+            snap = await message_ref.get(transaction=tx)
+            conversation_snap = await conversation_ref.get(transaction=tx)
+            self.reads.direct += 2
+            if not snap.exists or not conversation_snap.exists:
+                raise NotFound(f"no message {message_id!r}")
+            queued = rules.retried(rules.message_from_doc(snap.to_dict()))
+            previous = conversation_snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
+            after = rules.after_status(conversation, queued, now_ms())
+            tx.set(message_ref, rules.message_to_doc(queued))
+            self._remember_local(after)
+            tx.set(conversation_ref, _document(after, previous, queued))
+            task = rules.send_task(queued, self.leases, now_ms())
+            tx.set(self._task_ref(task.id), rules.task_to_doc(task))
+            return Saved(after, queued, task=task)
+
+        async with self._lock(_user_of(message_ref.path)):
+            return await self._transact("retry send", write)
 
     async def _deliver_status(
         self,
@@ -831,33 +1071,44 @@ class FirestoreStore:
         status: str,
         wa_message_id: str | None,
         error: MessageError | None,
+        finish: bool = False,
     ) -> StatusChange | None:
-        """Move a message's delivery status forward, and its conversation's tick with it."""
+        """Move a message's delivery status forward, and its conversation's tick with it
+        (`finish`: the send's outcome, which completes its task)."""
         if not message_snap.exists:
             return None
         message = rules.message_from_doc(message_snap.to_dict())
+        task_ref = self._task_ref(rules.send_task_id(message.id))
         updated = rules.with_delivery(message, status, wa_message_id, error)
         if updated is None:
+            if finish:
+                tx.delete(task_ref)
             return None
         conversation_ref = message_snap.reference.parent.parent
         conversation_snap = await conversation_ref.get(transaction=tx)
         self.reads.direct += 1
+        if finish:
+            tx.delete(task_ref)  # after the reads: a transaction reads before it writes
         if not conversation_snap.exists:
             return None
         previous = conversation_snap.to_dict() or {}
         conversation = rules.conversation_from_doc(previous)
-        after = rules.after_status(conversation, updated, now_ms())
+        now = now_ms()
+        after = rules.after_status(conversation, updated, now)
+        if after is conversation:
+            # Not its latest message: the list row stays, but the document still carries
+            # the tick (a new version), so other instances' open panes see it too.
+            after = conversation.with_changes(updated_at=max(now, conversation.updated_at + 1))
         tx.set(message_snap.reference, rules.message_to_doc(updated))
         if updated.wa_message_id and updated.wa_message_id != message.wa_message_id:
             wamid_ref = self._client.collection(WAMIDS).document(
                 message_id_for_wamid(updated.wa_message_id)
             )
             tx.set(wamid_ref, {"path": message_snap.reference.path})
-        if after is not conversation:
-            self._remember_local(after)
-            # Its latest message changed: the document carries it, error included, so
-            # other instances can show the new ticks in an open conversation too.
-            tx.set(conversation_ref, _document(after, previous, updated))
+        self._remember_local(after)
+        # The document carries the message, error included, so other instances can show
+        # the new ticks in an open conversation too.
+        tx.set(conversation_ref, _document(after, previous, updated))
         return StatusChange(after, updated)
 
     async def set_delivery(
@@ -879,7 +1130,9 @@ class FirestoreStore:
         self.reads.direct += max(1, len(found))
         if not found:
             return None
-        return await self._set_status(found[0].reference.path, status, wa_message_id, error)
+        return await self._set_status(
+            found[0].reference.path, status, wa_message_id, error, finish=True
+        )
 
     async def _set_status(
         self,
@@ -887,13 +1140,14 @@ class FirestoreStore:
         status: str,
         wa_message_id: str | None,
         error: MessageError | None,
+        finish: bool = False,
     ) -> StatusChange | None:
         message_ref = self._client.document(message_path)
 
         async def write(tx: Any) -> StatusChange | None:
             snap = await message_ref.get(transaction=tx)
             self.reads.direct += 1
-            return await self._deliver_status(tx, snap, status, wa_message_id, error)
+            return await self._deliver_status(tx, snap, status, wa_message_id, error, finish)
 
         async with self._lock(_user_of(message_path)):
             return await self._transact("set status", write)
@@ -1067,15 +1321,20 @@ def _document(
     doc = rules.conversation_to_doc(conversation)
     carried = previous.get("feed_messages")
     entries = [e for e in carried if isinstance(e, dict)] if isinstance(carried, list) else []
+    seq = previous.get(FEED_SEQ)
+    seq = seq if isinstance(seq, int) else 0
     if message is not None:
+        seq += 1
         entries.append(
             {
                 "message": rules.message_to_doc(message),
                 "new_conversation": new_conversation,
                 "version": conversation.updated_at,
+                "seq": seq,
             }
         )
     doc["feed_messages"] = entries[-FEED_MESSAGES_KEPT:]
+    doc[FEED_SEQ] = seq
     doc[FEED_AT] = firestore.SERVER_TIMESTAMP
     return doc
 
@@ -1095,6 +1354,20 @@ def _feed_messages(doc: dict[str, Any], after: int) -> tuple[FeedMessage, ...]:
             continue  # one malformed entry must not hide the others
         out.append(FeedMessage(message, bool(entry.get("new_conversation"))))
     return tuple(out)
+
+
+def _missed(doc: dict[str, Any], last_seq: int | None) -> bool:
+    """True when message writes happened between the last one this process saw and the
+    oldest the document still carries: more were merged into one change than it keeps."""
+    seq = doc.get(FEED_SEQ)
+    carried = doc.get("feed_messages")
+    if last_seq is None or not isinstance(seq, int) or seq <= last_seq:
+        return False
+    kept = (
+        [e.get("seq") for e in carried if isinstance(e, dict)] if isinstance(carried, list) else []
+    )
+    oldest = min((s for s in kept if isinstance(s, int)), default=seq + 1)
+    return oldest > last_seq + 1
 
 
 def _conversations(docs: Any) -> list[Conversation]:

@@ -140,3 +140,5 @@ class Warmer:
                 self.inbox.publish_status(StatusChange(conversation, message))
         if not announced:
             self.inbox.publish_conversation(conversation)
+        if change.missed:
+            self.inbox.publish_resync(conversation)

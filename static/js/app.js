@@ -84,6 +84,10 @@ let clockTimer = null;
 
 const chatList = createChatList(ui.chatList, { onOpen: (id) => openConversation(id) });
 const thread = createThread(ui.messageList);
+ui.messageList.addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-retry]");
+  if (button) retryReply(button.dataset.retry);
+});
 
 // ---------- drawing ----------
 
@@ -354,6 +358,19 @@ async function sendReply() {
   }
 }
 
+/** Send a failed reply again: the server queues it anew; its ticks follow as events. */
+async function retryReply(messageId) {
+  const id = state.activeId;
+  if (!id) return;
+  try {
+    const message = await api.retry(id, messageId);
+    if (state.activeId === id) state.thread = upsertMessage(state.thread, message);
+    draw();
+  } catch (e) {
+    handleError(e, "The reply could not be sent again");
+  }
+}
+
 async function updateConversation(changes, failure) {
   const id = state.activeId;
   if (!id) return;
@@ -398,6 +415,10 @@ function onEvent(name, data) {
     case "message_status":
       state.list = applyMessageStatus(state.list, data);
       state.thread = applyStatus(state.thread, data);
+      break;
+    case "conversation_resync":
+      // Messages of this conversation reached the server only as a summary: read them.
+      if (data.conversation_id === state.activeId) reloadConversation();
       break;
     case "resync":
       // The server could not replay what this page missed: read everything again.

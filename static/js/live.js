@@ -5,6 +5,7 @@ export const EVENTS = [
   "new_conversation",
   "conversation_updated",
   "message_status",
+  "conversation_resync",
   "resync",
 ];
 
