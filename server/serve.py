@@ -129,3 +129,5 @@ async def _drain(app: web.Application, within_s: float, hurry: asyncio.Event) ->
             draining.cancel()
             await asyncio.gather(draining, return_exceptions=True)
             await cut_jobs(app)
+    if not draining.cancelled():
+        draining.result()  # a failure of the drain itself is a bug: raise it

@@ -102,7 +102,7 @@ async def read_stream(resp: aiohttp.ClientResponse) -> float:
     return time.monotonic()
 
 
-@pytest.mark.parametrize("ai", ["finishes", "is_cut"])
+@pytest.mark.parametrize("ai", ["finishes", "is_cut", "is_cut_by_a_second_signal"])
 async def test_sigterm_drains_streams_and_jobs_and_exits_0(tmp_path, llm, ai):
     server = Server(tmp_path, llm.base)
     try:
@@ -148,16 +148,19 @@ async def test_sigterm_drains_streams_and_jobs_and_exits_0(tmp_path, llm, ai):
             if ai == "finishes":
                 await asyncio.sleep(0.3)
                 llm.release()
+            elif ai == "is_cut_by_a_second_signal":
+                await asyncio.sleep(0.3)
+                server.process.send_signal(signal.SIGINT)
             code = await server.wait_exit(BOUND_S + CLOSE_S)
             exited = time.monotonic() - signalled
     finally:
         server.stop()
 
     assert code == 0
-    if ai == "finishes":
-        assert exited < BOUND_S  # it did not wait for the bound once the work was done
-    else:
+    if ai == "is_cut":
         assert BOUND_S - 0.1 <= exited < BOUND_S + CLOSE_S
+    else:  # the work was done, or a second signal cut it: no wait for the bound
+        assert exited < BOUND_S
 
     # The AI work is saved, or was cut at the bound and left no half-written reply.
     store = SqliteStore(str(server.db))
@@ -183,12 +186,17 @@ async def test_sigterm_drains_streams_and_jobs_and_exits_0(tmp_path, llm, ai):
         else:
             assert reply.status == "not_sent" and sends == []  # WhatsApp is not configured
     else:
-        # Cut at the bound: no reply, and the AI task is pending in the store for the next
-        # start (or another instance) to resume.
+        # Cut (at the bound, or by the second signal): no reply, and the AI task is pending
+        # in the store for the next start (or another instance) to resume.
         assert replies == []
         assert "ai.cancelled" in events
         assert [(t.kind, t.message_id) for t in pending] == [("ai", customer.id)]
-        [drained] = [line for line in server.lines() if line["event"] == "jobs.drained"]
-        assert drained["timed_out"] is True
-    assert events.index("server.stopping") < events.index("jobs.drained")
+        if ai == "is_cut":
+            [drained] = [line for line in server.lines() if line["event"] == "jobs.drained"]
+            assert drained["timed_out"] is True
+        else:
+            assert "jobs.cut" in events and "jobs.drained" not in events
+    assert events.index("server.stopping") < events.index(
+        "ai.replied" if ai == "finishes" else "ai.cancelled"
+    )
     assert events[-1] == "server.stopped"
