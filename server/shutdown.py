@@ -24,11 +24,10 @@ log = structlog.get_logger(__name__)
 class Shutdown:
     """Whether the app is on its way out (set once, by the first stop signal)."""
 
-    __slots__ = ("stopping", "stopping_since")
+    __slots__ = ("stopping",)
 
     def __init__(self) -> None:
         self.stopping = False
-        self.stopping_since: float | None = None
 
 
 def stop_accepting(app: web.Application) -> None:
@@ -37,7 +36,6 @@ def stop_accepting(app: web.Application) -> None:
     if shutdown.stopping:
         return
     shutdown.stopping = True
-    shutdown.stopping_since = time.monotonic()
     hub = app[keys.HUB]
     clients = hub.clients
     hub.close()
