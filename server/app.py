@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from server import keys
+from server.broadcaster import Broadcaster
 from server.chatlist import ChatList
 from server.config import Settings
 from server.cursor import CursorCodec
@@ -123,6 +124,11 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     store = make_store(app[keys.SETTINGS])
     await store.start()
     app[keys.STORE] = store
+    # The one way into the hub: every committed write, this process's or another
+    # instance's, reaches the feed once and is told to the dashboards from there.
+    broadcaster = Broadcaster(app[keys.HUB])
+    app[keys.BROADCASTER] = broadcaster
+    store.subscribe(broadcaster.on_changes)
     app[keys.CHATLIST] = ChatList(app[keys.SNAPSHOT], store, app[keys.CURSORS])
     try:
         if app[keys.SETTINGS].demo:
@@ -152,7 +158,7 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
     store = app[keys.STORE]
     outbox = app[keys.OUTBOX]
     sender = CountingSender(make_sender(settings, app[keys.HTTP]), app[keys.METRICS])
-    inbox = Inbox(store, app[keys.HUB], outbox, sender)
+    inbox = Inbox(store, outbox, sender)
     responder = make_responder(settings, app[keys.AI_HTTP])
     if responder is not None:
         replies = AiReplies(store, inbox, responder, settings, app[keys.METRICS])
@@ -177,7 +183,7 @@ async def _sweeper(app: web.Application) -> AsyncIterator[None]:
 
 async def _warmer(app: web.Application) -> AsyncIterator[None]:
     """The background worker that keeps the snapshot warm; cancelled and awaited on exit."""
-    warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.INBOX])
+    warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.BROADCASTER])
     app[keys.WARMER] = warmer
     task = asyncio.create_task(warmer.run(), name="snapshot-warmer")
     try:

@@ -293,8 +293,8 @@ VARIABLES: Final = (
     Variable(
         "LIVECHAT_OUTBOX_LEASE",
         "outbox_lease_s",
-        "seconds an instance holds an AI reply or a send it runs; after a crash the work "
-        "waits this long for another instance",
+        "seconds an instance holds a pending AI reply or send without renewing it; after a "
+        "crash another instance takes it after this long",
         float,
     ),
     Variable(

@@ -1,8 +1,9 @@
 """The inbox: the domain operations handlers call, in the order the product promises.
 
-Save first (durable, with the work it owes recorded in the same write), publish at once
-(every open dashboard sees it), then the slow work (the AI reply, the WhatsApp send) in the
-outbox's lanes, never holding up the caller; see server/workers/outbox.py.
+Save first (durable, with the work it owes recorded in the same write); the store's change
+feed tells every open dashboard at once (server/broadcaster.py); then the slow work (the AI
+reply, the WhatsApp send) runs in the outbox's lanes, never holding up the caller; see
+server/workers/outbox.py.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 import structlog
 
-from server.hub import Hub
 from server.models import Conversation, Message, MessageError
 from server.store import rules
 from server.store.base import (
@@ -27,10 +27,10 @@ from server.store.base import (
     Saved,
     StatusChange,
     StoreError,
-    StoreUnavailable,
     Task,
     UnknownMessage,
     Unset,
+    Unstorable,
 )
 from server.workers.outbox import Outbox, room
 
@@ -73,18 +73,12 @@ class Responder(Protocol):
         """The reply to send, or None to stay silent."""
 
 
-def message_event(saved: Saved) -> tuple[str, dict[str, Any]]:
-    """The SSE event a stored message produces."""
-    name = "new_conversation" if saved.new_conversation else "new_message"
-    return name, {"conversation": saved.conversation.to_json(), "message": saved.message.to_json()}
-
-
 class Inbox:
-    """Receives, replies and updates: store, then hub, then the outbox."""
+    """Receives, replies and updates: the store (whose feed tells the dashboards), then the
+    outbox."""
 
-    def __init__(self, store: ChatStore, hub: Hub, outbox: Outbox, sender: Sender) -> None:
+    def __init__(self, store: ChatStore, outbox: Outbox, sender: Sender) -> None:
         self.store = store
-        self.hub = hub
         self.outbox = outbox
         self.sender = sender
         self._closing = asyncio.Event()
@@ -93,55 +87,6 @@ class Inbox:
     def close(self) -> None:
         """Shutting down: background waits that can be dropped end now."""
         self._closing.set()
-
-    def publish_message(self, saved: Saved) -> None:
-        """Broadcast a stored message once (its id dedupes the change feed's copy)."""
-        name, data = message_event(saved)
-        self.hub.publish(
-            name,
-            data,
-            dedupe_key=f"msg:{saved.message.id}",
-            conversation_id=saved.conversation.id,
-            user_id=saved.conversation.user_id,
-        )
-
-    def publish_conversation(self, conversation: Conversation) -> None:
-        """Broadcast a changed conversation summary (read, status, AI switch, assignee)."""
-        self.hub.publish(
-            "conversation_updated",
-            {"conversation": conversation.to_json()},
-            dedupe_key=f"conv:{conversation.id}:{conversation.updated_at}",
-            conversation_id=conversation.id,
-            user_id=conversation.user_id,
-        )
-
-    def publish_resync(self, conversation: Conversation) -> None:
-        """Tell open panes of a conversation to reload its messages: some reached this
-        instance only as a summary (a burst merged by the store's listener)."""
-        self.hub.publish(
-            "conversation_resync",
-            {"conversation_id": conversation.id},
-            dedupe_key=f"resync:{conversation.id}:{conversation.updated_at}",
-            conversation_id=conversation.id,
-            user_id=conversation.user_id,
-        )
-
-    def publish_status(self, change: StatusChange) -> None:
-        """Broadcast a message's new delivery status."""
-        message = change.message
-        self.hub.publish(
-            "message_status",
-            {
-                "conversation_id": message.conversation_id,
-                "message_id": message.id,
-                "status": message.status,
-                "error": message.error.to_json() if message.error else None,
-                "attempt": message.attempt,
-            },
-            dedupe_key=f"status:{message.id}:{message.attempt}:{message.status}",
-            conversation_id=message.conversation_id,
-            user_id=change.conversation.user_id,
-        )
 
     async def receive(self, inbound: InboundMessage) -> Saved | None:
         """A customer's message: save, broadcast, then ask the AI. None for a duplicate."""
@@ -155,10 +100,7 @@ class Inbox:
         results: list[Saved | None] = []
         try:
             for inbound in inbounds:
-                saved = await self._save_inbound(inbound)
-                if saved is not None:
-                    self.publish_message(saved)
-                results.append(saved)
+                results.append(await self._save_inbound(inbound))
         finally:
             # Also when a later message could not be saved: what was saved owes its work.
             owed = {s.task.id: s.task for s in results if s is not None and s.task is not None}
@@ -171,27 +113,33 @@ class Inbox:
         kept once as `unsupported` with the reason, so the rest of its batch stands."""
         try:
             return await self.store.save_inbound(inbound)
-        except StoreUnavailable:
-            raise
-        except Exception as e:  # its content, not the store: keep what can be kept
-            log.exception(
-                "webhook.message_not_stored",
-                wa_message_id=inbound.wa_message_id,
-                type=inbound.type,
-                error=type(e).__name__,
-            )
-            kept = dataclasses.replace(
-                inbound,
-                type="unsupported",
-                text=None,
-                media=None,
-                user_name=None,
-                extra={
-                    "original_type": inbound.type,
-                    "reason": f"the message could not be stored ({type(e).__name__})",
-                },
-            )
-            return await self.store.save_inbound(kept)
+        except StoreError as e:
+            if not isinstance(e, Unstorable):
+                raise  # an outage or contention: the webhook answers 503, Meta redelivers
+            refused: Exception = e
+        except Exception as e:  # the store's encoders refused its content
+            refused = e
+        # Logged with the traceback: a value the parser let through that the store cannot
+        # hold is a parser bug to fix, though no message is lost to it.
+        log.warning(
+            "webhook.message_not_stored",
+            wa_message_id=inbound.wa_message_id,
+            type=inbound.type,
+            error=type(refused).__name__,
+            exc_info=refused,
+        )
+        kept = dataclasses.replace(
+            inbound,
+            type="unsupported",
+            text=None,
+            media=None,
+            user_name=None,
+            extra={
+                "original_type": inbound.type,
+                "reason": f"the message could not be stored ({type(refused).__name__})",
+            },
+        )
+        return await self.store.save_inbound(kept)
 
     async def apply_status(
         self, wa_message_id: str, status: str, error: MessageError | None
@@ -203,7 +151,7 @@ class Inbox:
         instance may be sending it).
         """
         try:
-            change = await self.store.apply_status(wa_message_id, status, error)
+            return await self.store.apply_status(wa_message_id, status, error)
         except UnknownMessage:
             lane = self.outbox.lanes.statuses
             if room(lane) > 0 and not lane.closed and not self._closing.is_set():
@@ -211,9 +159,6 @@ class Inbox:
             else:
                 log.info("status.unmatched", wa_message_id=wa_message_id, status=status)
             return None
-        if change is not None:
-            self.publish_status(change)
-        return change
 
     async def _retry_status(
         self, wa_message_id: str, status: str, error: MessageError | None
@@ -225,14 +170,12 @@ class Inbox:
                 log.info("status.dropped", wa_message_id=wa_message_id, reason="shutting down")
                 return  # the delivery was answered 200: Meta will not send it again
             try:
-                change = await self.store.apply_status(wa_message_id, status, error)
+                await self.store.apply_status(wa_message_id, status, error)
             except UnknownMessage:
                 continue
             except StoreError as e:
                 log.warning("status.retry_failed", wa_message_id=wa_message_id, error=str(e))
                 return
-            if change is not None:
-                self.publish_status(change)
             log.info("status.applied_late", wa_message_id=wa_message_id, status=status)
             return
         # A message this server never sent (the business's phone app, another tool).
@@ -256,7 +199,6 @@ class Inbox:
             take_over=sender == "agent",
             answers=answers,
         )
-        self.publish_message(saved)
         if saved.task is not None:
             await self.outbox.submit(saved.task)
         return saved
@@ -264,7 +206,6 @@ class Inbox:
     async def retry(self, message_id: str) -> Saved:
         """Send a failed reply again (an agent's decision): queued, broadcast, sent."""
         saved = await self.store.retry_send(message_id)
-        self.publish_status(StatusChange(saved.conversation, saved.message))
         if saved.task is not None:
             await self.outbox.submit(saved.task)
         return saved
@@ -304,11 +245,10 @@ class Inbox:
     async def _record(
         self, conversation: Conversation, message: Message, result: SendResult
     ) -> None:
-        """Store a send's outcome (tried again while the store fails) and broadcast it."""
-        change: StatusChange | None = None
+        """Store a send's outcome (tried again while the store fails)."""
         for delay in (*OUTCOME_RETRY_DELAYS_S, None):
             try:
-                change = await self.store.set_delivery(
+                await self.store.set_delivery(
                     message.id,
                     status=result.status,
                     wa_message_id=result.wa_message_id,
@@ -335,8 +275,6 @@ class Inbox:
             status=result.status,
             error_code=result.error.code if result.error else None,
         )
-        if change is not None:
-            self.publish_status(change)
 
     async def update(
         self,
@@ -347,13 +285,11 @@ class Inbox:
         assignee: str | Unset | None = UNSET,
         mark_read: bool = False,
     ) -> Conversation:
-        """Change a conversation and broadcast the new summary."""
-        conversation = await self.store.update_conversation(
+        """Change a conversation (the store's feed tells the dashboards)."""
+        return await self.store.update_conversation(
             conversation_id,
             status=status,
             ai_enabled=ai_enabled,
             assignee=assignee,
             mark_read=mark_read,
         )
-        self.publish_conversation(conversation)
-        return conversation

@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
+from server.broadcaster import Broadcaster
 from server.chatlist import ChatList
 from server.config import Settings
 from server.cursor import CursorCodec
@@ -28,6 +29,7 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", ChatStore)
 SNAPSHOT = web.AppKey("snapshot", Snapshot)
 HUB = web.AppKey("hub", Hub)
+BROADCASTER = web.AppKey("broadcaster", Broadcaster)
 CURSORS = web.AppKey("cursors", CursorCodec)
 INBOX = web.AppKey("inbox", Inbox)
 WARMER = web.AppKey("warmer", Warmer)

@@ -721,3 +721,35 @@ async def test_an_interactive_message_without_its_object_is_kept_with_its_errors
     assert stored["type"] == "unsupported"
     assert stored["extra"]["original_type"] == "interactive"
     assert stored["extra"]["errors"][0]["code"] == 131000
+
+
+async def test_good_poisoned_good_three_times_stores_each_once(client):
+    good, poisoned, good2 = text("good one"), text("x"), text("good two")
+    poisoned["text"] = {"body": {"\ud800": [2**70, float("nan")]}}
+    body = json.dumps(webhook([good, poisoned, good2])).encode()
+    for _ in range(3):
+        resp = await post_webhook(client, body)
+        assert resp.status == 200, await resp.text()
+    conversation = await conversation_of(client)
+    stored = await all_messages(client, conversation["id"])
+    assert [(m["type"], m["text"]) for m in stored] == [
+        ("text", "good one"),
+        ("unsupported", None),
+        ("text", "good two"),
+    ]
+    assert stored[1]["wa_message_id"] == poisoned["id"]
+
+
+async def test_an_unexpected_failure_is_a_json_500_with_the_request_id(client, monkeypatch):
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(client.app[keys.STORE], "save_inbound", broken)
+    with capture_logs() as logs:
+        resp = await post_webhook(client, webhook([text("hello")]))
+    assert resp.status == 500
+    error = (await resp.json())["error"]
+    assert error["code"] == "internal_error"
+    [failed] = [e for e in logs if e["event"] == "request.failed"]
+    assert failed["path"] == "/webhooks/whatsapp"
+    assert failed["request_id"] in error["message"]

@@ -383,6 +383,7 @@ def _materialise(plan: Plan) -> tuple[bytes, dict[str, str]]:
     return text.encode(), mapping
 
 
+@pytest.mark.timeout(900)  # about 2 minutes on a quiet machine; CI may share its cores
 @settings(
     max_examples=EXAMPLES,
     deadline=None,

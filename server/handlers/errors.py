@@ -105,11 +105,14 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         # A bug: never a plain-text traceback to the caller; the log has it, with the
         # request id the caller can quote.
-        log.exception("request.failed", path=request.path, method=request.method)
+        request_id = request[keys.REQUEST_ID]
+        log.exception(
+            "request.failed", path=request.path, method=request.method, request_id=request_id
+        )
         return json_error(
             HTTPStatus.INTERNAL_SERVER_ERROR,
             "internal_error",
-            f"the server failed on this request (request id {request[keys.REQUEST_ID]})",
+            f"the server failed on this request (request id {request_id})",
         )
 
 

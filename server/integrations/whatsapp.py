@@ -167,10 +167,9 @@ def addressee(to: str) -> dict[str, str]:
     """How a send names its recipient: `to` with a phone number, `recipient` with a
     business-scoped user id (a customer with a username whose number WhatsApp withholds;
     the Cloud API takes `to` first when both are given)."""
-    digits = "".join(ch for ch in to if ch.isdigit())
-    if to.lstrip("+").isdigit():
-        return {"to": digits}
-    return {"recipient": to}
+    if any(ch.isalpha() for ch in to):  # "US.13491208655302741918"
+        return {"recipient": to}
+    return {"to": "".join(ch for ch in to if ch.isdigit())}
 
 
 def make_sender(settings: Settings, session: aiohttp.ClientSession) -> Sender:

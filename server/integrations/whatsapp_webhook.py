@@ -254,6 +254,13 @@ def _message(
     )
     kind = clean(m.get("type"), 64) or "unknown"
     name = contact.name or contact.username if contact is not None else None
+    # In body order whatever else is wrong with it: WhatsApp's time, made precise by ours.
+    arrived = received_ms if received_ms is not None else int(time.time() * 1000)
+    try:
+        at = _refine(_timestamp(m.get("timestamp"), f"{where}.timestamp"), received_ms, position)
+        problem = None
+    except ParseError as e:
+        at, problem = arrived + position, e
     base = InboundMessage(
         wa_message_id=wamid,
         user_id=phone or str(bsuid),
@@ -261,11 +268,12 @@ def _message(
         phone="+" + phone if phone else "",
         type="unsupported",
         text=None,
-        at=received_ms or int(time.time() * 1000),
+        at=at,
         identities=identities,
     )
     try:
-        at = _refine(_timestamp(m.get("timestamp"), f"{where}.timestamp"), received_ms, position)
+        if problem is not None:
+            raise problem
         msg_type, text, media, extra = _content(m, kind, where)
         extra = {**extra, **_context(m)}
     except ParseError as e:
@@ -273,7 +281,7 @@ def _message(
         return _replace(base, extra={"original_type": kind, "reason": str(e)[:300]})
     if contact is not None and contact.username:
         extra["username"] = contact.username
-    return _replace(base, type=msg_type, text=text, at=at, media=media, extra=extra or None)
+    return _replace(base, type=msg_type, text=text, media=media, extra=extra or None)
 
 
 def _replace(message: InboundMessage, **changes: Any) -> InboundMessage:

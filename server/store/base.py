@@ -36,6 +36,11 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached right now (an outage, not a bad request)."""
 
 
+class Unstorable(StoreError):
+    """The store refused what the record holds (too large, an invalid value): the same
+    write would fail again, unlike an outage."""
+
+
 class Superseded(StoreError):
     """An AI reply to a message that is no longer the one to answer: a newer message of
     the customer's is waiting, or the work was already done. It is not stored."""
@@ -136,29 +141,28 @@ class StatusChange:
 class Change:
     """One entry of the change feed: a conversation summary after a committed write.
 
-    `removed` means the conversation was deleted, so the snapshot must drop it. `local`
-    means this process made the write and has published its event already; other changes
-    came from elsewhere (another instance) and the warmer publishes them. `messages` are
-    the messages written (or given a new delivery status) since the version this process
-    saw before, whole (the summary holds only a preview of the latest), when the feed
-    carries them: this instance's SSE clients then get the very events the writer sent.
+    The feed is the one source of what dashboards are told (server/broadcaster.py): every
+    committed write reaches it once, made here or by another instance. `messages` are the
+    messages the write added (or gave a new delivery status), whole; `removed` means the
+    conversation was deleted; `missed` that messages were written that this process never
+    received (another instance's burst, merged by the listener): open panes must reload.
+    `announce` is False for bulk imports, which the snapshot takes but nobody is told of.
     """
 
     conversation: Conversation
     removed: bool = False
-    local: bool = False
     messages: tuple[FeedMessage, ...] = ()
-    # More messages were written since the last version seen than the change carries
-    # (another instance's burst merged by the listener): open panes must reload them.
     missed: bool = False
+    announce: bool = True
 
 
 @dataclass(slots=True, frozen=True)
 class FeedMessage:
-    """A message a change carries: new (`new_conversation` if it opened the conversation),
-    or already known with a new delivery status."""
+    """A message a change carries: `new` (and `new_conversation` if it opened the
+    conversation), or already known with a new delivery status."""
 
     message: Message
+    new: bool = True
     new_conversation: bool = False
 
 

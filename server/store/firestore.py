@@ -52,8 +52,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextvars import ContextVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -61,7 +60,7 @@ from typing import Any, Final, TypeVar
 import structlog
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
-from google.cloud.firestore_v1 import FieldFilter, async_transactional
+from google.cloud.firestore_v1 import FieldFilter
 
 from server.config import Settings
 from server.models import Conversation, Message, MessageError, now_ms
@@ -83,6 +82,7 @@ from server.store.base import (
     TaskKind,
     UnknownMessage,
     Unset,
+    Unstorable,
     message_id_for_wamid,
 )
 
@@ -107,6 +107,11 @@ HEALTH_DOC: Final = "_livechat/health"
 # Every store call gives up after this long: a webhook must answer Meta long before Meta's
 # own 20 s timeout, and a page past the window must not hang while Firestore is down.
 OP_TIMEOUT_S: Final = 10.0
+# Each RPC of a transaction (begin, commit) is bounded on its own too, with no hidden
+# retries, and a rollback (only a courtesy: Firestore drops an abandoned transaction's
+# locks when it expires) gets one short try.
+CALL_TIMEOUT_S: Final = 5.0
+ROLLBACK_TIMEOUT_S: Final = 1.0
 # A health read answers in milliseconds when Firestore is up (an unreachable one fails at
 # once). The first read of a freshly started emulator takes about 2 s: allow for it.
 PING_TIMEOUT_S: Final = 5.0
@@ -129,18 +134,14 @@ LOAD_CHUNK: Final = 1_000
 # Messages a conversation's document carries whole (see _document): more than a listener
 # merges into one change of a conversation at any realistic message rate.
 FEED_MESSAGES_KEPT: Final = 5
-# Echoes of local writes kept: enough for every write that can still be waiting for its
-# commit's answer (OP_TIMEOUT_S at the highest write rates).
-ECHOES_KEPT: Final = 10_000
+# Characters of a message's text a document carries (WhatsApp's own limit for a text it
+# sends): five of them stay far under a document's 1 MiB.
+FEED_TEXT_CHARS: Final = 4096
 # Versions remembered to drop a change delivered twice (by two listeners in a hand-over).
 VERSIONS_KEPT: Final = 100_000
 # Stopping a listener normally takes well under a second (the library waits up to 1 s for
 # its thread); past this it is stuck and left behind on its daemon thread.
 STOP_TIMEOUT_S: Final = 5.0
-# (conversation id, updated_at) pairs this process wrote, to mark their echo on the feed as
-# local. A bulk import of 20,000 conversations fits; an evicted pair only means the hub
-# dedupes the event instead (by message id or by conversation version).
-LOCAL_WRITES: Final = 50_000
 # Firestore accepts at most 500 writes in one batch.
 BATCH_WRITES: Final = 500
 # Batches committed at once by a bulk import: enough to hide round trips, few enough not
@@ -160,9 +161,11 @@ PATHS_CACHED: Final = 20_000
 TRANSACTION_ATTEMPTS: Final = 3
 
 # The versions marked local by the transaction running in this task (see _transact).
-_MARKS: ContextVar[list[Conversation] | None] = ContextVar("firestore_marks", default=None)
 
+# Worth another try later: the webhook answers 503 and Meta redelivers. Aborted is
+# contention that outlasted the transaction's own retries.
 _UNAVAILABLE: Final = (
+    gexc.Aborted,
     gexc.ServiceUnavailable,
     gexc.DeadlineExceeded,
     gexc.RetryError,
@@ -240,9 +243,6 @@ class FirestoreStore:
         self._versions: OrderedDict[str, int] = OrderedDict()
         # The feed_seq of each conversation's document as last seen (to see gaps).
         self._seqs: OrderedDict[str, int] = OrderedDict()
-        self._local: OrderedDict[tuple[str, int], None] = OrderedDict()
-        # The latest echoes of local writes, in case their write fails after all (_unmark).
-        self._echoed: OrderedDict[tuple[str, int], Change] = OrderedDict()
         self._paths: OrderedDict[str, str] = OrderedDict()
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._closed = False
@@ -333,47 +333,97 @@ class FirestoreStore:
             raise StoreUnavailable(f"firestore did not answer ({what})") from e
         except _UNAVAILABLE as e:
             raise StoreUnavailable(f"firestore unavailable ({what}): {type(e).__name__}") from e
+        except gexc.InvalidArgument as e:  # a document over 1 MiB, a value out of range
+            raise Unstorable(f"firestore refused {what}: {type(e).__name__}") from e
         except gexc.GoogleAPICallError as e:
             raise StoreError(f"firestore refused {what}: {type(e).__name__}") from e
 
-    async def _transact(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """Run `fn(transaction)` in a transaction; run it again when contention aborts it.
+    async def _transact(
+        self,
+        what: str,
+        fn: Callable[[Any, _Stamps], Awaitable[T]],
+        changes: Callable[[T], Sequence[Change]] = lambda _: (),
+    ) -> T:
+        """Run `fn(transaction, stamps)` in a transaction; again when contention aborts it.
 
-        Once it commits, the conversations it wrote are on the change feed before this
-        returns, as with SQLite: a list read right after a write sees it (the listener's
-        echo, ~150 ms later, is then dropped as a version already delivered). When it
-        fails, the versions it marked local are forgotten: a commit that timed out here may
-        still have landed, and its echo must then be published like another instance's
-        change, or no dashboard would hear of it (the caller publishes only what it saved,
-        and the webhook's redelivery is a duplicate).
+        Once it commits, what it wrote is on the change feed before this returns, as with
+        SQLite: a list read right after a write sees it, and the dashboards are told. The
+        listener's echo (about 150 ms later) is then dropped as a version already
+        delivered. A commit that failed here but landed after all is delivered by its echo,
+        like another instance's write: one way or the other, every version once.
         """
-        marked: list[Conversation] = []
-        token = _MARKS.set(marked)
-        try:
-            result = await self._transact_once(what, fn)
-        except BaseException:
-            self._unmark([(c.id, c.updated_at) for c in marked])
-            raise
-        finally:
-            _MARKS.reset(token)
-        # A transaction function may have run more than once: its last run committed.
-        self._committed({c.id: c for c in marked}.values())
+        stamps = _Stamps()
+
+        async def attempt(tx: Any) -> T:
+            stamps.clear()  # a function run again after an abort: its last run commits
+            return await fn(tx, stamps)
+
+        result = await self._transact_once(what, attempt)
+        self._emit_local(changes(result), stamps)
         return result
 
     async def _transact_once(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """One transaction with every RPC bounded: begin, the reads in `fn`, commit and
+        rollback each get CALL_TIMEOUT_S and no hidden retries, and the whole is bounded by
+        OP_TIMEOUT_S. (The client library's transaction runner takes no retry or timeout:
+        its rollback retries for up to a minute, on the caller's time, even after the
+        caller gave up.) Contention (Aborted) is tried again, TRANSACTION_ATTEMPTS times,
+        keeping the first attempt's place in line as the library does."""
+        api = self._client._firestore_api
+        database = self._client._database_string
+        metadata = self._client._rpc_metadata
+        retry_id: bytes | None = None
         async with self._guard(what):
             for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+                tx = self._client.transaction()
+                options = tx._options_protobuf(retry_id)
+                begun = await api.begin_transaction(
+                    request={"database": database, "options": options},
+                    metadata=metadata,
+                    retry=None,
+                    timeout=CALL_TIMEOUT_S,
+                )
+                tx._id = begun.transaction
+                retry_id = retry_id or tx._id
                 try:
-                    result: T = await async_transactional(fn)(self._client.transaction())
+                    result = await fn(tx)
+                    await api.commit(
+                        request={
+                            "database": database,
+                            "writes": tx._write_pbs,
+                            "transaction": tx._id,
+                        },
+                        metadata=metadata,
+                        retry=None,
+                        timeout=CALL_TIMEOUT_S,
+                    )
                 except gexc.Aborted:
+                    await self._rollback(tx)
                     if attempt == TRANSACTION_ATTEMPTS:
                         raise
                     await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
                     continue
-                except ValueError as e:  # the client's "commit retries exhausted"
-                    raise StoreUnavailable(f"firestore transaction kept aborting ({what})") from e
+                except BaseException:
+                    await asyncio.shield(self._rollback(tx))
+                    raise
+                tx._clean_up()
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _rollback(self, tx: Any) -> None:
+        """Let Firestore release the transaction's locks at once (they expire anyway):
+        one try, bounded; it must never hold up the caller."""
+        try:
+            await self._client._firestore_api.rollback(
+                request={"database": self._client._database_string, "transaction": tx._id},
+                metadata=self._client._rpc_metadata,
+                retry=None,
+                timeout=ROLLBACK_TIMEOUT_S,
+            )
+        except Exception as e:
+            log.info("firestore.rollback_failed", error=type(e).__name__)
+        finally:
+            tx._clean_up()
 
     def _lock(self, user_id: str) -> asyncio.Lock:
         """The in-process lock serialising writes to one customer's documents."""
@@ -532,10 +582,11 @@ class FirestoreStore:
             feed.first.set_result(None)
 
     def _change(self, removed: bool, doc: dict[str, Any], since: int) -> Change | None:
-        """The Change of one document; None for a malformed one or a version already seen.
+        """The Change of one document; None for a malformed one or one already delivered.
 
-        It carries the messages written since the version this process saw last (or, for a
-        conversation it has not seen yet, those stamped after `since`).
+        It carries the messages written after the last this process delivered (by the
+        document's message count; for a conversation it has not seen yet, those stamped
+        after `since`).
         """
         try:
             conversation = rules.conversation_from_doc(doc)
@@ -546,33 +597,25 @@ class FirestoreStore:
             self._versions.pop(conversation.id, None)
             self._seqs.pop(conversation.id, None)
             return Change(conversation, removed=True)
-        missed = self._follow_seq(conversation.id, doc)
+        last_seq = self._seqs.get(conversation.id)
         seen = self._versions.get(conversation.id)
-        if not self._first_delivery(conversation):
-            return None  # delivered already: by this process's commit, or another listener
-        key = (conversation.id, conversation.updated_at)
-        local = key in self._local
-        messages = _feed_messages(doc, since if seen is None else seen)
-        change = Change(conversation, local=local, messages=messages, missed=missed)
-        if local:
-            del self._local[key]
-            self._echoed[key] = change
-            if len(self._echoed) > ECHOES_KEPT:
-                self._echoed.popitem(last=False)
-        return change
-
-    def _follow_seq(self, conversation_id: str, doc: dict[str, Any]) -> bool:
-        """Note the document's message count; True when it shows messages this process
-        never received (more than the document carries were merged into one change)."""
-        last = self._seqs.get(conversation_id)
-        missed = _missed(doc, last)
+        missed = _missed(doc, last_seq)
+        messages = _feed_messages(doc, last_seq, since if seen is None else seen)
         seq = doc.get(FEED_SEQ)
-        if isinstance(seq, int) and (last is None or seq > last):
+        if isinstance(seq, int):
+            self._note_seq(conversation.id, seq)
+        if not self._first_delivery(conversation) and not messages:
+            return None  # delivered already: by this process's commit, or another listener
+        return Change(conversation, messages=messages, missed=missed)
+
+    def _note_seq(self, conversation_id: str, seq: int) -> None:
+        """Remember the newest message count of a conversation this process delivered."""
+        last = self._seqs.get(conversation_id)
+        if last is None or seq > last:
             self._seqs[conversation_id] = seq
             self._seqs.move_to_end(conversation_id)
             if len(self._seqs) > VERSIONS_KEPT:
                 self._seqs.popitem(last=False)
-        return missed
 
     def _first_delivery(self, conversation: Conversation) -> bool:
         """Record that this version reached the feed; False if it (or a newer one) had."""
@@ -585,46 +628,29 @@ class FirestoreStore:
             self._versions.popitem(last=False)
         return True
 
-    def _committed(self, conversations: Iterable[Conversation]) -> None:
-        """Put this process's committed writes on the feed at once (their echo comes later)."""
-        changes = []
-        for conversation in conversations:
-            self._local.pop((conversation.id, conversation.updated_at), None)
-            if self._first_delivery(conversation):  # unless its echo was quicker
-                changes.append(Change(conversation, local=True))
-        if changes and not self._closed:
-            self._subscribers.emit(changes)
+    def _emit_local(self, changes: Sequence[Change], stamps: _Stamps | None) -> None:
+        """Put this process's committed writes on the feed at once (their echo comes later
+        and is dropped), unless the echo was quicker.
 
-    def _unmark(self, marks: list[tuple[str, int]]) -> None:
-        """A write failed here, though it may have landed: its echo is nobody's to publish.
-
-        An echo still to come will count as another instance's change (published by the
-        warmer); one that already came as local is delivered again, as not local.
+        A write read its conversation in its transaction: when that version carried
+        messages this process never delivered (another instance wrote them and the
+        listener has not brought them yet), they would now never come, so open panes are
+        told to reload (`missed`).
         """
-        again: list[Change] = []
-        for key in marks:
-            if key in self._local:  # its echo has not come yet
-                del self._local[key]
-                continue
-            echoed = self._echoed.pop(key, None)
-            if echoed is not None:
-                again.append(dataclasses.replace(echoed, local=False))
-        if again and not self._closed:
-            self._subscribers.emit(again)
-
-    def _remember_local(self, conversation: Conversation) -> None:
-        """Remember a version this process writes, so its echo on the feed counts as local.
-
-        `updated_at` grows strictly with every write of a conversation (rules.after_message,
-        and each write reads the previous version in its transaction), so two instances
-        never write the same (id, updated_at): the pair names this process's write exactly.
-        """
-        self._local[(conversation.id, conversation.updated_at)] = None
-        marked = _MARKS.get()
-        if marked is not None:
-            marked.append(conversation)
-        while len(self._local) > LOCAL_WRITES:
-            self._local.popitem(last=False)
+        out: list[Change] = []
+        for change in changes:
+            conversation = change.conversation
+            stamp = stamps.get(conversation.id) if stamps is not None else None
+            missed = False
+            if stamp is not None:
+                read, written = stamp
+                last = self._seqs.get(conversation.id)
+                missed = last is not None and read > last
+                self._note_seq(conversation.id, written)
+            if self._first_delivery(conversation):
+                out.append(dataclasses.replace(change, missed=True) if missed else change)
+        if out and not self._closed:
+            self._subscribers.emit(out)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -783,11 +809,12 @@ class FirestoreStore:
         )
         if phone_user is None and not inbound.identities:
             phone_user = inbound.user_id
+        first = None
         if phone_user is not None:
-            user = await db.collection(USERS).document(phone_user).get(transaction=tx)
+            first = await db.collection(USERS).document(phone_user).get(transaction=tx)
             self.reads.direct += 1
-            if user.exists:
-                return phone_user, user
+            if first.exists:
+                return phone_user, first
         for identity in inbound.identities:
             found = await db.collection(IDENTITIES).document(identity).get(transaction=tx)
             self.reads.direct += 1
@@ -796,6 +823,8 @@ class FirestoreStore:
                 user = await db.collection(USERS).document(user_id).get(transaction=tx)
                 self.reads.direct += 1
                 return user_id, user
+        if first is not None and phone_user == inbound.user_id:
+            return inbound.user_id, first  # a new customer, read above
         user = await db.collection(USERS).document(inbound.user_id).get(transaction=tx)
         self.reads.direct += 1
         return inbound.user_id, user
@@ -810,7 +839,7 @@ class FirestoreStore:
         message_id = message_id_for_wamid(inbound.wa_message_id)
         wamid_ref = db.collection(WAMIDS).document(message_id)
 
-        async def write(tx: Any) -> Saved | None:
+        async def write(tx: Any, stamps: _Stamps) -> Saved | None:
             user_id, user = await self._customer(inbound, tx)
             user_ref = db.collection(USERS).document(user_id)
             customer = dataclasses.replace(inbound, user_id=user_id)
@@ -841,11 +870,13 @@ class FirestoreStore:
                 profile["identities"] = sorted(known | set(fresh))
             if not user.exists:
                 profile["created_at"] = now
-            self._remember_local(conversation)
             tx.set(user_ref, profile, merge=True)
             for identity in fresh:
                 tx.set(db.collection(IDENTITIES).document(identity), {"user_id": user_id})
-            tx.set(conversation_ref, _document(conversation, previous, message, created))
+            tx.set(
+                conversation_ref,
+                _document(conversation, previous, stamps, message, new_conversation=created),
+            )
             # create(): a redelivery racing this one fails the commit, never writes twice.
             tx.create(message_ref, rules.message_to_doc(message))
             tx.create(wamid_ref, {"path": message_ref.path})
@@ -866,7 +897,7 @@ class FirestoreStore:
             return None
         try:
             async with self._lock(inbound.user_id):
-                return await self._transact("save inbound", write)
+                return await self._transact("save inbound", write, rules.saved_changes)
         except StoreError as e:
             if isinstance(e.__cause__, gexc.AlreadyExists):
                 return None
@@ -889,7 +920,7 @@ class FirestoreStore:
         path = await self._conversation_path(conversation_id)
         ai_task_ref = self._task_ref(rules.ai_task_id(conversation_id))
 
-        async def write(tx: Any) -> Saved:
+        async def write(tx: Any, stamps: _Stamps) -> Saved:
             snap = await self._conversation_doc(conversation_id, tx)
             ai_task = None
             if answers is not None:
@@ -905,8 +936,7 @@ class FirestoreStore:
             conversation = rules.after_message(conversation, message, now)
             if take_over:
                 conversation = conversation.with_changes(ai_enabled=False)
-            self._remember_local(conversation)
-            tx.set(snap.reference, _document(conversation, previous, message))
+            tx.set(snap.reference, _document(conversation, previous, stamps, message))
             tx.create(
                 snap.reference.collection(MESSAGES).document(message.id),
                 rules.message_to_doc(message),
@@ -920,7 +950,7 @@ class FirestoreStore:
             return Saved(conversation, message, task=task)
 
         async with self._lock(_user_of(path)):
-            return await self._transact("save outbound", write)
+            return await self._transact("save outbound", write, rules.saved_changes)
 
     async def _message_ref(self, message_id: str) -> Any:
         """A message's document reference, found by its id; NotFound if none."""
@@ -953,7 +983,7 @@ class FirestoreStore:
         leave it as it is). The new task, or None."""
         ref = self._task_ref(task_id)
 
-        async def write(tx: Any) -> Task | None:
+        async def write(tx: Any, stamps: _Stamps) -> Task | None:
             snap = await ref.get(transaction=tx)
             self.reads.direct += 1
             if not snap.exists:
@@ -1031,7 +1061,7 @@ class FirestoreStore:
         """Drop the task if it is still the same one."""
         ref = self._task_ref(task.id)
 
-        async def write(tx: Any) -> None:
+        async def write(tx: Any, stamps: _Stamps) -> None:
             snap = await ref.get(transaction=tx)
             self.reads.direct += 1
             if snap.exists and snap.get("message_id") == task.message_id:
@@ -1044,7 +1074,7 @@ class FirestoreStore:
         message_ref = await self._message_ref(message_id)
         conversation_ref = message_ref.parent.parent
 
-        async def write(tx: Any) -> Saved:
+        async def write(tx: Any, stamps: _Stamps) -> Saved:
             snap = await message_ref.get(transaction=tx)
             conversation_snap = await conversation_ref.get(transaction=tx)
             self.reads.direct += 2
@@ -1055,18 +1085,22 @@ class FirestoreStore:
             conversation = rules.conversation_from_doc(previous)
             after = rules.after_status(conversation, queued, now_ms())
             tx.set(message_ref, rules.message_to_doc(queued))
-            self._remember_local(after)
-            tx.set(conversation_ref, _document(after, previous, queued))
+            tx.set(conversation_ref, _document(after, previous, stamps, queued, new=False))
             task = rules.send_task(queued, self.leases, now_ms())
             tx.set(self._task_ref(task.id), rules.task_to_doc(task))
             return Saved(after, queued, task=task)
 
         async with self._lock(_user_of(message_ref.path)):
-            return await self._transact("retry send", write)
+            return await self._transact(
+                "retry send",
+                write,
+                lambda s: rules.status_changes(StatusChange(s.conversation, s.message)),
+            )
 
     async def _deliver_status(
         self,
         tx: Any,
+        stamps: _Stamps,
         message_snap: Any,
         status: str,
         wa_message_id: str | None,
@@ -1105,10 +1139,9 @@ class FirestoreStore:
                 message_id_for_wamid(updated.wa_message_id)
             )
             tx.set(wamid_ref, {"path": message_snap.reference.path})
-        self._remember_local(after)
         # The document carries the message, error included, so other instances can show
         # the new ticks in an open conversation too.
-        tx.set(conversation_ref, _document(after, previous, updated))
+        tx.set(conversation_ref, _document(after, previous, stamps, updated, new=False))
         return StatusChange(after, updated)
 
     async def set_delivery(
@@ -1144,13 +1177,15 @@ class FirestoreStore:
     ) -> StatusChange | None:
         message_ref = self._client.document(message_path)
 
-        async def write(tx: Any) -> StatusChange | None:
+        async def write(tx: Any, stamps: _Stamps) -> StatusChange | None:
             snap = await message_ref.get(transaction=tx)
             self.reads.direct += 1
-            return await self._deliver_status(tx, snap, status, wa_message_id, error, finish)
+            return await self._deliver_status(
+                tx, stamps, snap, status, wa_message_id, error, finish
+            )
 
         async with self._lock(_user_of(message_path)):
-            return await self._transact("set status", write)
+            return await self._transact("set status", write, rules.status_changes)
 
     async def apply_status(
         self, wa_message_id: str, status: str, error: MessageError | None
@@ -1178,7 +1213,7 @@ class FirestoreStore:
 
         path = await self._conversation_path(conversation_id)
 
-        async def write(tx: Any) -> Conversation:
+        async def write(tx: Any, stamps: _Stamps) -> Conversation:
             snap = await self._conversation_doc(conversation_id, tx)
             previous = snap.to_dict() or {}
             conversation = rules.conversation_from_doc(previous)
@@ -1190,14 +1225,13 @@ class FirestoreStore:
                 mark_read=mark_read,
                 now=now_ms(),
             )
-            self._remember_local(updated)
             # The messages carried so far stay: a mark-read right after a message must
             # not take it away from instances whose listener merges the two writes.
-            tx.set(snap.reference, _document(updated, previous))
+            tx.set(snap.reference, _document(updated, previous, stamps))
             return updated
 
         async with self._lock(_user_of(path)):
-            return await self._transact("update conversation", write)
+            return await self._transact("update conversation", write, rules.conversation_changes)
 
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]
@@ -1224,8 +1258,7 @@ class FirestoreStore:
         # Written now: their version is newer than any an instance may hold from before.
         stamped = [c.with_changes(updated_at=max(c.updated_at, now)) for c in conversations]
         for c in stamped:
-            self._remember_local(c)
-            writes.append((self._conversation_ref(c.user_id, c.id), _document(c, {}), False))
+            writes.append((self._conversation_ref(c.user_id, c.id), _document(c, {}, None), False))
         for m in messages:
             ref = self._conversation_ref(owner[m.conversation_id], m.conversation_id)
             message_ref = ref.collection(MESSAGES).document(m.id)
@@ -1247,7 +1280,7 @@ class FirestoreStore:
         await asyncio.gather(
             *(commit(writes[i : i + BATCH_WRITES]) for i in range(0, len(writes), BATCH_WRITES))
         )
-        self._committed(stamped)
+        self._emit_local([Change(c, announce=False) for c in stamped], None)
         log.info(
             "firestore.imported",
             conversations=len(conversations),
@@ -1306,11 +1339,23 @@ def _user_of(path: str) -> str:
     return path.split("/", 2)[1]
 
 
+class _Stamps(dict[str, tuple[int, int]]):
+    """What one transaction did to its conversations' message counts: for each, the count
+    it read and the count it wrote (`feed_seq`). Passed to the write, returned with it."""
+
+    def wrote(self, conversation_id: str, read: int, written: int) -> None:
+        """Record a conversation document written by this transaction."""
+        self[conversation_id] = (read, written)
+
+
 def _document(
     conversation: Conversation,
     previous: dict[str, Any],
+    stamps: _Stamps | None,
     message: Message | None = None,
+    *,
     new_conversation: bool = False,
+    new: bool = True,
 ) -> dict[str, Any]:
     """A conversation's document, carrying its latest messages whole for other instances.
 
@@ -1321,13 +1366,21 @@ def _document(
     doc = rules.conversation_to_doc(conversation)
     carried = previous.get("feed_messages")
     entries = [e for e in carried if isinstance(e, dict)] if isinstance(carried, list) else []
-    seq = previous.get(FEED_SEQ)
-    seq = seq if isinstance(seq, int) else 0
+    read = previous.get(FEED_SEQ)
+    read = read if isinstance(read, int) else 0
+    seq = read
     if message is not None:
         seq += 1
+        carried = rules.message_to_doc(message)
+        if message.text is not None and len(message.text) > FEED_TEXT_CHARS:
+            # A document holds at most 1 MiB; five long texts must not reach it. Another
+            # instance gets the start and has open panes read the whole message.
+            carried["text"] = message.text[:FEED_TEXT_CHARS]
+            carried["truncated"] = True
         entries.append(
             {
-                "message": rules.message_to_doc(message),
+                "message": carried,
+                "new": new,
                 "new_conversation": new_conversation,
                 "version": conversation.updated_at,
                 "seq": seq,
@@ -1335,32 +1388,55 @@ def _document(
         )
     doc["feed_messages"] = entries[-FEED_MESSAGES_KEPT:]
     doc[FEED_SEQ] = seq
+    if stamps is not None:
+        stamps.wrote(conversation.id, read, seq)
     doc[FEED_AT] = firestore.SERVER_TIMESTAMP
     return doc
 
 
-def _feed_messages(doc: dict[str, Any], after: int) -> tuple[FeedMessage, ...]:
-    """The messages a conversation's document carries from versions newer than `after`."""
+def _feed_messages(
+    doc: dict[str, Any], after_seq: int | None, after_version: int
+) -> tuple[FeedMessage, ...]:
+    """The messages a conversation's document carries that were written after message
+    count `after_seq` (or, where counts are unknown, after version `after_version`)."""
     carried = doc.get("feed_messages")
     if not isinstance(carried, list):
         return ()
     out: list[FeedMessage] = []
     for entry in carried:
         try:
-            if int(entry["version"]) <= after:
+            seq = entry.get("seq")
+            if after_seq is not None and isinstance(seq, int):
+                if seq <= after_seq:
+                    continue
+            elif int(entry["version"]) <= after_version:
                 continue
             message = rules.message_from_doc(entry["message"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue  # one malformed entry must not hide the others
-        out.append(FeedMessage(message, bool(entry.get("new_conversation"))))
+        new = entry.get("new")
+        if not isinstance(new, bool):  # written before entries said so
+            new = message.status in ("received", "queued")
+        out.append(
+            FeedMessage(message, new=new, new_conversation=bool(entry.get("new_conversation")))
+        )
     return tuple(out)
 
 
 def _missed(doc: dict[str, Any], last_seq: int | None) -> bool:
     """True when message writes happened between the last one this process saw and the
-    oldest the document still carries: more were merged into one change than it keeps."""
+    oldest the document still carries (more were merged into one change than it keeps),
+    or one it carries lost the end of a long text."""
     seq = doc.get(FEED_SEQ)
     carried = doc.get("feed_messages")
+    if isinstance(carried, list) and any(
+        isinstance(e, dict)
+        and isinstance(e.get("message"), dict)
+        and e["message"].get("truncated")
+        and (last_seq is None or not isinstance(e.get("seq"), int) or e["seq"] > last_seq)
+        for e in carried
+    ):
+        return True
     if last_seq is None or not isinstance(seq, int) or seq <= last_seq:
         return False
     kept = (

@@ -19,9 +19,13 @@ from server.models import (
 )
 from server.store.base import (
     AiDisabled,
+    Change,
+    FeedMessage,
     InboundMessage,
     Leases,
     NotRetryable,
+    Saved,
+    StatusChange,
     Superseded,
     Task,
     Unset,
@@ -323,6 +327,29 @@ def with_delivery(
         wa_message_id=wa_message_id or message.wa_message_id,
         error=error if error is not None else message.error,
     )
+
+
+# -- what each write tells the change feed (both stores) -------------------------------
+
+
+def saved_changes(saved: Saved | None) -> list[Change]:
+    """A new message (a customer's, a reply, a note) and its conversation."""
+    if saved is None:
+        return []
+    carried = FeedMessage(saved.message, new=True, new_conversation=saved.new_conversation)
+    return [Change(saved.conversation, messages=(carried,))]
+
+
+def status_changes(change: StatusChange | None) -> list[Change]:
+    """A message's new delivery status (its conversation's tick, when it is the latest)."""
+    if change is None:
+        return []
+    return [Change(change.conversation, messages=(FeedMessage(change.message, new=False),))]
+
+
+def conversation_changes(conversation: Conversation) -> list[Change]:
+    """A conversation changed by an agent (read, status, AI switch, assignee)."""
+    return [Change(conversation)]
 
 
 # The flat document form shared by both stores: plain JSON types, times as integer ms.

@@ -440,7 +440,7 @@ class SqliteStore:
                 self._put_task(task)
             return Saved(conversation, message, new_conversation=created, task=task)
 
-        return await self._write(write, lambda s: [Change(s.conversation, local=True)] if s else [])
+        return await self._write(write, rules.saved_changes)
 
     async def save_outbound(
         self,
@@ -475,7 +475,7 @@ class SqliteStore:
                 self._put_task(task)
             return Saved(conversation, message, task=task)
 
-        return await self._write(write, lambda s: [Change(s.conversation, local=True)])
+        return await self._write(write, rules.saved_changes)
 
     async def get_message(self, message_id: str) -> Message:
         """One message."""
@@ -575,7 +575,9 @@ class SqliteStore:
             self._put_task(task)
             return Saved(after, queued, task=task)
 
-        return await self._write(write, lambda s: [Change(s.conversation, local=True)])
+        return await self._write(
+            write, lambda s: rules.status_changes(StatusChange(s.conversation, s.message))
+        )
 
     def _message(self, where: str, arg: str) -> Message | None:
         row = self._db.execute(f"SELECT doc FROM messages WHERE {where} = ?", (arg,)).fetchone()
@@ -602,18 +604,6 @@ class SqliteStore:
             self._put_conversation(after)
         return StatusChange(after, updated)
 
-    @staticmethod
-    def _status_changes(result: StatusChange | None) -> list[Change]:
-        if result is None:
-            return []
-        last = result.conversation.last_message
-        # Only the list's tick changed when this was the last message; otherwise nothing.
-        return (
-            [Change(result.conversation, local=True)]
-            if last and last.id == result.message.id
-            else []
-        )
-
     async def set_delivery(
         self,
         message_id: str,
@@ -625,7 +615,7 @@ class SqliteStore:
         """Record the outcome of sending an outbound message."""
         return await self._write(
             lambda: self._deliver(self._message("id", message_id), status, wa_message_id, error),
-            self._status_changes,
+            rules.status_changes,
         )
 
     async def apply_status(
@@ -639,7 +629,7 @@ class SqliteStore:
                 raise UnknownMessage(f"no message with WhatsApp id {wa_message_id!r}")
             return self._deliver(message, status, None, error)
 
-        return await self._write(write, self._status_changes)
+        return await self._write(write, rules.status_changes)
 
     async def update_conversation(
         self,
@@ -665,7 +655,7 @@ class SqliteStore:
             self._put_conversation(updated)
             return updated
 
-        return await self._write(write, lambda c: [Change(c, local=True)])
+        return await self._write(write, rules.conversation_changes)
 
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]
@@ -703,4 +693,4 @@ class SqliteStore:
                 ],
             )
 
-        await self._write(write, lambda _: [Change(c, local=True) for c in conversations])
+        await self._write(write, lambda _: [Change(c, announce=False) for c in conversations])

@@ -128,7 +128,7 @@ class AiReplies:
             code=code, title=f"AI reply failed after {attempts} attempt(s): {detail[:300]}"
         )
         try:
-            saved = await self.store.save_outbound(
+            await self.store.save_outbound(
                 task.conversation_id,
                 sender="system",
                 text=FAILED_NOTE,
@@ -136,5 +136,4 @@ class AiReplies:
                 failed=error,
             )
         except Superseded:
-            return  # a newer message is waiting for the AI; its job speaks for both
-        self.inbox.publish_message(saved)
+            pass  # a newer message is waiting for the AI; its job speaks for both

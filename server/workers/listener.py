@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable
+from typing import Final, Protocol, runtime_checkable
 
 import structlog
 
+from server.snapshot import Snapshot
 from server.store.base import StoreError
-
-if TYPE_CHECKING:
-    from server.workers.warmer import Warmer
 
 log = structlog.get_logger(__name__)
 
@@ -75,9 +74,17 @@ class ListenedStore(Protocol):
 class ListenerSupervisor:
     """Runs until cancelled: listen, load, watch; on failure back off, listen again, resync."""
 
-    def __init__(self, store: ListenedStore, warmer: Warmer) -> None:
+    def __init__(
+        self,
+        store: ListenedStore,
+        snapshot: Snapshot,
+        load: Callable[[], Awaitable[None]],
+        resync: Callable[[], None],
+    ) -> None:
         self.store = store
-        self.warmer = warmer
+        self.snapshot = snapshot
+        self._load = load
+        self._resync = resync
         self.outages = 0
         # Listens started after the first (each outage ends with one).
         self.restarts = 0
@@ -97,7 +104,7 @@ class ListenerSupervisor:
                     if self._listened:
                         self.restarts += 1
                     self._listened = True
-                    await self.warmer.load_once()
+                    await self._load()
                 except Exception as e:
                     if not isinstance(e, StoreError):  # a bug: logged, handled as an outage
                         log.exception("firestore.listen_error")
@@ -111,7 +118,7 @@ class ListenerSupervisor:
                     self._served_stale = False
                     log.info("firestore.recovered", outages=self.outages)
                     # Events of the outage were never seen here: dashboards must reload.
-                    self.warmer.hub.publish("resync", {})
+                    self._resync()
                 delay = BACKOFF_START_S
                 reason = await self._watch()
                 await self._outage(reason)
@@ -122,7 +129,7 @@ class ListenerSupervisor:
     @property
     def up(self) -> bool:
         """True while the listener streams and the snapshot follows it."""
-        return self.store.listening and self.warmer.snapshot.ready and self.warmer.snapshot.fresh
+        return self.store.listening and self.snapshot.ready and self.snapshot.fresh
 
     async def _watch(self) -> str:
         """Return why the listener stopped being trustworthy (it never returns while healthy)."""
@@ -144,7 +151,7 @@ class ListenerSupervisor:
 
     async def _outage(self, reason: str) -> None:
         """Serve the last good snapshot as stale and stop the listener so it cannot spin."""
-        snapshot = self.warmer.snapshot
+        snapshot = self.snapshot
         if snapshot.fresh or not snapshot.ready:
             self.outages += 1
             log.warning("firestore.outage", reason=reason, snapshot_ready=snapshot.ready)

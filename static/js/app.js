@@ -198,6 +198,10 @@ async function loadList() {
   } finally {
     if (seq === state.listSeq) state.listLoading = false;
     draw();
+    // A screen taller than the first page: the next one follows (measured once drawn).
+    requestAnimationFrame(() => {
+      if (seq === state.listSeq && sentinelNear()) loadMore();
+    });
   }
 }
 
@@ -562,11 +566,18 @@ for (const tab of ui.tabs) {
 }
 
 ui.loadMore.addEventListener("click", () => loadMore());
+const SCROLL_AHEAD_PX = 240;
+// The observer's entry can describe a layout from before the first page was drawn (a busy
+// machine delivers it late): the sentinel's place is checked again when it arrives.
+function sentinelNear() {
+  const bottom = ui.listScroll.getBoundingClientRect().bottom + SCROLL_AHEAD_PX;
+  return state.list.pages > 0 && ui.sentinel.getBoundingClientRect().top <= bottom;
+}
 new IntersectionObserver(
   (entries) => {
-    if (entries.some((e) => e.isIntersecting)) loadMore();
+    if (entries.some((e) => e.isIntersecting) && sentinelNear()) loadMore();
   },
-  { root: ui.listScroll, rootMargin: "0px 0px 240px 0px" },
+  { root: ui.listScroll, rootMargin: `0px 0px ${SCROLL_AHEAD_PX}px 0px` },
 ).observe(ui.sentinel);
 
 ui.messages.addEventListener("scroll", () => {
