@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
@@ -85,6 +85,7 @@ def _routes(app: web.Application, settings: Settings) -> None:
     r.add_get("/api/live-chat/events", events.events)
     r.add_get("/api/live-chat/conversations/{id}", chats.get_conversation)
     r.add_patch("/api/live-chat/conversations/{id}", chats.patch_conversation)
+    r.add_delete("/api/live-chat/conversations/{id}", chats.delete_conversation)
     r.add_get("/api/live-chat/conversations/{id}/messages", chats.list_messages)
     r.add_post("/api/live-chat/conversations/{id}/messages", chats.post_message)
     r.add_post("/api/live-chat/conversations/{id}/messages/{message_id}/retry", chats.retry_message)
@@ -170,28 +171,30 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
         inbox.close()  # before the jobs drain: statuses still waiting give up at once
 
 
-async def _sweeper(app: web.Application) -> AsyncIterator[None]:
-    """The outbox's sweeper: resumes what a crash or a deploy left (cancelled on exit)."""
-    task = asyncio.create_task(app[keys.OUTBOX].run(), name="outbox-sweeper")
+@contextlib.asynccontextmanager
+async def _background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """Run `work` as a task for the app's lifetime; cancel and await it on the way out."""
+    task = asyncio.create_task(work, name=name)
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _sweeper(app: web.Application) -> AsyncIterator[None]:
+    """The outbox's sweeper: resumes what a crash or a deploy left."""
+    async with _background(app[keys.OUTBOX].run(), "outbox-sweeper"):
+        yield
 
 
 async def _warmer(app: web.Application) -> AsyncIterator[None]:
-    """The background worker that keeps the snapshot warm; cancelled and awaited on exit."""
+    """The background worker that keeps the snapshot warm."""
     warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.BROADCASTER])
     app[keys.WARMER] = warmer
-    task = asyncio.create_task(warmer.run(), name="snapshot-warmer")
-    try:
+    async with _background(warmer.run(), "snapshot-warmer"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _close_streams(app: web.Application) -> None:

@@ -144,7 +144,8 @@ class Inbox:
     async def apply_status(
         self, wa_message_id: str, status: str, error: MessageError | None
     ) -> StatusChange | None:
-        """A WhatsApp delivery status; broadcast when it moved the message forward.
+        """A WhatsApp delivery status (the store's feed tells the dashboards when it moved
+        the message forward).
 
         A status for a message not stored (yet) is tried again in its own lane: it can
         overtake the answer of the send that stores the message's WhatsApp id (another
@@ -275,6 +276,12 @@ class Inbox:
             status=result.status,
             error_code=result.error.code if result.error else None,
         )
+
+    async def delete(self, conversation_id: str) -> Conversation:
+        """Erase a conversation (a customer's request to be forgotten, say)."""
+        conversation = await self.store.delete_conversation(conversation_id)
+        log.info("conversation.deleted", conversation_id=conversation_id)
+        return conversation
 
     async def update(
         self,

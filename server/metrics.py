@@ -211,8 +211,9 @@ class State(Collector):
             )
             yield CounterMetricFamily(
                 "livechat_listener_restarts",
-                "Times the listener was started again after it stopped or the store was lost",
-                listener.restarts if listener is not None else 0,
+                "Times the listener was started again: it died or went silent, or the store "
+                "was lost",
+                listener.restarts + listener.replacements if listener is not None else 0,
             )
             yield CounterMetricFamily(
                 "livechat_listener_outages",

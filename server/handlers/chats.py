@@ -124,6 +124,12 @@ async def retry_message(request: web.Request) -> web.Response:
     return json_bytes(dumps(saved.message.to_json()), status=HTTPStatus.ACCEPTED)
 
 
+async def delete_conversation(request: web.Request) -> web.Response:
+    """DELETE a conversation with its messages; every dashboard drops it."""
+    conversation = await request.app[keys.INBOX].delete(request.match_info["id"])
+    return json_bytes(dumps({"deleted": conversation.id}))
+
+
 async def mark_read(request: web.Request) -> web.Response:
     """POST read: the unread count goes to 0 on every dashboard."""
     conversation = await request.app[keys.INBOX].update(request.match_info["id"], mark_read=True)

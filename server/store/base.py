@@ -323,6 +323,10 @@ class ChatStore(Protocol):
     ) -> Conversation:
         """Change a conversation's status, AI switch, assignee or unread count."""
 
+    async def delete_conversation(self, conversation_id: str) -> Conversation:
+        """Erase a conversation with its messages and the work they owe; every instance
+        drops it from its list (the feed carries the deletion). NotFound if none."""
+
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]
     ) -> None:

@@ -1,6 +1,6 @@
 """The production store: Cloud Firestore (or its emulator).
 
-Data model (DESIGN.md "Stores"):
+Data model (docs/ARCHITECTURE.md and docs/PRODUCTION.md describe how it is used):
 
 - `users/{user_id}`: name, phone, channel, created_at, and `latest_conversation_id`, so the
   one-open-conversation rule is a read of the user document inside the save transaction.
@@ -51,7 +51,7 @@ import os
 import random
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -63,7 +63,7 @@ from google.cloud import firestore
 from google.cloud.firestore_v1 import FieldFilter
 
 from server.config import Settings
-from server.models import Conversation, Message, MessageError, now_ms
+from server.models import CONVERSATION_STATUSES, Conversation, Message, MessageError, now_ms
 from server.store import rules
 from server.store.base import (
     UNSET,
@@ -118,11 +118,27 @@ PING_TIMEOUT_S: Final = 5.0
 # A listener's first snapshot: the changes of the last MARK_MARGIN_MS, normally in well
 # under a second; a freshly started emulator takes a few seconds to answer at all.
 FIRST_SNAPSHOT_TIMEOUT_S: Final = 30.0
-# How far before this machine's "now" the first listener's mark is set: it covers a
-# difference between this clock and Firestore's (the window, read right after, covers what
-# came before). A listener that replaces another starts at the other's last read time,
-# Firestore's own clock: no margin, no gap.
-MARK_MARGIN_MS: Final = 10_000
+# How far before its start a listener's mark is set. `feed_at` is a server timestamp, and
+# Firestore stamps it with the time it *processed the request*, not the commit time
+# ("REQUEST_TIME: the time at which the server processed the request", Firestore API
+# reference, Value.timestamp_value / ServerValue): a commit that is slow to land can carry
+# a time before the last read time of a listener that never saw it. A new listener (first
+# start, hand-over, or replacing a dead one) therefore starts this long before the
+# previous one's last read time (the first one: before Firestore's own time, read from the
+# server), longer than any commit can take (our commits are bounded at CALL_TIMEOUT_S; the
+# longest commit deadline Firestore allows a transaction is 60 s of idle time). What it
+# delivers twice is dropped by version.
+MARK_MARGIN_MS: Final = 60_000
+# Each instance writes a heartbeat this often into the listened collection group; a
+# listener that has not delivered this instance's own beat for STALL_AFTER_S is silent
+# while it says it is active (the client library can do that, googleapis/python-firestore
+# #18 and #399) and is replaced: a silent stall is found within STALL_AFTER_S + a beat.
+HEARTBEAT_S: Final = 10.0
+STALL_AFTER_S: Final = 30.0
+HEARTBEATS: Final = "heartbeats"
+# Anti-entropy: the most recently committed conversations re-read and compared with
+# what was delivered, in case any path missed one.
+REPAIR_READS: Final = 200
 # Once a listener's result set holds this many conversations it moves to a newer mark:
 # the client's per-change sort stays cheap (about 8 us a document).
 RELISTEN_DOCS: Final = 1_000
@@ -142,6 +158,8 @@ VERSIONS_KEPT: Final = 100_000
 # Stopping a listener normally takes well under a second (the library waits up to 1 s for
 # its thread); past this it is stuck and left behind on its daemon thread.
 STOP_TIMEOUT_S: Final = 5.0
+# How long a count of conversations is reused (see count()).
+COUNT_TTL_S: Final = 30.0
 # Firestore accepts at most 500 writes in one batch.
 BATCH_WRITES: Final = 500
 # Batches committed at once by a bulk import: enough to hide round trips, few enough not
@@ -241,12 +259,27 @@ class FirestoreStore:
         # The version (updated_at) of each conversation the feed delivered last: a change
         # delivered by two listeners during a hand-over reaches the subscribers once.
         self._versions: OrderedDict[str, int] = OrderedDict()
+        # This instance's heartbeats: the oldest beat not yet seen (number, when), and the
+        # newest its listener delivered.
+        self._beat_sent: tuple[int, float] | None = None
+        self._beat_seen = 0
+        # Conversations whose deletion reached the feed (marked, then removed: told once).
+        self._deleted: OrderedDict[str, None] = OrderedDict()
+        # The last read time of a stopped listener: a new one catches up from there.
+        self._resume_from: datetime | None = None
+        self._beats = 0
+        self._beat_at = float("-inf")
+        # Conversations the anti-entropy pass delivered (something else had missed them).
+        self.repairs = 0
         # The feed_seq of each conversation's document as last seen (to see gaps).
         self._seqs: OrderedDict[str, int] = OrderedDict()
         self._paths: OrderedDict[str, str] = OrderedDict()
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._closed = False
         self.reads = Reads()
+        self._counts: dict[str | None, tuple[float, int]] = {}
+        # Documents written by transactions, by kind (conversation, message, user, ...).
+        self.writes: Counter[str] = Counter()
         # Clients replaced by recover(), with when: closed once no call can still use them.
         self._retired: list[tuple[float, Any]] = []
         # Serialises listen/unlisten (the supervisor and close may race on shutdown).
@@ -261,7 +294,8 @@ class FirestoreStore:
             # The one environment write of the server: the client library reads the
             # emulator address only from the environment, when a client is created.
             os.environ["FIRESTORE_EMULATOR_HOST"] = self.emulator_host
-        self._db = firestore.AsyncClient(project=self.project)
+        # Creating a client may look up credentials (files, the metadata server).
+        self._db = await asyncio.to_thread(firestore.AsyncClient, project=self.project)
 
     async def close(self) -> None:
         """Stop the listener and forget every subscriber; nothing is called after this."""
@@ -286,7 +320,7 @@ class FirestoreStore:
         """
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        fresh = firestore.AsyncClient(project=self.project)
+        fresh = await asyncio.to_thread(firestore.AsyncClient, project=self.project)
         self.reads.health += 1
         try:
             await self._ping(fresh)
@@ -406,9 +440,18 @@ class FirestoreStore:
                 except BaseException:
                     await asyncio.shield(self._rollback(tx))
                     raise
+                self._count_writes(tx._write_pbs)
                 tx._clean_up()
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _count_writes(self, write_pbs: Sequence[Any]) -> None:
+        """Count committed document writes by kind, as Firestore bills them."""
+        for pb in write_pbs:
+            if pb.update.name:
+                self.writes[_kind_of(pb.update.name)] += 1
+            else:  # deletes are billed apart, at a ninth of a write
+                self.writes[_kind_of(pb.delete) + " (delete)"] += 1
 
     async def _rollback(self, tx: Any) -> None:
         """Let Firestore release the transaction's locks at once (they expire anyway):
@@ -469,7 +512,7 @@ class FirestoreStore:
             await self._stop_feeds(self._feeds)
             if self._closed:
                 return
-            mark = datetime.now(UTC) - timedelta(milliseconds=MARK_MARGIN_MS)
+            mark = await self._server_time() - timedelta(milliseconds=MARK_MARGIN_MS)
             feed = await self._start_feed(mark)
             await self._first_snapshot(feed)
 
@@ -483,10 +526,13 @@ class FirestoreStore:
         """
         async with self._feed_lock:
             old = list(self._feeds)
-            if self._closed or not old:
+            last = (old[-1].read_time or old[-1].mark) if old else self._resume_from
+            if self._closed or last is None:
                 return
-            # Every commit up to the newest listener's last read time has been delivered.
-            feed = await self._start_feed(old[-1].read_time or old[-1].mark)
+            # Every commit up to the newest listener's last read time has been delivered,
+            # except one still landing with an earlier request time: hence the margin.
+            healthy = old[-1].client if old and old[-1].alive else None
+            feed = await self._start_feed(last - timedelta(milliseconds=MARK_MARGIN_MS), healthy)
             try:
                 await self._first_snapshot(feed)
             except StoreUnavailable:
@@ -495,19 +541,104 @@ class FirestoreStore:
             await self._stop_feeds(old)
             log.info("firestore.advanced", generation=feed.generation, mark=feed.mark.isoformat())
 
+    async def catch_up(self) -> None:
+        """Replace a listener that died or went silent by one that starts from its last
+        read time (less the margin): nothing is reloaded and nothing is missed."""
+        await self.advance()
+        self._beat_sent = None  # the new listener is judged on beats from now on
+        log.info("firestore.listener_replaced", generation=self._generation)
+
+    async def _server_time(self) -> datetime:
+        """Firestore's clock: the read time of a one-document read."""
+        async with self._guard("read the server's time"):
+            snap = await self._client.document(HEALTH_DOC).get(retry=None, timeout=PING_TIMEOUT_S)
+        self.reads.health += 1
+        read_time: datetime | None = snap.read_time
+        return read_time if read_time is not None else datetime.now(UTC)
+
+    @property
+    def stalled(self) -> bool:
+        """True when the listener has not delivered this instance's heartbeat for
+        STALL_AFTER_S: it says it streams but delivers nothing."""
+        sent = self._beat_sent
+        return (
+            sent is not None
+            and self._beat_seen < sent[0]
+            and time.monotonic() - sent[1] > STALL_AFTER_S
+        )
+
+    async def heartbeat(self) -> None:
+        """Write this instance's heartbeat (every HEARTBEAT_S) where its own listener must
+        see it."""
+        if time.monotonic() - self._beat_at < HEARTBEAT_S:
+            return
+        self._beat_at = time.monotonic()
+        self._beats += 1
+        beat = self._beats
+        ref = (
+            self._client.collection(HEARTBEATS)
+            .document(self.leases.owner)
+            .collection(CONVERSATIONS)
+            .document("heartbeat")
+        )
+        async with self._guard("heartbeat"):
+            await ref.set(
+                {"heartbeat": self.leases.owner, "beat": beat, FEED_AT: firestore.SERVER_TIMESTAMP},
+                retry=None,
+                timeout=PING_TIMEOUT_S,
+            )
+        if self._beat_sent is None or self._beat_seen >= self._beat_sent[0]:
+            # The clock of a stall starts at the oldest beat not yet seen.
+            self._beat_sent = (beat, time.monotonic())
+
+    async def repair(self) -> int:
+        """Anti-entropy: re-read the most recently committed conversations and deliver
+        any version this process never delivered (a path missed it). How many."""
+        query = (
+            self._client.collection_group(CONVERSATIONS)
+            .order_by(FEED_AT, direction=firestore.Query.DESCENDING)
+            .limit(REPAIR_READS)
+        )
+        async with self._guard("repair"):
+            docs = [d.to_dict() or {} for d in await query.get()]
+        self.reads.direct += max(1, len(docs))
+        repaired: list[Change] = []
+        for doc in docs:
+            if doc.get("heartbeat"):
+                continue
+            try:
+                conversation = rules.conversation_from_doc(doc)
+            except (KeyError, TypeError, ValueError):
+                continue
+            seen = self._versions.get(conversation.id)
+            if seen is not None and seen >= conversation.updated_at:
+                continue
+            if seen is None and now_ms() - conversation.updated_at < MARK_MARGIN_MS:
+                continue  # too recent to tell: the listener may still be bringing it
+            if self._first_delivery(conversation):
+                seq = doc.get(FEED_SEQ)
+                if isinstance(seq, int):
+                    self._note_seq(conversation.id, seq)
+                repaired.append(Change(conversation, missed=seen is not None))
+        if repaired and not self._closed:
+            self.repairs += len(repaired)
+            self._subscribers.emit(repaired)
+        return len(repaired)
+
     async def unlisten(self) -> None:
         """Stop the listener (during an outage its client would spin reconnecting)."""
         async with self._feed_lock:
             await self._stop_feeds(self._feeds)
 
-    async def _start_feed(self, mark: datetime) -> _Feed:
+    async def _start_feed(self, mark: datetime, client: Any = None) -> _Feed:
         loop = asyncio.get_running_loop()
         self._generation += 1
         feed = _Feed(self._generation, loop, mark=mark)
-        # A new sync client per listener: a fresh channel, not one in gRPC's reconnect
-        # backoff from before an outage. The emulator address is in the environment.
-        # Creating it may look up credentials (files, the metadata server): not on the loop.
-        feed.client = await asyncio.to_thread(firestore.Client, project=self.project)
+        # A hand-over of a healthy listener shares its client (and channel). Otherwise a
+        # new sync client: a fresh channel, not one in gRPC's reconnect backoff from before
+        # a failure. The emulator address is in the environment. Creating it may look up
+        # credentials (files, the metadata server): not on the loop.
+        feed.client = client or await asyncio.to_thread(firestore.Client, project=self.project)
         query = feed.client.collection_group(CONVERSATIONS).where(
             filter=FieldFilter(FEED_AT, ">", feed.mark)
         )
@@ -532,13 +663,18 @@ class FirestoreStore:
     async def _stop_feeds(self, feeds: list[_Feed]) -> None:
         for feed in list(feeds):
             self._feeds.remove(feed)
+            # Where a later listener can pick up without a reload (catch_up).
+            last = feed.read_time or feed.mark
+            if self._resume_from is None or last > self._resume_from:
+                self._resume_from = last
             if not feed.first.done():
                 feed.first.set_exception(StoreUnavailable("the listener was stopped"))
                 feed.first.exception()  # retrieved: nobody may be waiting for it
             if feed.watch is not None:
                 # unsubscribe joins the client's threads, which can take a moment.
                 await _blocking(feed.watch.unsubscribe, "unsubscribe")
-            if feed.client is not None:
+            shared = any(other.client is feed.client for other in self._feeds)
+            if feed.client is not None and not shared:
                 # During an outage unsubscribing is not enough: the stream's thread goes on
                 # re-opening a stream that fails at once, a whole core's worth, until it sees
                 # a non-retryable error. A closed channel is one, so the thread exits.
@@ -573,6 +709,10 @@ class FirestoreStore:
         self.reads.listener += sum(1 for removed, _ in batch if not removed)
         changes: list[Change] = []
         for removed, doc in batch:
+            if doc and doc.get("heartbeat"):
+                if doc["heartbeat"] == self.leases.owner and isinstance(doc.get("beat"), int):
+                    self._beat_seen = max(self._beat_seen, doc["beat"])
+                continue
             change = self._change(removed, doc or {}, feed.started - MARK_MARGIN_MS)
             if change is not None:
                 changes.append(change)
@@ -593,7 +733,14 @@ class FirestoreStore:
         except (KeyError, TypeError, ValueError) as e:
             log.warning("firestore.bad_document", error=repr(e))
             return None
-        if removed:  # deleted (a change never leaves `feed_at > mark`)
+        if removed or doc.get("deleted"):
+            # Marked deleted (a deletion goes through the feed first, so every instance
+            # hears of it however old the conversation), or gone: once either way.
+            if conversation.id in self._deleted:
+                return None
+            self._deleted[conversation.id] = None
+            if len(self._deleted) > VERSIONS_KEPT:
+                self._deleted.popitem(last=False)
             self._versions.pop(conversation.id, None)
             self._seqs.pop(conversation.id, None)
             return Change(conversation, removed=True)
@@ -640,6 +787,11 @@ class FirestoreStore:
         out: list[Change] = []
         for change in changes:
             conversation = change.conversation
+            if change.removed:
+                if conversation.id not in self._deleted:
+                    self._deleted[conversation.id] = None
+                    out.append(change)
+                continue
             stamp = stamps.get(conversation.id) if stamps is not None else None
             missed = False
             if stamp is not None:
@@ -704,10 +856,22 @@ class FirestoreStore:
         return snaps
 
     async def count(self, status: str | None) -> int:
-        """How many conversations (with that status) there are: one aggregation query."""
+        """How many conversations (with that status) there are: an aggregation query
+        (billed one read per 1,000 entries), so its answer is kept for COUNT_TTL_S: pages
+        past the window show a total a few seconds old instead of paying it every page."""
+        cached = self._counts.get(status)
+        if cached is not None and time.monotonic() - cached[0] < COUNT_TTL_S:
+            return cached[1]
+        n = await self._count(status)
+        self._counts[status] = (time.monotonic(), n)
+        return n
+
+    async def _count(self, status: str | None) -> int:
         query = self._client.collection_group(CONVERSATIONS)
         if status is not None:
             query = query.where(filter=FieldFilter("status", "==", status))
+        else:  # not the heartbeats that share the collection group's name
+            query = query.where(filter=FieldFilter("status", "in", list(CONVERSATION_STATUSES)))
         async with self._guard("count"):
             result = await query.count(alias="n").get()
         n = int(result[0][0].value)
@@ -870,7 +1034,9 @@ class FirestoreStore:
                 profile["identities"] = sorted(known | set(fresh))
             if not user.exists:
                 profile["created_at"] = now
-            tx.set(user_ref, profile, merge=True)
+            held = user.to_dict() or {} if user.exists else {}
+            if any(held.get(k) != v for k, v in profile.items()):
+                tx.set(user_ref, profile, merge=True)  # only when it changes: a write each
             for identity in fresh:
                 tx.set(db.collection(IDENTITIES).document(identity), {"user_id": user_id})
             tx.set(
@@ -1153,19 +1319,11 @@ class FirestoreStore:
         error: MessageError | None = None,
     ) -> StatusChange | None:
         """Record the outcome of sending an outbound message (never moves it backwards)."""
-        query = (
-            self._client.collection_group(MESSAGES)
-            .where(filter=FieldFilter("id", "==", message_id))
-            .limit(1)
-        )
-        async with self._guard("find message"):
-            found = await query.get()
-        self.reads.direct += max(1, len(found))
-        if not found:
+        try:
+            ref = await self._message_ref(message_id)
+        except NotFound:
             return None
-        return await self._set_status(
-            found[0].reference.path, status, wa_message_id, error, finish=True
-        )
+        return await self._set_status(ref.path, status, wa_message_id, error, finish=True)
 
     async def _set_status(
         self,
@@ -1232,6 +1390,53 @@ class FirestoreStore:
 
         async with self._lock(_user_of(path)):
             return await self._transact("update conversation", write, rules.conversation_changes)
+
+    async def delete_conversation(self, conversation_id: str) -> Conversation:
+        """Erase a conversation: first marked deleted through the feed (a new version, so
+        every instance's listener delivers it, however old the conversation), then its
+        messages, their WhatsApp-id pointers, its tasks and the document itself."""
+        path = await self._conversation_path(conversation_id)
+        conversation_ref = self._client.document(path)
+
+        async def mark(tx: Any, stamps: _Stamps) -> Conversation:
+            snap = await conversation_ref.get(transaction=tx)
+            self.reads.direct += 1
+            if not snap.exists:
+                raise NotFound(f"no conversation {conversation_id!r}")
+            previous = snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
+            gone = conversation.with_changes(updated_at=max(now_ms(), conversation.updated_at + 1))
+            doc = _document(gone, previous, stamps)
+            doc["deleted"] = True
+            tx.set(conversation_ref, doc)
+            return gone
+
+        async with self._lock(_user_of(path)):
+            conversation = await self._transact(
+                "delete conversation", mark, lambda c: [Change(c, removed=True)]
+            )
+        async with self._guard("delete messages"):
+            messages = await conversation_ref.collection(MESSAGES).get()
+        self.reads.direct += max(1, len(messages))
+        refs = [conversation_ref.collection(MESSAGES).document(m.id) for m in messages]
+        for m in messages:
+            data = m.to_dict() or {}
+            if data.get("wa_message_id"):
+                refs.append(
+                    self._client.collection(WAMIDS).document(
+                        message_id_for_wamid(data["wa_message_id"])
+                    )
+                )
+            refs.append(self._task_ref(rules.send_task_id(m.id)))
+        refs += [self._task_ref(rules.ai_task_id(conversation_id)), conversation_ref]
+        for start in range(0, len(refs), BATCH_WRITES):
+            batch = self._client.batch()
+            for ref in refs[start : start + BATCH_WRITES]:
+                batch.delete(ref)
+            async with self._guard("delete conversation"):
+                await batch.commit()
+        self._paths.pop(conversation_id, None)
+        return conversation
 
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]
@@ -1332,6 +1537,13 @@ def _close_channel(client: Any) -> None:
     """Close a client's gRPC channel (the client library offers no close of its own)."""
     with contextlib.suppress(Exception):  # a channel already broken may fail to close
         client._firestore_api.transport.close()
+
+
+def _kind_of(path: str) -> str:
+    """The kind of document a path names: its collection, messages apart from their
+    conversation."""
+    parts = path.split("/documents/", 1)[-1].split("/")
+    return parts[-2] if len(parts) >= 2 else "unknown"
 
 
 def _user_of(path: str) -> str:

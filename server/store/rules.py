@@ -28,6 +28,7 @@ from server.store.base import (
     StatusChange,
     Superseded,
     Task,
+    TaskKind,
     Unset,
     message_id_for_wamid,
     new_id,
@@ -215,23 +216,18 @@ def wants_ai(conversation: Conversation, message: Message, ai_replies: bool) -> 
 
 def ai_task(conversation: Conversation, message: Message, leases: Leases, now: int) -> Task:
     """The AI reply a customer's message owes, leased to this process."""
-    return Task(
-        id=ai_task_id(conversation.id),
-        kind="ai",
-        conversation_id=conversation.id,
-        message_id=message.id,
-        state="pending",
-        owner=leases.owner,
-        lease_until=now + leases.lease_ms,
-        created_at=now,
-    )
+    return _new_task(ai_task_id(conversation.id), "ai", message, leases, now)
 
 
 def send_task(message: Message, leases: Leases, now: int) -> Task:
     """The WhatsApp send a stored reply owes, leased to this process."""
+    return _new_task(send_task_id(message.id), "send", message, leases, now)
+
+
+def _new_task(task_id: str, kind: TaskKind, message: Message, leases: Leases, now: int) -> Task:
     return Task(
-        id=send_task_id(message.id),
-        kind="send",
+        id=task_id,
+        kind=kind,
         conversation_id=message.conversation_id,
         message_id=message.id,
         state="pending",

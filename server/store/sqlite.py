@@ -657,6 +657,29 @@ class SqliteStore:
 
         return await self._write(write, rules.conversation_changes)
 
+    async def delete_conversation(self, conversation_id: str) -> Conversation:
+        """Erase a conversation, its messages and their tasks in one transaction."""
+
+        def write() -> Conversation:
+            conversation = self._conversation(conversation_id)
+            db = self._db
+            message_ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM messages WHERE conversation_id = ?", (conversation_id,)
+                )
+            ]
+            db.executemany(
+                "DELETE FROM outbox WHERE id = ?",
+                [(rules.send_task_id(m),) for m in message_ids]
+                + [(rules.ai_task_id(conversation_id),)],
+            )
+            db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            return conversation
+
+        return await self._write(write, lambda c: [Change(c, removed=True)])
+
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]
     ) -> None:

@@ -9,6 +9,7 @@ import { connectEvents } from "./live.js";
 import {
   appendPage,
   applyMessageStatus,
+  removeChat,
   applyNewMessage,
   emptyList,
   findChat,
@@ -419,6 +420,16 @@ function onEvent(name, data) {
     case "message_status":
       state.list = applyMessageStatus(state.list, data);
       state.thread = applyStatus(state.thread, data);
+      break;
+    case "conversation_deleted":
+      state.list = removeChat(state.list, data.conversation_id);
+      if (data.conversation_id === state.activeId) {
+        state.activeId = null;
+        state.activeChat = null;
+        state.thread = emptyThread(null);
+        thread.clear();
+        setView("list");
+      }
       break;
     case "conversation_resync":
       // Messages of this conversation reached the server only as a summary: read them.
