@@ -364,7 +364,9 @@ async def test_the_server_lives_through_a_store_outage_and_resyncs(
     assert len(before) == 40
     m = await scrape(client)
     assert m("livechat_listener_up") == 1 and m("livechat_snapshot_fresh") == 1
-    assert m("livechat_listener_restarts_total") == m("livechat_listener_outages_total") == 0
+    assert m("livechat_listener_outages_total") == 0
+    # A listener replaced for going silent on a busy machine also counts as a restart.
+    restarts_before = m("livechat_listener_restarts_total")
 
     # Firestore keeps its data through an outage; the emulator forgets it when it stops.
     # So what it holds is exported just before the outage and imported at the restart:
@@ -404,7 +406,8 @@ async def test_the_server_lives_through_a_store_outage_and_resyncs(
     assert len(set(after)) == 40
     m = await scrape(client)
     assert m("livechat_listener_up") == 1 and m("livechat_snapshot_fresh") == 1
-    assert m("livechat_listener_restarts_total") == m("livechat_listener_outages_total") == 1
+    assert m("livechat_listener_outages_total") == 1
+    assert m("livechat_listener_restarts_total") >= restarts_before + 1
 
     # The listener works again: a new message reaches the list through the feed.
     m = text("back online", frm="966508888888")
