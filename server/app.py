@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,11 +22,14 @@ from server.cursor import CursorCodec
 from server.demo import seed_demo
 from server.handlers import auth, chats, events, health, webhook
 from server.handlers.errors import error_middleware
+from server.handlers.metrics import metrics_handler
 from server.hub import Hub
 from server.inbox import Inbox
 from server.integrations.ai import make_responder
 from server.integrations.whatsapp import make_sender
 from server.logging import RequestIds
+from server.metrics import CountingSender, Metrics, State
+from server.shutdown import Shutdown, stop_accepting
 from server.snapshot import Snapshot
 from server.store import make_store
 from server.workers.ai import AiReplies
@@ -35,10 +38,6 @@ from server.workers.warmer import Warmer
 
 log = structlog.get_logger(__name__)
 
-# Background jobs (AI replies, WhatsApp sends) get this long to finish on shutdown. What
-# is cut off is not lost: its task stays in the store and is resumed (a send cut off
-# mid-POST is marked interrupted for an agent to retry).
-JOBS_DRAIN_S: Final = 10.0
 # Outbound connections per pool. WhatsApp sends and AI calls each have their own pool, so
 # AI calls stuck on a slow provider never hold the connections an agent's reply needs.
 WHATSAPP_CONNECTIONS: Final = 64
@@ -58,6 +57,11 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.STREAMS] = weakref.WeakSet()
     window = settings.firestore_window if settings.store == "firestore" else None
     app[keys.SNAPSHOT] = Snapshot(complete=window is None, window=window)
+    app[keys.SHUTDOWN] = Shutdown()
+    app[keys.METRICS] = metrics = Metrics()
+    metrics.watch(
+        State(app[keys.HUB], app[keys.SNAPSHOT], lambda: app.get(keys.WARMER), _jobs(app))
+    )
 
     app.cleanup_ctx.append(_http_sessions)
     app.cleanup_ctx.append(_store)
@@ -88,6 +92,8 @@ def _routes(app: web.Application, settings: Settings) -> None:
     r.add_post("/api/live-chat/conversations/{id}/read", chats.mark_read)
     r.add_get("/webhooks/whatsapp", webhook.verify)
     r.add_post("/webhooks/whatsapp", webhook.receive)
+    if settings.metrics_port is None:
+        r.add_get("/metrics", metrics_handler(app[keys.METRICS]))
     static = Path(settings.static_dir)
     if static.is_dir():
         r.add_get("/", _index)
@@ -136,14 +142,15 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 
 async def _outbox(app: web.Application) -> AsyncIterator[None]:
     """The lanes of background work and the outbox that feeds them; on the way out,
-    running jobs get JOBS_DRAIN_S and what is left stays pending in the store."""
+    running jobs get LIVECHAT_SHUTDOWN_TIMEOUT and what is left stays pending in the store
+    (a server stopped by a signal has drained them already: server/shutdown.py)."""
     settings = app[keys.SETTINGS]
     outbox = Outbox(app[keys.STORE], Lanes.create(_job_failed), lease_s=settings.outbox_lease_s)
     app[keys.OUTBOX] = outbox
     try:
         yield
     finally:
-        await outbox.close(JOBS_DRAIN_S)
+        await outbox.close(settings.shutdown_timeout_s)
 
 
 async def _inbox(app: web.Application) -> AsyncIterator[None]:
@@ -151,10 +158,12 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     store = app[keys.STORE]
     outbox = app[keys.OUTBOX]
-    inbox = Inbox(store, outbox, make_sender(settings, app[keys.HTTP]))
+    sender = CountingSender(make_sender(settings, app[keys.HTTP]), app[keys.METRICS])
+    inbox = Inbox(store, outbox, sender)
     responder = make_responder(settings, app[keys.AI_HTTP])
     if responder is not None:
-        outbox.runners["ai"] = AiReplies(store, inbox, responder, settings).run
+        replies = AiReplies(store, inbox, responder, settings, app[keys.METRICS])
+        outbox.runners["ai"] = replies.run
     app[keys.INBOX] = inbox
     try:
         yield
@@ -189,12 +198,21 @@ async def _warmer(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_streams(app: web.Application) -> None:
-    """On shutdown, end every SSE stream at once so the server can stop promptly."""
-    app[keys.HUB].close()
-    streams = app[keys.STREAMS]
-    for stream in list(streams):
-        with contextlib.suppress(RuntimeError):
-            stream.stop_streaming()
+    """On shutdown, end every SSE stream at once so the server can stop promptly (a server
+    stopped by a signal did this already, before its jobs drained)."""
+    stop_accepting(app)
+
+
+def _jobs(app: web.Application) -> Callable[[], dict[str, tuple[int, int]]]:
+    def counts() -> dict[str, tuple[int, int]]:
+        outbox = app.get(keys.OUTBOX)
+        if outbox is None:
+            return {}
+        lanes = {"sends": outbox.lanes.sends, "ai": outbox.lanes.ai}
+        lanes["statuses"] = outbox.lanes.statuses
+        return {name: (lane.active_count, lane.pending_count) for name, lane in lanes.items()}
+
+    return counts
 
 
 def _job_failed(scheduler: aiojobs.Scheduler, context: dict[str, Any]) -> None:

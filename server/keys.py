@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -15,10 +16,14 @@ from server.cursor import CursorCodec
 from server.hub import Hub
 from server.inbox import Inbox
 from server.logging import RequestIds
+from server.metrics import Metrics
 from server.snapshot import Snapshot
 from server.store.base import ChatStore
 from server.workers.outbox import Outbox
 from server.workers.warmer import Warmer
+
+if TYPE_CHECKING:
+    from server.shutdown import Shutdown
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", ChatStore)
@@ -34,5 +39,12 @@ AI_HTTP = web.AppKey("ai_http", aiohttp.ClientSession)
 OUTBOX = web.AppKey("outbox", Outbox)
 CHATLIST = web.AppKey("chatlist", ChatList)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
+# The id of a request, for the access log line written after its answer.
+REQUEST_ID = web.RequestKey("request_id", str)
+# Its route as the router knows it (`/api/live-chat/conversations/{id}`), for the same line.
+ROUTE = web.RequestKey("route", str)
+METRICS = web.AppKey("metrics", Metrics)
+# Set by the first stop signal (server/shutdown.py imports this module, hence no type here).
+SHUTDOWN: web.AppKey[Shutdown] = web.AppKey("shutdown")
 # Open SSE responses, so shutdown can stop each one (aiohttp-sse's graceful-shutdown pattern).
 STREAMS: web.AppKey[weakref.WeakSet[EventSourceResponse]] = web.AppKey("streams")

@@ -17,6 +17,7 @@ from server.store.base import InboundMessage, message_id_for_wamid
 from tests.conftest import STORE_KINDS
 from tests.fakes import graph_settings
 from tests.firestore_emulator import Emulator, require_gcloud
+from tests.prometheus import scrape
 from tests.webhooks import (
     SseStream,
     all_messages,
@@ -361,6 +362,11 @@ async def test_the_server_lives_through_a_store_outage_and_resyncs(
     await wait_until(lambda: _holds(client, 40), within=10)
     before = await listed_ids(client)
     assert len(before) == 40
+    m = await scrape(client)
+    assert m("livechat_listener_up") == 1 and m("livechat_snapshot_fresh") == 1
+    assert m("livechat_listener_outages_total") == 0
+    # A listener replaced for going silent on a busy machine also counts as a restart.
+    restarts_before = m("livechat_listener_restarts_total")
 
     # Firestore keeps its data through an outage; the emulator forgets it when it stops.
     # So what it holds is exported just before the outage and imported at the restart:
@@ -376,6 +382,10 @@ async def test_the_server_lives_through_a_store_outage_and_resyncs(
     await wait_until(lambda: _stale(client), within=30, interval=0.2)
     degraded = await _readyz(client, 200)
     assert degraded is not None and degraded["status"] == "degraded"
+    m = await scrape(client)
+    assert m("livechat_listener_up") == 0 and m("livechat_snapshot_fresh") == 0
+    assert m("livechat_listener_outages_total") == 1
+    assert m("livechat_snapshot_conversations") == 40
     while time.monotonic() - wall0 < OUTAGE_S:
         resp = await client.get(LIST, params={"limit": "100"})
         assert resp.status == 200
@@ -395,6 +405,10 @@ async def test_the_server_lives_through_a_store_outage_and_resyncs(
     after = await listed_ids(client)
     assert after == stored == before
     assert len(set(after)) == 40
+    m = await scrape(client)
+    assert m("livechat_listener_up") == 1 and m("livechat_snapshot_fresh") == 1
+    assert m("livechat_listener_outages_total") == 1
+    assert m("livechat_listener_restarts_total") >= restarts_before + 1
 
     # The listener works again: a new message reaches the list through the feed.
     m = text("back online", frm="966508888888")
