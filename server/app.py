@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,6 +22,7 @@ from server.cursor import CursorCodec
 from server.demo import seed_demo
 from server.handlers import auth, chats, events, health, media, webhook
 from server.handlers.errors import error_middleware
+from server.handlers.metrics import metrics_handler
 from server.hub import Hub
 from server.inbox import Inbox
 from server.integrations.ai import make_responder
@@ -29,7 +30,9 @@ from server.integrations.templates import TemplateCatalog
 from server.integrations.whatsapp import WhatsAppClient, make_sender
 from server.logging import RequestIds
 from server.media import MediaIndex, make_media_store
+from server.metrics import CountingSender, Metrics, State
 from server.replies import Replies
+from server.shutdown import Shutdown, stop_accepting
 from server.snapshot import Snapshot
 from server.store import make_store
 from server.workers.ai import AiReplies
@@ -39,10 +42,6 @@ from server.workers.warmer import Warmer
 
 log = structlog.get_logger(__name__)
 
-# Background jobs (AI replies, WhatsApp sends) get this long to finish on shutdown. What
-# is cut off is not lost: its task stays in the store and is resumed (a send cut off
-# mid-POST is marked interrupted for an agent to retry).
-JOBS_DRAIN_S: Final = 10.0
 # Outbound connections per pool. WhatsApp sends and AI calls each have their own pool, so
 # AI calls stuck on a slow provider never hold the connections an agent's reply needs.
 WHATSAPP_CONNECTIONS: Final = 64
@@ -63,6 +62,11 @@ def create_app(settings: Settings) -> web.Application:
     window = settings.firestore_window if settings.store == "firestore" else None
     app[keys.SNAPSHOT] = Snapshot(complete=window is None, window=window)
     app[keys.MEDIA_INDEX] = MediaIndex()
+    app[keys.SHUTDOWN] = Shutdown()
+    app[keys.METRICS] = metrics = Metrics()
+    metrics.watch(
+        State(app[keys.HUB], app[keys.SNAPSHOT], lambda: app.get(keys.WARMER), _jobs(app))
+    )
 
     app.cleanup_ctx.append(_http_sessions)
     app.cleanup_ctx.append(_store)
@@ -98,6 +102,8 @@ def _routes(app: web.Application, settings: Settings) -> None:
     r.add_get("/api/live-chat/numbers", chats.list_numbers)
     r.add_get("/webhooks/whatsapp", webhook.verify)
     r.add_post("/webhooks/whatsapp", webhook.receive)
+    if settings.metrics_port is None:
+        r.add_get("/metrics", metrics_handler(app[keys.METRICS]))
     static = Path(settings.static_dir)
     if static.is_dir():
         r.add_get("/", _index)
@@ -152,14 +158,15 @@ async def _media(app: web.Application) -> AsyncIterator[None]:
 
 async def _outbox(app: web.Application) -> AsyncIterator[None]:
     """The lanes of background work and the outbox that feeds them; on the way out,
-    running jobs get JOBS_DRAIN_S and what is left stays pending in the store."""
+    running jobs get LIVECHAT_SHUTDOWN_TIMEOUT and what is left stays pending in the store
+    (a server stopped by a signal has drained them already: server/shutdown.py)."""
     settings = app[keys.SETTINGS]
     outbox = Outbox(app[keys.STORE], Lanes.create(_job_failed), lease_s=settings.outbox_lease_s)
     app[keys.OUTBOX] = outbox
     try:
         yield
     finally:
-        await outbox.close(JOBS_DRAIN_S)
+        await outbox.close(settings.shutdown_timeout_s)
 
 
 async def _inbox(app: web.Application) -> AsyncIterator[None]:
@@ -167,7 +174,8 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     store = app[keys.STORE]
     outbox = app[keys.OUTBOX]
-    sender = make_sender(settings, app[keys.HTTP])
+    whatsapp = make_sender(settings, app[keys.HTTP])
+    sender = CountingSender(whatsapp, app[keys.METRICS])
     inbox = Inbox(
         store,
         outbox,
@@ -178,8 +186,11 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
     )
     responder = make_responder(settings, app[keys.AI_HTTP])
     if responder is not None:
-        outbox.runners["ai"] = AiReplies(store, inbox, responder, settings).run
-    outbox.runners["media"] = MediaDownloads(store, inbox, app[keys.MEDIA], sender).run
+        replies = AiReplies(store, inbox, responder, settings, app[keys.METRICS])
+        outbox.runners["ai"] = replies.run
+    outbox.runners["media"] = MediaDownloads(store, inbox, app[keys.MEDIA], whatsapp).run
+    client = whatsapp if isinstance(whatsapp, WhatsAppClient) else None
+    app[keys.TEMPLATES] = TemplateCatalog(client, settings.whatsapp_business_account_id)
     app[keys.INBOX] = inbox
     try:
         yield
@@ -201,12 +212,8 @@ async def _background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterat
 
 async def _templates(app: web.Application) -> AsyncIterator[None]:
     """The template catalog, and its refresher (on template webhooks)."""
-    settings = app[keys.SETTINGS]
-    inbox = app[keys.INBOX]
-    client = inbox.sender if isinstance(inbox.sender, WhatsAppClient) else None
-    catalog = TemplateCatalog(client, settings.whatsapp_business_account_id)
-    app[keys.TEMPLATES] = catalog
-    app[keys.REPLIES] = Replies(app[keys.STORE], inbox, app[keys.MEDIA], catalog)
+    catalog = app[keys.TEMPLATES]
+    app[keys.REPLIES] = Replies(app[keys.STORE], app[keys.INBOX], app[keys.MEDIA], catalog)
     async with _background(catalog.run(), "template-refresher"):
         yield
 
@@ -226,12 +233,21 @@ async def _warmer(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_streams(app: web.Application) -> None:
-    """On shutdown, end every SSE stream at once so the server can stop promptly."""
-    app[keys.HUB].close()
-    streams = app[keys.STREAMS]
-    for stream in list(streams):
-        with contextlib.suppress(RuntimeError):
-            stream.stop_streaming()
+    """On shutdown, end every SSE stream at once so the server can stop promptly (a server
+    stopped by a signal did this already, before its jobs drained)."""
+    stop_accepting(app)
+
+
+def _jobs(app: web.Application) -> Callable[[], dict[str, tuple[int, int]]]:
+    def counts() -> dict[str, tuple[int, int]]:
+        outbox = app.get(keys.OUTBOX)
+        if outbox is None:
+            return {}
+        lanes = {"sends": outbox.lanes.sends, "ai": outbox.lanes.ai}
+        lanes["statuses"] = outbox.lanes.statuses
+        return {name: (lane.active_count, lane.pending_count) for name, lane in lanes.items()}
+
+    return counts
 
 
 def _job_failed(scheduler: aiojobs.Scheduler, context: dict[str, Any]) -> None:

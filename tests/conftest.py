@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp.test_utils import TestClient
 
 from server import keys
@@ -141,3 +143,16 @@ async def llm(aiohttp_server):
     from tests.fakes import FakeLLM
 
     return await FakeLLM.serve(aiohttp_server)
+
+
+@pytest.fixture
+def logging_restored():
+    """For a test that configures logging: structlog's defaults and the root logger's
+    handlers and level come back afterwards (a configured logger holds the test's stdout)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -169,6 +169,8 @@ class Outbox:
 
     async def sweep(self, *, steal: bool = False) -> int:
         """Take the tasks whose lease ran out (all with `steal`) and run them; how many."""
+        if self._closing:
+            return 0  # draining on the way out: a task taken now could not run
         taken = 0
         kinds: tuple[tuple[TaskKind, aiojobs.Scheduler], ...] = (
             ("send", self.lanes.sends),
