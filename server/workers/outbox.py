@@ -109,7 +109,10 @@ class Outbox:
         self.runners: dict[str, Runner] = {}
         # Renew well before a lease runs out: three chances per lease.
         self._renew_every_s = lease_s / 3
-        self._sweep_interval_s = min(sweep_interval_s, lease_s)
+        # The loop wakes at least as often as renewals fall due: waking only once per lease
+        # would let short leases run out under the running jobs, and the next sweep would
+        # take them again (counting a resume that never happened).
+        self._sweep_interval_s = min(sweep_interval_s, self._renew_every_s)
         # Tasks this process is running (an AI task may run twice at once: a newer
         # message's job starts while the older one's finishes).
         self._held: Counter[str] = Counter()
