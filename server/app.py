@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
@@ -15,29 +15,33 @@ import structlog
 from aiohttp import web
 
 from server import keys
+from server.broadcaster import Broadcaster
 from server.chatlist import ChatList
 from server.config import Settings
 from server.cursor import CursorCodec
 from server.demo import seed_demo
-from server.handlers import auth, chats, events, health, webhook
+from server.handlers import auth, chats, events, health, media, webhook
 from server.handlers.errors import error_middleware
+from server.handlers.metrics import metrics_handler
 from server.hub import Hub
 from server.inbox import Inbox
 from server.integrations.ai import make_responder
-from server.integrations.whatsapp import make_sender
+from server.integrations.templates import TemplateCatalog
+from server.integrations.whatsapp import WhatsAppClient, make_sender
 from server.logging import RequestIds
+from server.media import MediaIndex, make_media_store
+from server.metrics import CountingSender, Metrics, State
+from server.replies import Replies
+from server.shutdown import Shutdown, stop_accepting
 from server.snapshot import Snapshot
 from server.store import make_store
 from server.workers.ai import AiReplies
+from server.workers.media import MediaDownloads
 from server.workers.outbox import Lanes, Outbox
 from server.workers.warmer import Warmer
 
 log = structlog.get_logger(__name__)
 
-# Background jobs (AI replies, WhatsApp sends) get this long to finish on shutdown. What
-# is cut off is not lost: its task stays in the store and is resumed (a send cut off
-# mid-POST is marked interrupted for an agent to retry).
-JOBS_DRAIN_S: Final = 10.0
 # Outbound connections per pool. WhatsApp sends and AI calls each have their own pool, so
 # AI calls stuck on a slow provider never hold the connections an agent's reply needs.
 WHATSAPP_CONNECTIONS: Final = 64
@@ -57,11 +61,19 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.STREAMS] = weakref.WeakSet()
     window = settings.firestore_window if settings.store == "firestore" else settings.sqlite_window
     app[keys.SNAPSHOT] = Snapshot(window=window)
+    app[keys.MEDIA_INDEX] = MediaIndex()
+    app[keys.SHUTDOWN] = Shutdown()
+    app[keys.METRICS] = metrics = Metrics()
+    metrics.watch(
+        State(app[keys.HUB], app[keys.SNAPSHOT], lambda: app.get(keys.WARMER), _jobs(app))
+    )
 
     app.cleanup_ctx.append(_http_sessions)
     app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_media)
     app.cleanup_ctx.append(_outbox)
     app.cleanup_ctx.append(_inbox)
+    app.cleanup_ctx.append(_templates)
     app.cleanup_ctx.append(_sweeper)
     app.cleanup_ctx.append(_warmer)
     app.on_shutdown.append(_close_streams)
@@ -81,12 +93,18 @@ def _routes(app: web.Application, settings: Settings) -> None:
     r.add_get("/api/live-chat/events", events.events)
     r.add_get("/api/live-chat/conversations/{id}", chats.get_conversation)
     r.add_patch("/api/live-chat/conversations/{id}", chats.patch_conversation)
+    r.add_delete("/api/live-chat/conversations/{id}", chats.delete_conversation)
     r.add_get("/api/live-chat/conversations/{id}/messages", chats.list_messages)
     r.add_post("/api/live-chat/conversations/{id}/messages", chats.post_message)
     r.add_post("/api/live-chat/conversations/{id}/messages/{message_id}/retry", chats.retry_message)
     r.add_post("/api/live-chat/conversations/{id}/read", chats.mark_read)
+    r.add_get("/api/live-chat/media/{message_id}", media.get_media)
+    r.add_get("/api/live-chat/templates", chats.list_templates)
+    r.add_get("/api/live-chat/numbers", chats.list_numbers)
     r.add_get("/webhooks/whatsapp", webhook.verify)
     r.add_post("/webhooks/whatsapp", webhook.receive)
+    if settings.metrics_port is None:
+        r.add_get("/metrics", metrics_handler(app[keys.METRICS]))
     static = Path(settings.static_dir)
     if static.is_dir():
         r.add_get("/", _index)
@@ -118,6 +136,11 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     store = make_store(app[keys.SETTINGS])
     await store.start()
     app[keys.STORE] = store
+    # The one way into the hub: every committed write, this process's or another
+    # instance's, reaches the feed once and is told to the dashboards from there.
+    broadcaster = Broadcaster(app[keys.HUB])
+    app[keys.BROADCASTER] = broadcaster
+    store.subscribe(broadcaster.on_changes)
     app[keys.CHATLIST] = ChatList(app[keys.SNAPSHOT], store, app[keys.CURSORS])
     try:
         if app[keys.SETTINGS].demo:
@@ -128,27 +151,47 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
+async def _media(app: web.Application) -> AsyncIterator[None]:
+    """The media store (its client may look up credentials: not on the event loop)."""
+    app[keys.MEDIA] = await asyncio.to_thread(make_media_store, app[keys.SETTINGS])
+    yield
+
+
 async def _outbox(app: web.Application) -> AsyncIterator[None]:
     """The lanes of background work and the outbox that feeds them; on the way out,
-    running jobs get JOBS_DRAIN_S and what is left stays pending in the store."""
+    running jobs get LIVECHAT_SHUTDOWN_TIMEOUT and what is left stays pending in the store
+    (a server stopped by a signal has drained them already: server/shutdown.py)."""
     settings = app[keys.SETTINGS]
     outbox = Outbox(app[keys.STORE], Lanes.create(_job_failed), lease_s=settings.outbox_lease_s)
     app[keys.OUTBOX] = outbox
     try:
         yield
     finally:
-        await outbox.close(JOBS_DRAIN_S)
+        await outbox.close(settings.shutdown_timeout_s)
 
 
 async def _inbox(app: web.Application) -> AsyncIterator[None]:
-    """The inbox with its WhatsApp sender and AI replies."""
+    """The inbox with its WhatsApp sender, AI replies and media downloads."""
     settings = app[keys.SETTINGS]
     store = app[keys.STORE]
     outbox = app[keys.OUTBOX]
-    inbox = Inbox(store, app[keys.HUB], outbox, make_sender(settings, app[keys.HTTP]))
+    whatsapp = make_sender(settings, app[keys.HTTP])
+    sender = CountingSender(whatsapp, app[keys.METRICS])
+    inbox = Inbox(
+        store,
+        outbox,
+        sender,
+        app[keys.MEDIA],
+        # Without WhatsApp there is nobody to send blue ticks to.
+        read_receipts=settings.read_receipts and settings.whatsapp_configured,
+    )
     responder = make_responder(settings, app[keys.AI_HTTP])
     if responder is not None:
-        outbox.runners["ai"] = AiReplies(store, inbox, responder, settings).run
+        replies = AiReplies(store, inbox, responder, settings, app[keys.METRICS])
+        outbox.runners["ai"] = replies.run
+    outbox.runners["media"] = MediaDownloads(store, inbox, app[keys.MEDIA], whatsapp).run
+    client = whatsapp if isinstance(whatsapp, WhatsAppClient) else None
+    app[keys.TEMPLATES] = TemplateCatalog(client, settings.whatsapp_business_account_id)
     app[keys.INBOX] = inbox
     try:
         yield
@@ -156,37 +199,56 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
         inbox.close()  # before the jobs drain: statuses still waiting give up at once
 
 
-async def _sweeper(app: web.Application) -> AsyncIterator[None]:
-    """The outbox's sweeper: resumes what a crash or a deploy left (cancelled on exit)."""
-    task = asyncio.create_task(app[keys.OUTBOX].run(), name="outbox-sweeper")
+@contextlib.asynccontextmanager
+async def _background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """Run `work` as a task for the app's lifetime; cancel and await it on the way out."""
+    task = asyncio.create_task(work, name=name)
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _templates(app: web.Application) -> AsyncIterator[None]:
+    """The template catalog, and its refresher (on template webhooks)."""
+    catalog = app[keys.TEMPLATES]
+    app[keys.REPLIES] = Replies(app[keys.STORE], app[keys.INBOX], app[keys.MEDIA], catalog)
+    async with _background(catalog.run(), "template-refresher"):
+        yield
+
+
+async def _sweeper(app: web.Application) -> AsyncIterator[None]:
+    """The outbox's sweeper: resumes what a crash or a deploy left."""
+    async with _background(app[keys.OUTBOX].run(), "outbox-sweeper"):
+        yield
 
 
 async def _warmer(app: web.Application) -> AsyncIterator[None]:
-    """The background worker that keeps the snapshot warm; cancelled and awaited on exit."""
-    warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.INBOX])
+    """The background worker that keeps the snapshot warm."""
+    warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.BROADCASTER])
     app[keys.WARMER] = warmer
-    task = asyncio.create_task(warmer.run(), name="snapshot-warmer")
-    try:
+    async with _background(warmer.run(), "snapshot-warmer"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _close_streams(app: web.Application) -> None:
-    """On shutdown, end every SSE stream at once so the server can stop promptly."""
-    app[keys.HUB].close()
-    streams = app[keys.STREAMS]
-    for stream in list(streams):
-        with contextlib.suppress(RuntimeError):
-            stream.stop_streaming()
+    """On shutdown, end every SSE stream at once so the server can stop promptly (a server
+    stopped by a signal did this already, before its jobs drained)."""
+    stop_accepting(app)
+
+
+def _jobs(app: web.Application) -> Callable[[], dict[str, tuple[int, int]]]:
+    def counts() -> dict[str, tuple[int, int]]:
+        outbox = app.get(keys.OUTBOX)
+        if outbox is None:
+            return {}
+        lanes = {"sends": outbox.lanes.sends, "ai": outbox.lanes.ai}
+        lanes["statuses"] = outbox.lanes.statuses
+        return {name: (lane.active_count, lane.pending_count) for name, lane in lanes.items()}
+
+    return counts
 
 
 def _job_failed(scheduler: aiojobs.Scheduler, context: dict[str, Any]) -> None:

@@ -54,28 +54,26 @@ class ChatList:
         return self.cursors.decode(CURSOR_KIND, cursor) if cursor else None
 
     async def page(
-        self, *, limit: int, cursor: str | None, status: str | None, q: str | None
+        self,
+        *,
+        limit: int,
+        cursor: str | None,
+        status: str | None,
+        q: str | None,
+        number: str | None = None,
     ) -> ServedPage:
         """One page, rendered; NotReady until the snapshot is loaded."""
         started = time.perf_counter()
         if not self.snapshot.ready:
             raise NotReady()
         after = self.decode_cursor(cursor)
-        page = self.snapshot.page(limit=limit, after=after, status=status, q=q)
+        page = self.snapshot.page(limit=limit, after=after, status=status, q=q, number=number)
         rows: list[Listed] = list(page.rows)
         has_more, total, source = page.has_more, page.total, "snapshot"
-        if q:
-            query = search.parse(q)
-            if page.past_window and query:
-                rows, has_more = await self._past_window(
-                    rows,
-                    after,
-                    limit,
-                    lambda key, n: self.store.search_customers(query, key, n, status),
-                )
-                source = "store"
-            if not self.snapshot.complete:
-                total = await self.store.count_customers(query, status) if query else 0
+        if q or number is not None:
+            rows, has_more, total, source = await self._filtered(
+                page.past_window, rows, has_more, total, after, limit, status, q, number
+            )
         else:
             if page.past_window:
                 rows, has_more = await self._past_window(
@@ -97,6 +95,44 @@ class ChatList:
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
         return ServedPage(body, len(rows), source)
+
+    async def _filtered(
+        self,
+        past_window: bool,
+        rows: list[Listed],
+        has_more: bool,
+        total: int,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        q: str | None,
+        number: str | None,
+    ) -> tuple[list[Listed], bool, int, str]:
+        """A page searched by name or number (`q`) or of one business number, continued
+        past the window from the store's indexes, with the store's count of all matches."""
+        query = search.parse(q) if q else None
+        if q and not query:
+            return [], False, 0, "snapshot"  # no word in it ("?!"): it matches nobody
+        source = "snapshot"
+        if past_window:
+            if query is not None:
+                rows, has_more = await self._past_window(
+                    rows,
+                    after,
+                    limit,
+                    lambda key, n: self.store.search_customers(query, key, n, status, number),
+                )
+            else:
+                rows, has_more = await self._past_window(
+                    rows,
+                    after,
+                    limit,
+                    lambda key, n: self.store.list_entries(key, n, status, number),
+                )
+            source = "store"
+        if not self.snapshot.complete:
+            total = await self.store.count_entries(query, status, number)
+        return rows, has_more, total, source
 
     async def _past_window(
         self, rows: list[Listed], after: tuple[int, str] | None, limit: int, fetch: Fetch

@@ -1,4 +1,11 @@
-"""structlog set-up: JSON lines for log pipelines, a readable console in a terminal."""
+"""structlog set-up: JSON lines for log pipelines, a readable console in a terminal.
+
+Our own events, aiohttp's and asyncio's records (through the standard library's logging)
+and the access log all go through one chain, to stdout: under LOG_FORMAT=json every line
+is one JSON object with `timestamp`, `level` and `event` (and `request_id` within a
+request). Exceptions are structured fields without local variables; the values of the
+configured secrets never reach a line, whoever logged it.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,12 @@ import itertools
 import logging
 import secrets
 import sys
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Final
 
 import orjson
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -17,34 +26,115 @@ LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+# Shorter values are not redacted: replacing them would mangle ordinary words, and no real
+# secret is that short (production refuses to start without long ones).
+MIN_SECRET_CHARS: Final = 8
+REDACTED: Final = "[redacted]"
+# Marks the handler this module installs, so configuring again replaces it.
+HANDLER_NAME: Final = "livechat"
 
 
-def configure_logging(log_format: str = "console", level: str = "info") -> None:
-    """Configure structlog once for the process; every line has event, level, timestamp."""
-    processors: list[Any] = [
+def configure_logging(
+    log_format: str = "console", level: str = "info", *, secret_values: Iterable[str] = ()
+) -> None:
+    """Configure logging once for the process: structlog, and the stdlib's records too."""
+    threshold = LEVELS.get(level, logging.INFO)
+    hidden = _secrets(secret_values)
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.StackInfoRenderer(),
-        structlog.processors.format_exc_info,
     ]
-    renderer: Any
+    tail: list[Any]
+    stdlib_tail: list[Any]
     factory: Any
     if log_format == "json":
+        exceptions = structlog.processors.ExceptionRenderer(
+            ExceptionDictTransformer(show_locals=False)
+        )
         # Every request and broadcast logs a line: orjson and a bytes logger halve its cost.
-        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        tail = [exceptions, structlog.processors.JSONRenderer(serializer=orjson.dumps)]
+        stdlib_tail = [exceptions, structlog.processors.JSONRenderer(serializer=_json_text)]
         factory = structlog.BytesLoggerFactory(file=sys.stdout.buffer)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=sys.stdout.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
+        tail = stdlib_tail = [renderer]
         factory = structlog.WriteLoggerFactory(file=sys.stdout)
+    if hidden:
+        tail = [*tail, Redactor(hidden)]
+        stdlib_tail = [*stdlib_tail, Redactor(hidden)]
     structlog.configure(
-        processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
+        processors=[*shared, structlog.processors.StackInfoRenderer(), *tail],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    # aiohttp's own access log repeats what our request lines say; keep its errors only.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *stdlib_tail],
+    )
+    handler = StdoutHandler()
+    handler.set_name(HANDLER_NAME)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(threshold)
+    # aiohttp's access records: the access log below writes ours, with the request id.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _json_text(value: Any, **_: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _secrets(values: Iterable[str]) -> tuple[str, ...]:
+    found = {v for v in values if v and len(v) >= MIN_SECRET_CHARS}
+    # As written in a JSON string too (a quote or a non-ASCII character is escaped there).
+    found |= {orjson.dumps(v).decode()[1:-1] for v in found}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+class Redactor:
+    """The last processor: the configured secrets' values, replaced in the rendered line."""
+
+    def __init__(self, values: tuple[str, ...]) -> None:
+        self.text = values
+        self.raw = tuple(v.encode() for v in values)
+
+    def __call__(self, logger: Any, name: str, line: Any) -> Any:
+        """The line with every secret replaced."""
+        if isinstance(line, bytes):
+            for value in self.raw:
+                if value in line:
+                    line = line.replace(value, REDACTED.encode())
+        elif isinstance(line, str):
+            for text in self.text:
+                if text in line:
+                    line = line.replace(text, REDACTED)
+        return line
+
+
+class StdoutHandler(logging.Handler):
+    """Writes formatted records to the current sys.stdout, one line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Format and write one record."""
+        try:
+            line = self.format(record)
+            stream = sys.stdout
+            stream.write(line + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def new_request_id() -> str:
+    """A random request id, for a request that never reached the app (a malformed one)."""
+    return secrets.token_hex(6)
 
 
 class RequestIds:

@@ -440,7 +440,7 @@ async def test_agent_reply_shows_and_reaches_the_graph_api(browser, serve, http,
     await expect(composer).to_have_value("")
     await expect(bubble).to_have_attribute("data-status", "sent")
     await expect(bubble.locator(".tick")).to_have_text("✓")
-    sent = next(r for r in graph.requests if r.json["text"]["body"] == "First line\nsecond line")
+    sent = next(r for r in graph.sends() if r.json["text"]["body"] == "First line\nsecond line")
     assert sent.path == "/v21.0/106540352242922/messages"
     assert sent.headers["Authorization"] == f"Bearer {graph.token}"
     assert sent.json["to"] == chat["user_id"]
@@ -461,7 +461,7 @@ async def test_agent_reply_shows_and_reaches_the_graph_api(browser, serve, http,
     await failed.locator("button.retry").click()
     await expect(failed).to_have_attribute("data-status", "sent")
     await expect(failed.locator(".msg-error")).to_have_count(0)
-    bodies = [r.json["text"]["body"] for r in graph.requests]
+    bodies = [r.json["text"]["body"] for r in graph.sends()]
     assert bodies.count("Are you still there?") == 2
 
     # The AI switch and resolve act on the conversation.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -172,7 +173,10 @@ async def test_every_message_kind_round_trips(store):
         )
     )
     messages, _ = await store.list_messages(s.conversation.id, 10, None)
-    assert messages[0].media == media and messages[0].type == "image"
+    # Its bytes are downloaded in the background: a media task in the same write.
+    assert messages[0].media == dataclasses.replace(media, state="pending")
+    assert messages[0].type == "image"
+    assert s.media_task is not None and s.media_task.kind == "media"
     assert messages[1].extra == {"latitude": 24.7114, "longitude": 46.6744}
     assert loc.conversation.last_message.type == "location"
     # An image without text shows its caption in the list.
@@ -245,3 +249,21 @@ async def test_a_failing_write_among_concurrent_ones_fails_alone(store):
     for saved in (results[0], results[2]):
         messages, _ = await store.list_messages(saved.conversation.id, 10, None)
         assert [m.id for m in messages] == [saved.message.id]
+
+
+async def test_a_deleted_conversation_is_gone_with_its_messages_and_its_work(store):
+    seen: list[Change] = []
+    unsubscribe = store.subscribe(lambda changes: seen.extend(changes))
+    saved = await store.save_inbound(inbound("wamid.del-1"))
+    reply = await store.save_outbound(saved.conversation.id, sender="agent", text="hi")
+    await store.delete_conversation(saved.conversation.id)
+    with pytest.raises(NotFound):
+        await store.get_conversation(saved.conversation.id)
+    with pytest.raises(NotFound):
+        await store.get_message(reply.message.id)
+    assert await store.claim_tasks(limit=10, kind="send", steal=True) == []
+    assert [c.conversation.id for c in seen if c.removed] == [saved.conversation.id]
+    assert saved.conversation.id not in [c.id for c in await store.load_window(None)]
+    unsubscribe()
+    with pytest.raises(NotFound):
+        await store.delete_conversation(saved.conversation.id)

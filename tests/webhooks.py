@@ -138,6 +138,8 @@ class SseStream:
 
     def __init__(self, resp) -> None:
         self.resp = resp
+        # Every event read so far, in order.
+        self.events: list[SseEvent] = []
 
     @classmethod
     async def open(cls, client) -> SseStream:
@@ -147,7 +149,9 @@ class SseStream:
         return cls(resp)
 
     async def next(self, within: float = 5.0) -> SseEvent:
-        return await asyncio.wait_for(self._read(), within)
+        event = await asyncio.wait_for(self._read(), within)
+        self.events.append(event)
+        return event
 
     async def _read(self) -> SseEvent:
         fields: dict[str, str] = {}

@@ -16,6 +16,8 @@ from server.handlers.errors import Handler, json_error, read_json
 
 COOKIE = "livechat_token"
 OPEN_PATHS = frozenset({"/api/auth/session"})
+# Outside /api/ but behind the token too (unless served on a port of its own).
+PROTECTED_PATHS = frozenset({"/metrics"})
 # A working day and then some: agents sign in once a day, not once an hour.
 COOKIE_MAX_AGE_S = 7 * 24 * 3600
 
@@ -39,8 +41,9 @@ def presented_token(request: web.Request) -> str | None:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse /api/ requests without the token; everything else passes."""
-    if request.path.startswith("/api/") and request.path not in OPEN_PATHS:
+    """Refuse /api/ requests (and /metrics) without the token; everything else passes."""
+    path = request.path
+    if (path.startswith("/api/") and path not in OPEN_PATHS) or path in PROTECTED_PATHS:
         if not token_ok(request, presented_token(request)):
             return json_error(
                 HTTPStatus.UNAUTHORIZED,

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from server import keys
 from server.chatlist import NotReady
+from server.handlers import replies
 from server.handlers.errors import BadRequest, json_error, read_json
 from server.models import CONVERSATION_STATUSES, dumps
 from server.store.base import UNSET, NotFound, Unset
@@ -17,8 +18,6 @@ LIST_LIMIT: Final = (1, 100, 30)
 SEARCH_LIMIT: Final = (1, 50, 20)
 MESSAGES_LIMIT: Final = (1, 200, 50)
 MAX_QUERY: Final = 100
-# WhatsApp refuses a text body longer than this.
-MAX_TEXT: Final = 4096
 
 
 def parse_limit(request: web.Request, bounds: tuple[int, int, int]) -> int:
@@ -45,12 +44,16 @@ async def unified_chats(request: web.Request) -> web.Response:
     if status not in (*CONVERSATION_STATUSES, "all"):
         raise BadRequest("status must be open, resolved or all", "invalid_status")
     q = parse_query(request)
+    number = request.query.get("number") or None
+    if number is not None and not (number.isascii() and number.isdigit()):
+        raise BadRequest("number must be a phone number id (digits)", "invalid_number")
     try:
         page = await request.app[keys.CHATLIST].page(
             limit=limit,
             cursor=request.query.get("cursor") or None,
             status=None if status == "all" else status,
             q=q or None,
+            number=number,
         )
     except NotReady:
         return json_error(
@@ -117,20 +120,10 @@ async def list_messages(request: web.Request) -> web.Response:
 
 
 async def post_message(request: web.Request) -> web.Response:
-    """POST an agent's reply: saved, broadcast, sent to WhatsApp; turns the AI off."""
-    conversation_id = request.match_info["id"]
-    body = await read_json(request)
-    text = body.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise BadRequest("text must be a non-empty string", "invalid_text")
-    if len(text) > MAX_TEXT:
-        raise BadRequest(f"text must be at most {MAX_TEXT} characters", "invalid_text")
-    agent_id = body.get("agent_id")
-    if agent_id is not None and not isinstance(agent_id, str):
-        raise BadRequest("agent_id must be a string", "invalid_agent")
-    saved = await request.app[keys.INBOX].reply(
-        conversation_id, text, sender="agent", agent_id=agent_id
-    )
+    """POST an agent's message (text, a file, a template or a reaction, optionally as a
+    reply to a message): saved, broadcast, sent to WhatsApp; turns the AI off. Free-form
+    messages outside the customer-service window are 422 `window_closed`."""
+    saved = await replies.post(request, request.match_info["id"])
     return json_bytes(dumps(saved.message.to_json()), status=HTTPStatus.CREATED)
 
 
@@ -144,9 +137,16 @@ async def retry_message(request: web.Request) -> web.Response:
     return json_bytes(dumps(saved.message.to_json()), status=HTTPStatus.ACCEPTED)
 
 
+async def delete_conversation(request: web.Request) -> web.Response:
+    """DELETE a conversation with its messages; every dashboard drops it."""
+    conversation = await request.app[keys.INBOX].delete(request.match_info["id"])
+    return json_bytes(dumps({"deleted": conversation.id}))
+
+
 async def mark_read(request: web.Request) -> web.Response:
-    """POST read: the unread count goes to 0 on every dashboard."""
-    conversation = await request.app[keys.INBOX].update(request.match_info["id"], mark_read=True)
+    """POST read: the unread count goes to 0 on every dashboard, and the customer sees
+    blue ticks (unless LIVECHAT_READ_RECEIPTS is off)."""
+    conversation = await request.app[keys.INBOX].read(request.match_info["id"])
     return json_bytes(dumps(conversation.to_json()))
 
 
@@ -176,3 +176,23 @@ async def patch_conversation(request: web.Request) -> web.Response:
         request.match_info["id"], assignee=assignee, **changes
     )
     return json_bytes(dumps(conversation.to_json()))
+
+
+async def list_templates(request: web.Request) -> web.Response:
+    """GET the account's message templates (`?refresh=1` reads them from WhatsApp now)."""
+    catalog = request.app[keys.TEMPLATES]
+    templates = await catalog.templates(refresh=request.query.get("refresh") == "1")
+    return json_bytes(
+        dumps(
+            {
+                "templates": [t.to_json() for t in templates if t.approved],
+                "configured": catalog.configured,
+            }
+        )
+    )
+
+
+async def list_numbers(request: web.Request) -> web.Response:
+    """GET the business numbers replies go out from (the list's number filter)."""
+    numbers = request.app[keys.SETTINGS].numbers
+    return json_bytes(dumps({"numbers": [{"id": n.id} for n in numbers]}))

@@ -37,6 +37,11 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached right now (an outage, not a bad request)."""
 
 
+class Unstorable(StoreError):
+    """The store refused what the record holds (too large, an invalid value): the same
+    write would fail again, unlike an outage."""
+
+
 class Superseded(StoreError):
     """An AI reply to a message that is no longer the one to answer: a newer message of
     the customer's is waiting, or the work was already done. It is not stored."""
@@ -50,7 +55,14 @@ class SearchUnavailable(StoreError):
     """The store cannot search message text (Firestore has no full-text search)."""
 
 
-TaskKind = Literal["ai", "send"]
+class WindowClosed(StoreError):
+    """Free-form messages to a customer whose customer-service window has closed: WhatsApp
+    refuses them (131047), so they are refused before they are stored or sent."""
+
+
+# ai: an AI reply owed; send: a WhatsApp send owed; media: an inbound media file to
+# download into the media store.
+TaskKind = Literal["ai", "send", "media"]
 # pending: waiting (or running, for an AI reply); sending: its POST to WhatsApp may be
 # under way, so it must never be repeated blindly (WhatsApp has no idempotency key).
 TaskState = Literal["pending", "sending"]
@@ -111,11 +123,31 @@ class InboundMessage:
     extra: dict[str, Any] | None = None
     channel: str = "whatsapp"
     identities: tuple[str, ...] = ()
+    # The business number the message was sent to (`metadata.phone_number_id`).
+    phone_number_id: str | None = None
 
     @property
     def display_name(self) -> str:
         """The name a new customer is shown with: their profile name, else their number."""
         return self.user_name or self.phone or self.user_id
+
+
+@dataclass(slots=True, frozen=True)
+class Draft:
+    """What an agent sends, before it is stored: text, a media file already in the media
+    store, a template (its rendered text in `text`), or a reaction (`text` is the emoji).
+
+    `extra` carries what the send needs besides: `reply_to` (the WhatsApp id of the
+    message answered, sent as `context`), `quoted` (a preview of it), `reacted_to` and
+    `removed` for a reaction, `template` (name, language, parameters).
+    """
+
+    type: str
+    text: str | None
+    media: Media | None = None
+    extra: dict[str, Any] | None = None
+    # The message's id when it was chosen before the write (its file is stored under it).
+    id: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -127,6 +159,8 @@ class Saved:
     message: Message
     new_conversation: bool = False
     task: Task | None = None
+    # The download an inbound media message owes (rules.media_task).
+    media_task: Task | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -141,29 +175,28 @@ class StatusChange:
 class Change:
     """One entry of the change feed: a conversation summary after a committed write.
 
-    `removed` means the conversation was deleted, so the snapshot must drop it. `local`
-    means this process made the write and has published its event already; other changes
-    came from elsewhere (another instance) and the warmer publishes them. `messages` are
-    the messages written (or given a new delivery status) since the version this process
-    saw before, whole (the summary holds only a preview of the latest), when the feed
-    carries them: this instance's SSE clients then get the very events the writer sent.
+    The feed is the one source of what dashboards are told (server/broadcaster.py): every
+    committed write reaches it once, made here or by another instance. `messages` are the
+    messages the write added (or gave a new delivery status), whole; `removed` means the
+    conversation was deleted; `missed` that messages were written that this process never
+    received (another instance's burst, merged by the listener): open panes must reload.
+    `announce` is False for bulk imports, which the snapshot takes but nobody is told of.
     """
 
     conversation: Conversation
     removed: bool = False
-    local: bool = False
     messages: tuple[FeedMessage, ...] = ()
-    # More messages were written since the last version seen than the change carries
-    # (another instance's burst merged by the listener): open panes must reload them.
     missed: bool = False
+    announce: bool = True
 
 
 @dataclass(slots=True, frozen=True)
 class FeedMessage:
-    """A message a change carries: new (`new_conversation` if it opened the conversation),
-    or already known with a new delivery status."""
+    """A message a change carries: `new` (and `new_conversation` if it opened the
+    conversation), or already known with a new delivery status."""
 
     message: Message
+    new: bool = True
     new_conversation: bool = False
 
 
@@ -199,6 +232,7 @@ class SnapshotEntry:
     updated_at: int
     user_name: str
     phone: str
+    phone_number_id: str | None
     body: bytes
 
     @classmethod
@@ -211,6 +245,7 @@ class SnapshotEntry:
             c.updated_at,
             c.user_name,
             c.phone,
+            c.phone_number_id,
             dumps(c.to_json()),
         )
 
@@ -297,10 +332,15 @@ class ChatStore(Protocol):
         """How many conversations there are (with that status)."""
 
     async def list_entries(
-        self, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        number: str | None = None,
     ) -> list[ListEntry]:
         """Like `page_after`, as the list serves them (prepared JSON where the store keeps
-        it): the pages past the snapshot's window."""
+        it), optionally only those written to one business number: the pages past the
+        snapshot's window."""
 
     async def snapshot_entries(
         self, after: tuple[int, str] | None, limit: int
@@ -313,13 +353,21 @@ class ChatStore(Protocol):
         None when it would have to count them (the list then says what its window holds)."""
 
     async def search_customers(
-        self, query: Query, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        query: Query,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        number: str | None = None,
     ) -> list[ListEntry]:
         """Conversations whose customer's name or number matches (server/search.py), after
         the keyset, in list order."""
 
-    async def count_customers(self, query: Query, status: str | None) -> int:
-        """How many conversations `search_customers` finds in all."""
+    async def count_entries(
+        self, query: Query | None, status: str | None, number: str | None
+    ) -> int:
+        """How many conversations `search_customers` (or, without a query, `list_entries`)
+        finds in all."""
 
     async def search_messages(
         self, query: Query, before: int | None, limit: int
@@ -372,6 +420,22 @@ class ChatStore(Protocol):
     async def get_message(self, message_id: str) -> Message:
         """One message; NotFound when there is none."""
 
+    # -- media, rich replies ---------------------------------------------------------------
+
+    async def find_message(self, wa_message_id: str) -> Message | None:
+        """The stored message WhatsApp knows by this id, or None."""
+
+    async def save_agent_message(
+        self, conversation_id: str, draft: Draft, *, agent_id: str | None = None
+    ) -> Saved:
+        """Store an agent's message (text, media, template, reaction) as queued with its
+        send task, in one write: it takes the conversation over from the AI. WindowClosed
+        when only a template may reach the customer now."""
+
+    async def set_media(self, message_id: str, media: Media) -> StatusChange | None:
+        """Record where a message's media stands (downloaded, or failed with the reason),
+        completing its media task; None when the message is gone."""
+
     async def claim_tasks(self, *, limit: int, kind: TaskKind, steal: bool = False) -> list[Task]:
         """Take up to `limit` tasks of a kind whose lease ran out (every one with `steal`,
         for a store no other process can use), leasing them to this process, oldest first."""
@@ -409,6 +473,10 @@ class ChatStore(Protocol):
         mark_read: bool = False,
     ) -> Conversation:
         """Change a conversation's status, AI switch, assignee or unread count."""
+
+    async def delete_conversation(self, conversation_id: str) -> Conversation:
+        """Erase a conversation with its messages and the work they owe; every instance
+        drops it from its list (the feed carries the deletion). NotFound if none."""
 
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]

@@ -1,6 +1,6 @@
 """The production store: Cloud Firestore (or its emulator).
 
-Data model (DESIGN.md "Stores"):
+Data model (docs/ARCHITECTURE.md and docs/PRODUCTION.md describe how it is used):
 
 - `users/{user_id}`: name, phone, channel, created_at, and `latest_conversation_id`, so the
   one-open-conversation rule is a read of the user document inside the save transaction.
@@ -51,9 +51,8 @@ import os
 import random
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextvars import ContextVar
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -61,11 +60,18 @@ from typing import Any, Final, TypeVar
 import structlog
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
-from google.cloud.firestore_v1 import FieldFilter, async_transactional
+from google.cloud.firestore_v1 import FieldFilter
 
 from server import search
 from server.config import Settings
-from server.models import Conversation, Message, MessageError, now_ms
+from server.models import (
+    CONVERSATION_STATUSES,
+    Conversation,
+    Media,
+    Message,
+    MessageError,
+    now_ms,
+)
 from server.search import Query
 from server.store import rules
 from server.store.base import (
@@ -73,6 +79,7 @@ from server.store.base import (
     Change,
     ChangeFeed,
     ChangeListener,
+    Draft,
     FeedMessage,
     InboundMessage,
     Leases,
@@ -89,6 +96,7 @@ from server.store.base import (
     TaskKind,
     UnknownMessage,
     Unset,
+    Unstorable,
     message_id_for_wamid,
 )
 
@@ -120,17 +128,38 @@ HEALTH_DOC: Final = "_livechat/health"
 # Every store call gives up after this long: a webhook must answer Meta long before Meta's
 # own 20 s timeout, and a page past the window must not hang while Firestore is down.
 OP_TIMEOUT_S: Final = 10.0
+# Each RPC of a transaction (begin, commit) is bounded on its own too, with no hidden
+# retries, and a rollback (only a courtesy: Firestore drops an abandoned transaction's
+# locks when it expires) gets one short try.
+CALL_TIMEOUT_S: Final = 5.0
+ROLLBACK_TIMEOUT_S: Final = 1.0
 # A health read answers in milliseconds when Firestore is up (an unreachable one fails at
 # once). The first read of a freshly started emulator takes about 2 s: allow for it.
 PING_TIMEOUT_S: Final = 5.0
 # A listener's first snapshot: the changes of the last MARK_MARGIN_MS, normally in well
 # under a second; a freshly started emulator takes a few seconds to answer at all.
 FIRST_SNAPSHOT_TIMEOUT_S: Final = 30.0
-# How far before this machine's "now" the first listener's mark is set: it covers a
-# difference between this clock and Firestore's (the window, read right after, covers what
-# came before). A listener that replaces another starts at the other's last read time,
-# Firestore's own clock: no margin, no gap.
-MARK_MARGIN_MS: Final = 10_000
+# How far before its start a listener's mark is set. `feed_at` is a server timestamp, and
+# Firestore stamps it with the time it *processed the request*, not the commit time
+# ("REQUEST_TIME: the time at which the server processed the request", Firestore API
+# reference, Value.timestamp_value / ServerValue): a commit that is slow to land can carry
+# a time before the last read time of a listener that never saw it. A new listener (first
+# start, hand-over, or replacing a dead one) therefore starts this long before the
+# previous one's last read time (the first one: before Firestore's own time, read from the
+# server), longer than any commit can take (our commits are bounded at CALL_TIMEOUT_S; the
+# longest commit deadline Firestore allows a transaction is 60 s of idle time). What it
+# delivers twice is dropped by version.
+MARK_MARGIN_MS: Final = 60_000
+# Each instance writes a heartbeat this often into the listened collection group; a
+# listener that has not delivered this instance's own beat for STALL_AFTER_S is silent
+# while it says it is active (the client library can do that, googleapis/python-firestore
+# #18 and #399) and is replaced: a silent stall is found within STALL_AFTER_S + a beat.
+HEARTBEAT_S: Final = 10.0
+STALL_AFTER_S: Final = 30.0
+HEARTBEATS: Final = "heartbeats"
+# Anti-entropy: the most recently committed conversations re-read and compared with
+# what was delivered, in case any path missed one.
+REPAIR_READS: Final = 200
 # Once a listener's result set holds this many conversations it moves to a newer mark:
 # the client's per-change sort stays cheap (about 8 us a document).
 RELISTEN_DOCS: Final = 1_000
@@ -142,18 +171,16 @@ LOAD_CHUNK: Final = 1_000
 # Messages a conversation's document carries whole (see _document): more than a listener
 # merges into one change of a conversation at any realistic message rate.
 FEED_MESSAGES_KEPT: Final = 5
-# Echoes of local writes kept: enough for every write that can still be waiting for its
-# commit's answer (OP_TIMEOUT_S at the highest write rates).
-ECHOES_KEPT: Final = 10_000
+# Characters of a message's text a document carries (WhatsApp's own limit for a text it
+# sends): five of them stay far under a document's 1 MiB.
+FEED_TEXT_CHARS: Final = 4096
 # Versions remembered to drop a change delivered twice (by two listeners in a hand-over).
 VERSIONS_KEPT: Final = 100_000
 # Stopping a listener normally takes well under a second (the library waits up to 1 s for
 # its thread); past this it is stuck and left behind on its daemon thread.
 STOP_TIMEOUT_S: Final = 5.0
-# (conversation id, updated_at) pairs this process wrote, to mark their echo on the feed as
-# local. A bulk import of 20,000 conversations fits; an evicted pair only means the hub
-# dedupes the event instead (by message id or by conversation version).
-LOCAL_WRITES: Final = 50_000
+# How long a count of conversations is reused (see count()).
+COUNT_TTL_S: Final = 30.0
 # Firestore accepts at most 500 writes in one batch.
 BATCH_WRITES: Final = 500
 # Batches committed at once by a bulk import: enough to hide round trips, few enough not
@@ -173,9 +200,11 @@ PATHS_CACHED: Final = 20_000
 TRANSACTION_ATTEMPTS: Final = 3
 
 # The versions marked local by the transaction running in this task (see _transact).
-_MARKS: ContextVar[list[Conversation] | None] = ContextVar("firestore_marks", default=None)
 
+# Worth another try later: the webhook answers 503 and Meta redelivers. Aborted is
+# contention that outlasted the transaction's own retries.
 _UNAVAILABLE: Final = (
+    gexc.Aborted,
     gexc.ServiceUnavailable,
     gexc.DeadlineExceeded,
     gexc.RetryError,
@@ -251,15 +280,27 @@ class FirestoreStore:
         # The version (updated_at) of each conversation the feed delivered last: a change
         # delivered by two listeners during a hand-over reaches the subscribers once.
         self._versions: OrderedDict[str, int] = OrderedDict()
+        # This instance's heartbeats: the oldest beat not yet seen (number, when), and the
+        # newest its listener delivered.
+        self._beat_sent: tuple[int, float] | None = None
+        self._beat_seen = 0
+        # Conversations whose deletion reached the feed (marked, then removed: told once).
+        self._deleted: OrderedDict[str, None] = OrderedDict()
+        # The last read time of a stopped listener: a new one catches up from there.
+        self._resume_from: datetime | None = None
+        self._beats = 0
+        self._beat_at = float("-inf")
+        # Conversations the anti-entropy pass delivered (something else had missed them).
+        self.repairs = 0
         # The feed_seq of each conversation's document as last seen (to see gaps).
         self._seqs: OrderedDict[str, int] = OrderedDict()
-        self._local: OrderedDict[tuple[str, int], None] = OrderedDict()
-        # The latest echoes of local writes, in case their write fails after all (_unmark).
-        self._echoed: OrderedDict[tuple[str, int], Change] = OrderedDict()
         self._paths: OrderedDict[str, str] = OrderedDict()
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._closed = False
         self.reads = Reads()
+        self._counts: dict[str | None, tuple[float, int]] = {}
+        # Documents written by transactions, by kind (conversation, message, user, ...).
+        self.writes: Counter[str] = Counter()
         # Clients replaced by recover(), with when: closed once no call can still use them.
         self._retired: list[tuple[float, Any]] = []
         # Serialises listen/unlisten (the supervisor and close may race on shutdown).
@@ -274,7 +315,8 @@ class FirestoreStore:
             # The one environment write of the server: the client library reads the
             # emulator address only from the environment, when a client is created.
             os.environ["FIRESTORE_EMULATOR_HOST"] = self.emulator_host
-        self._db = firestore.AsyncClient(project=self.project)
+        # Creating a client may look up credentials (files, the metadata server).
+        self._db = await asyncio.to_thread(firestore.AsyncClient, project=self.project)
 
     async def close(self) -> None:
         """Stop the listener and forget every subscriber; nothing is called after this."""
@@ -299,7 +341,7 @@ class FirestoreStore:
         """
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        fresh = firestore.AsyncClient(project=self.project)
+        fresh = await asyncio.to_thread(firestore.AsyncClient, project=self.project)
         self.reads.health += 1
         try:
             await self._ping(fresh)
@@ -346,47 +388,106 @@ class FirestoreStore:
             raise StoreUnavailable(f"firestore did not answer ({what})") from e
         except _UNAVAILABLE as e:
             raise StoreUnavailable(f"firestore unavailable ({what}): {type(e).__name__}") from e
+        except gexc.InvalidArgument as e:  # a document over 1 MiB, a value out of range
+            raise Unstorable(f"firestore refused {what}: {type(e).__name__}") from e
         except gexc.GoogleAPICallError as e:
             raise StoreError(f"firestore refused {what}: {type(e).__name__}") from e
 
-    async def _transact(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """Run `fn(transaction)` in a transaction; run it again when contention aborts it.
+    async def _transact(
+        self,
+        what: str,
+        fn: Callable[[Any, _Stamps], Awaitable[T]],
+        changes: Callable[[T], Sequence[Change]] = lambda _: (),
+    ) -> T:
+        """Run `fn(transaction, stamps)` in a transaction; again when contention aborts it.
 
-        Once it commits, the conversations it wrote are on the change feed before this
-        returns, as with SQLite: a list read right after a write sees it (the listener's
-        echo, ~150 ms later, is then dropped as a version already delivered). When it
-        fails, the versions it marked local are forgotten: a commit that timed out here may
-        still have landed, and its echo must then be published like another instance's
-        change, or no dashboard would hear of it (the caller publishes only what it saved,
-        and the webhook's redelivery is a duplicate).
+        Once it commits, what it wrote is on the change feed before this returns, as with
+        SQLite: a list read right after a write sees it, and the dashboards are told. The
+        listener's echo (about 150 ms later) is then dropped as a version already
+        delivered. A commit that failed here but landed after all is delivered by its echo,
+        like another instance's write: one way or the other, every version once.
         """
-        marked: list[Conversation] = []
-        token = _MARKS.set(marked)
-        try:
-            result = await self._transact_once(what, fn)
-        except BaseException:
-            self._unmark([(c.id, c.updated_at) for c in marked])
-            raise
-        finally:
-            _MARKS.reset(token)
-        # A transaction function may have run more than once: its last run committed.
-        self._committed({c.id: c for c in marked}.values())
+        stamps = _Stamps()
+
+        async def attempt(tx: Any) -> T:
+            stamps.clear()  # a function run again after an abort: its last run commits
+            return await fn(tx, stamps)
+
+        result = await self._transact_once(what, attempt)
+        self._emit_local(changes(result), stamps)
         return result
 
     async def _transact_once(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """One transaction with every RPC bounded: begin, the reads in `fn`, commit and
+        rollback each get CALL_TIMEOUT_S and no hidden retries, and the whole is bounded by
+        OP_TIMEOUT_S. (The client library's transaction runner takes no retry or timeout:
+        its rollback retries for up to a minute, on the caller's time, even after the
+        caller gave up.) Contention (Aborted) is tried again, TRANSACTION_ATTEMPTS times,
+        keeping the first attempt's place in line as the library does."""
+        api = self._client._firestore_api
+        database = self._client._database_string
+        metadata = self._client._rpc_metadata
+        retry_id: bytes | None = None
         async with self._guard(what):
             for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+                tx = self._client.transaction()
+                options = tx._options_protobuf(retry_id)
+                begun = await api.begin_transaction(
+                    request={"database": database, "options": options},
+                    metadata=metadata,
+                    retry=None,
+                    timeout=CALL_TIMEOUT_S,
+                )
+                tx._id = begun.transaction
+                retry_id = retry_id or tx._id
                 try:
-                    result: T = await async_transactional(fn)(self._client.transaction())
+                    result = await fn(tx)
+                    await api.commit(
+                        request={
+                            "database": database,
+                            "writes": tx._write_pbs,
+                            "transaction": tx._id,
+                        },
+                        metadata=metadata,
+                        retry=None,
+                        timeout=CALL_TIMEOUT_S,
+                    )
                 except gexc.Aborted:
+                    await self._rollback(tx)
                     if attempt == TRANSACTION_ATTEMPTS:
                         raise
                     await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
                     continue
-                except ValueError as e:  # the client's "commit retries exhausted"
-                    raise StoreUnavailable(f"firestore transaction kept aborting ({what})") from e
+                except BaseException:
+                    await asyncio.shield(self._rollback(tx))
+                    raise
+                self._count_writes(tx._write_pbs)
+                tx._clean_up()
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _count_writes(self, write_pbs: Sequence[Any]) -> None:
+        """Count committed document writes by kind, as Firestore bills them."""
+        for pb in write_pbs:
+            if pb.update.name:
+                self.writes[_kind_of(pb.update.name)] += 1
+            else:  # deletes are billed apart, at a ninth of a write
+                self.writes[_kind_of(pb.delete) + " (delete)"] += 1
+
+    async def _rollback(self, tx: Any) -> None:
+        """Let Firestore release the transaction's locks at once (they expire anyway):
+        one try, bounded; it must never hold up the caller."""
+        try:
+            await self._client._firestore_api.rollback(
+                request={"database": self._client._database_string, "transaction": tx._id},
+                metadata=self._client._rpc_metadata,
+                retry=None,
+                timeout=ROLLBACK_TIMEOUT_S,
+            )
+        except Exception as e:
+            log.info("firestore.rollback_failed", error=type(e).__name__)
+        finally:
+            tx._clean_up()
 
     def _lock(self, user_id: str) -> asyncio.Lock:
         """The in-process lock serialising writes to one customer's documents."""
@@ -432,7 +533,7 @@ class FirestoreStore:
             await self._stop_feeds(self._feeds)
             if self._closed:
                 return
-            mark = datetime.now(UTC) - timedelta(milliseconds=MARK_MARGIN_MS)
+            mark = await self._server_time() - timedelta(milliseconds=MARK_MARGIN_MS)
             feed = await self._start_feed(mark)
             await self._first_snapshot(feed)
 
@@ -446,10 +547,13 @@ class FirestoreStore:
         """
         async with self._feed_lock:
             old = list(self._feeds)
-            if self._closed or not old:
+            last = (old[-1].read_time or old[-1].mark) if old else self._resume_from
+            if self._closed or last is None:
                 return
-            # Every commit up to the newest listener's last read time has been delivered.
-            feed = await self._start_feed(old[-1].read_time or old[-1].mark)
+            # Every commit up to the newest listener's last read time has been delivered,
+            # except one still landing with an earlier request time: hence the margin.
+            healthy = old[-1].client if old and old[-1].alive else None
+            feed = await self._start_feed(last - timedelta(milliseconds=MARK_MARGIN_MS), healthy)
             try:
                 await self._first_snapshot(feed)
             except StoreUnavailable:
@@ -458,19 +562,104 @@ class FirestoreStore:
             await self._stop_feeds(old)
             log.info("firestore.advanced", generation=feed.generation, mark=feed.mark.isoformat())
 
+    async def catch_up(self) -> None:
+        """Replace a listener that died or went silent by one that starts from its last
+        read time (less the margin): nothing is reloaded and nothing is missed."""
+        await self.advance()
+        self._beat_sent = None  # the new listener is judged on beats from now on
+        log.info("firestore.listener_replaced", generation=self._generation)
+
+    async def _server_time(self) -> datetime:
+        """Firestore's clock: the read time of a one-document read."""
+        async with self._guard("read the server's time"):
+            snap = await self._client.document(HEALTH_DOC).get(retry=None, timeout=PING_TIMEOUT_S)
+        self.reads.health += 1
+        read_time: datetime | None = snap.read_time
+        return read_time if read_time is not None else datetime.now(UTC)
+
+    @property
+    def stalled(self) -> bool:
+        """True when the listener has not delivered this instance's heartbeat for
+        STALL_AFTER_S: it says it streams but delivers nothing."""
+        sent = self._beat_sent
+        return (
+            sent is not None
+            and self._beat_seen < sent[0]
+            and time.monotonic() - sent[1] > STALL_AFTER_S
+        )
+
+    async def heartbeat(self) -> None:
+        """Write this instance's heartbeat (every HEARTBEAT_S) where its own listener must
+        see it."""
+        if time.monotonic() - self._beat_at < HEARTBEAT_S:
+            return
+        self._beat_at = time.monotonic()
+        self._beats += 1
+        beat = self._beats
+        ref = (
+            self._client.collection(HEARTBEATS)
+            .document(self.leases.owner)
+            .collection(CONVERSATIONS)
+            .document("heartbeat")
+        )
+        async with self._guard("heartbeat"):
+            await ref.set(
+                {"heartbeat": self.leases.owner, "beat": beat, FEED_AT: firestore.SERVER_TIMESTAMP},
+                retry=None,
+                timeout=PING_TIMEOUT_S,
+            )
+        if self._beat_sent is None or self._beat_seen >= self._beat_sent[0]:
+            # The clock of a stall starts at the oldest beat not yet seen.
+            self._beat_sent = (beat, time.monotonic())
+
+    async def repair(self) -> int:
+        """Anti-entropy: re-read the most recently committed conversations and deliver
+        any version this process never delivered (a path missed it). How many."""
+        query = (
+            self._client.collection_group(CONVERSATIONS)
+            .order_by(FEED_AT, direction=firestore.Query.DESCENDING)
+            .limit(REPAIR_READS)
+        )
+        async with self._guard("repair"):
+            docs = [d.to_dict() or {} for d in await query.get()]
+        self.reads.direct += max(1, len(docs))
+        repaired: list[Change] = []
+        for doc in docs:
+            if doc.get("heartbeat"):
+                continue
+            try:
+                conversation = rules.conversation_from_doc(doc)
+            except (KeyError, TypeError, ValueError):
+                continue
+            seen = self._versions.get(conversation.id)
+            if seen is not None and seen >= conversation.updated_at:
+                continue
+            if seen is None and now_ms() - conversation.updated_at < MARK_MARGIN_MS:
+                continue  # too recent to tell: the listener may still be bringing it
+            if self._first_delivery(conversation):
+                seq = doc.get(FEED_SEQ)
+                if isinstance(seq, int):
+                    self._note_seq(conversation.id, seq)
+                repaired.append(Change(conversation, missed=seen is not None))
+        if repaired and not self._closed:
+            self.repairs += len(repaired)
+            self._subscribers.emit(repaired)
+        return len(repaired)
+
     async def unlisten(self) -> None:
         """Stop the listener (during an outage its client would spin reconnecting)."""
         async with self._feed_lock:
             await self._stop_feeds(self._feeds)
 
-    async def _start_feed(self, mark: datetime) -> _Feed:
+    async def _start_feed(self, mark: datetime, client: Any = None) -> _Feed:
         loop = asyncio.get_running_loop()
         self._generation += 1
         feed = _Feed(self._generation, loop, mark=mark)
-        # A new sync client per listener: a fresh channel, not one in gRPC's reconnect
-        # backoff from before an outage. The emulator address is in the environment.
-        # Creating it may look up credentials (files, the metadata server): not on the loop.
-        feed.client = await asyncio.to_thread(firestore.Client, project=self.project)
+        # A hand-over of a healthy listener shares its client (and channel). Otherwise a
+        # new sync client: a fresh channel, not one in gRPC's reconnect backoff from before
+        # a failure. The emulator address is in the environment. Creating it may look up
+        # credentials (files, the metadata server): not on the loop.
+        feed.client = client or await asyncio.to_thread(firestore.Client, project=self.project)
         query = feed.client.collection_group(CONVERSATIONS).where(
             filter=FieldFilter(FEED_AT, ">", feed.mark)
         )
@@ -495,13 +684,18 @@ class FirestoreStore:
     async def _stop_feeds(self, feeds: list[_Feed]) -> None:
         for feed in list(feeds):
             self._feeds.remove(feed)
+            # Where a later listener can pick up without a reload (catch_up).
+            last = feed.read_time or feed.mark
+            if self._resume_from is None or last > self._resume_from:
+                self._resume_from = last
             if not feed.first.done():
                 feed.first.set_exception(StoreUnavailable("the listener was stopped"))
                 feed.first.exception()  # retrieved: nobody may be waiting for it
             if feed.watch is not None:
                 # unsubscribe joins the client's threads, which can take a moment.
                 await _blocking(feed.watch.unsubscribe, "unsubscribe")
-            if feed.client is not None:
+            shared = any(other.client is feed.client for other in self._feeds)
+            if feed.client is not None and not shared:
                 # During an outage unsubscribing is not enough: the stream's thread goes on
                 # re-opening a stream that fails at once, a whole core's worth, until it sees
                 # a non-retryable error. A closed channel is one, so the thread exits.
@@ -536,6 +730,10 @@ class FirestoreStore:
         self.reads.listener += sum(1 for removed, _ in batch if not removed)
         changes: list[Change] = []
         for removed, doc in batch:
+            if doc and doc.get("heartbeat"):
+                if doc["heartbeat"] == self.leases.owner and isinstance(doc.get("beat"), int):
+                    self._beat_seen = max(self._beat_seen, doc["beat"])
+                continue
             change = self._change(removed, doc or {}, feed.started - MARK_MARGIN_MS)
             if change is not None:
                 changes.append(change)
@@ -545,47 +743,47 @@ class FirestoreStore:
             feed.first.set_result(None)
 
     def _change(self, removed: bool, doc: dict[str, Any], since: int) -> Change | None:
-        """The Change of one document; None for a malformed one or a version already seen.
+        """The Change of one document; None for a malformed one or one already delivered.
 
-        It carries the messages written since the version this process saw last (or, for a
-        conversation it has not seen yet, those stamped after `since`).
+        It carries the messages written after the last this process delivered (by the
+        document's message count; for a conversation it has not seen yet, those stamped
+        after `since`).
         """
         try:
             conversation = rules.conversation_from_doc(doc)
         except (KeyError, TypeError, ValueError) as e:
             log.warning("firestore.bad_document", error=repr(e))
             return None
-        if removed:  # deleted (a change never leaves `feed_at > mark`)
+        if removed or doc.get("deleted"):
+            # Marked deleted (a deletion goes through the feed first, so every instance
+            # hears of it however old the conversation), or gone: once either way.
+            if conversation.id in self._deleted:
+                return None
+            self._deleted[conversation.id] = None
+            if len(self._deleted) > VERSIONS_KEPT:
+                self._deleted.popitem(last=False)
             self._versions.pop(conversation.id, None)
             self._seqs.pop(conversation.id, None)
             return Change(conversation, removed=True)
-        missed = self._follow_seq(conversation.id, doc)
+        last_seq = self._seqs.get(conversation.id)
         seen = self._versions.get(conversation.id)
-        if not self._first_delivery(conversation):
-            return None  # delivered already: by this process's commit, or another listener
-        key = (conversation.id, conversation.updated_at)
-        local = key in self._local
-        messages = _feed_messages(doc, since if seen is None else seen)
-        change = Change(conversation, local=local, messages=messages, missed=missed)
-        if local:
-            del self._local[key]
-            self._echoed[key] = change
-            if len(self._echoed) > ECHOES_KEPT:
-                self._echoed.popitem(last=False)
-        return change
-
-    def _follow_seq(self, conversation_id: str, doc: dict[str, Any]) -> bool:
-        """Note the document's message count; True when it shows messages this process
-        never received (more than the document carries were merged into one change)."""
-        last = self._seqs.get(conversation_id)
-        missed = _missed(doc, last)
+        missed = _missed(doc, last_seq)
+        messages = _feed_messages(doc, last_seq, since if seen is None else seen)
         seq = doc.get(FEED_SEQ)
-        if isinstance(seq, int) and (last is None or seq > last):
+        if isinstance(seq, int):
+            self._note_seq(conversation.id, seq)
+        if not self._first_delivery(conversation) and not messages:
+            return None  # delivered already: by this process's commit, or another listener
+        return Change(conversation, messages=messages, missed=missed)
+
+    def _note_seq(self, conversation_id: str, seq: int) -> None:
+        """Remember the newest message count of a conversation this process delivered."""
+        last = self._seqs.get(conversation_id)
+        if last is None or seq > last:
             self._seqs[conversation_id] = seq
             self._seqs.move_to_end(conversation_id)
             if len(self._seqs) > VERSIONS_KEPT:
                 self._seqs.popitem(last=False)
-        return missed
 
     def _first_delivery(self, conversation: Conversation) -> bool:
         """Record that this version reached the feed; False if it (or a newer one) had."""
@@ -598,46 +796,34 @@ class FirestoreStore:
             self._versions.popitem(last=False)
         return True
 
-    def _committed(self, conversations: Iterable[Conversation]) -> None:
-        """Put this process's committed writes on the feed at once (their echo comes later)."""
-        changes = []
-        for conversation in conversations:
-            self._local.pop((conversation.id, conversation.updated_at), None)
-            if self._first_delivery(conversation):  # unless its echo was quicker
-                changes.append(Change(conversation, local=True))
-        if changes and not self._closed:
-            self._subscribers.emit(changes)
+    def _emit_local(self, changes: Sequence[Change], stamps: _Stamps | None) -> None:
+        """Put this process's committed writes on the feed at once (their echo comes later
+        and is dropped), unless the echo was quicker.
 
-    def _unmark(self, marks: list[tuple[str, int]]) -> None:
-        """A write failed here, though it may have landed: its echo is nobody's to publish.
-
-        An echo still to come will count as another instance's change (published by the
-        warmer); one that already came as local is delivered again, as not local.
+        A write read its conversation in its transaction: when that version carried
+        messages this process never delivered (another instance wrote them and the
+        listener has not brought them yet), they would now never come, so open panes are
+        told to reload (`missed`).
         """
-        again: list[Change] = []
-        for key in marks:
-            if key in self._local:  # its echo has not come yet
-                del self._local[key]
+        out: list[Change] = []
+        for change in changes:
+            conversation = change.conversation
+            if change.removed:
+                if conversation.id not in self._deleted:
+                    self._deleted[conversation.id] = None
+                    out.append(change)
                 continue
-            echoed = self._echoed.pop(key, None)
-            if echoed is not None:
-                again.append(dataclasses.replace(echoed, local=False))
-        if again and not self._closed:
-            self._subscribers.emit(again)
-
-    def _remember_local(self, conversation: Conversation) -> None:
-        """Remember a version this process writes, so its echo on the feed counts as local.
-
-        `updated_at` grows strictly with every write of a conversation (rules.after_message,
-        and each write reads the previous version in its transaction), so two instances
-        never write the same (id, updated_at): the pair names this process's write exactly.
-        """
-        self._local[(conversation.id, conversation.updated_at)] = None
-        marked = _MARKS.get()
-        if marked is not None:
-            marked.append(conversation)
-        while len(self._local) > LOCAL_WRITES:
-            self._local.popitem(last=False)
+            stamp = stamps.get(conversation.id) if stamps is not None else None
+            missed = False
+            if stamp is not None:
+                read, written = stamp
+                last = self._seqs.get(conversation.id)
+                missed = last is not None and read > last
+                self._note_seq(conversation.id, written)
+            if self._first_delivery(conversation):
+                out.append(dataclasses.replace(change, missed=True) if missed else change)
+        if out and not self._closed:
+            self._subscribers.emit(out)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -691,10 +877,22 @@ class FirestoreStore:
         return snaps
 
     async def count(self, status: str | None) -> int:
-        """How many conversations (with that status) there are: one aggregation query."""
+        """How many conversations (with that status) there are: an aggregation query
+        (billed one read per 1,000 entries), so its answer is kept for COUNT_TTL_S: pages
+        past the window show a total a few seconds old instead of paying it every page."""
+        cached = self._counts.get(status)
+        if cached is not None and time.monotonic() - cached[0] < COUNT_TTL_S:
+            return cached[1]
+        n = await self._count(status)
+        self._counts[status] = (time.monotonic(), n)
+        return n
+
+    async def _count(self, status: str | None) -> int:
         query = self._client.collection_group(CONVERSATIONS)
         if status is not None:
             query = query.where(filter=FieldFilter("status", "==", status))
+        else:  # not the heartbeats that share the collection group's name
+            query = query.where(filter=FieldFilter("status", "in", list(CONVERSATION_STATUSES)))
         async with self._guard("count"):
             result = await query.count(alias="n").get()
         n = int(result[0][0].value)
@@ -702,10 +900,25 @@ class FirestoreStore:
         return n
 
     async def list_entries(
-        self, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        number: str | None = None,
     ) -> list[ListEntry]:
-        """A keyset page past the window, as the list serves it."""
-        return [ListEntry.of(c) for c in await self.page_after(after, limit, status)]
+        """A keyset page past the window, as the list serves it (optionally only those
+        written to one business number: an equality on `phone_number_id` in list order)."""
+        if number is None:
+            return [ListEntry.of(c) for c in await self.page_after(after, limit, status)]
+        if limit == 0:
+            return []
+        query = self._by_activity(status).where(filter=FieldFilter("phone_number_id", "==", number))
+        if after is not None:
+            query = query.start_after({"last_activity": after[0], "id": after[1]})
+        async with self._guard("page"):
+            snaps = await query.limit(limit).get()
+        self.reads.direct += max(1, len(snaps))
+        return [ListEntry.of(c) for c in _conversations(s.to_dict() for s in snaps)]
 
     async def snapshot_entries(
         self, after: tuple[int, str] | None, limit: int
@@ -719,7 +932,12 @@ class FirestoreStore:
         return None
 
     async def search_customers(
-        self, query: Query, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        query: Query,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        number: str | None = None,
     ) -> list[ListEntry]:
         """Conversations whose customer matches: one `array-contains` query on the query's
         longest token in list order, each result checked against the whole query."""
@@ -738,7 +956,8 @@ class FirestoreStore:
             self.reads.direct += max(1, len(snaps))
             for c in _conversations(s.to_dict() for s in snaps):
                 key = search.customer_key(c.user_name, c.phone)
-                if search.matches_customer(query, key) and len(found) < limit:
+                wanted = number is None or c.phone_number_id == number
+                if wanted and search.matches_customer(query, key) and len(found) < limit:
                     found.append(ListEntry.of(c))
             if len(snaps) < SEARCH_BATCH:
                 break
@@ -746,18 +965,22 @@ class FirestoreStore:
             after = (last.get("last_activity"), last.get("id"))
         return found
 
-    async def count_customers(self, query: Query, status: str | None) -> int:
-        """How many conversations carry the query's token (one aggregation): for a query of
-        several words, those matching its longest word."""
-        token = search.query_token(query)
-        if token is None:
-            return 0
-        base = self._client.collection_group(CONVERSATIONS).where(
-            filter=FieldFilter(SEARCH_TOKENS, "array_contains", token)
-        )
+    async def count_entries(
+        self, query: Query | None, status: str | None, number: str | None
+    ) -> int:
+        """How many conversations match (one aggregation): with a query, those carrying
+        its token (for a query of several words, those matching its longest word)."""
+        base = self._client.collection_group(CONVERSATIONS)
+        if query is not None:
+            token = search.query_token(query)
+            if token is None:
+                return 0
+            base = base.where(filter=FieldFilter(SEARCH_TOKENS, "array_contains", token))
         if status is not None:
             base = base.where(filter=FieldFilter("status", "==", status))
-        async with self._guard("count customers"):
+        if number is not None:
+            base = base.where(filter=FieldFilter("phone_number_id", "==", number))
+        async with self._guard("count"):
             result = await base.count(alias="n").get()
         n = int(result[0][0].value)
         self.reads.direct += 1 + n // 1000
@@ -868,11 +1091,12 @@ class FirestoreStore:
         )
         if phone_user is None and not inbound.identities:
             phone_user = inbound.user_id
+        first = None
         if phone_user is not None:
-            user = await db.collection(USERS).document(phone_user).get(transaction=tx)
+            first = await db.collection(USERS).document(phone_user).get(transaction=tx)
             self.reads.direct += 1
-            if user.exists:
-                return phone_user, user
+            if first.exists:
+                return phone_user, first
         for identity in inbound.identities:
             found = await db.collection(IDENTITIES).document(identity).get(transaction=tx)
             self.reads.direct += 1
@@ -881,6 +1105,8 @@ class FirestoreStore:
                 user = await db.collection(USERS).document(user_id).get(transaction=tx)
                 self.reads.direct += 1
                 return user_id, user
+        if first is not None and phone_user == inbound.user_id:
+            return inbound.user_id, first  # a new customer, read above
         user = await db.collection(USERS).document(inbound.user_id).get(transaction=tx)
         self.reads.direct += 1
         return inbound.user_id, user
@@ -895,7 +1121,7 @@ class FirestoreStore:
         message_id = message_id_for_wamid(inbound.wa_message_id)
         wamid_ref = db.collection(WAMIDS).document(message_id)
 
-        async def write(tx: Any) -> Saved | None:
+        async def write(tx: Any, stamps: _Stamps) -> Saved | None:
             user_id, user = await self._customer(inbound, tx)
             user_ref = db.collection(USERS).document(user_id)
             customer = dataclasses.replace(inbound, user_id=user_id)
@@ -926,11 +1152,15 @@ class FirestoreStore:
                 profile["identities"] = sorted(known | set(fresh))
             if not user.exists:
                 profile["created_at"] = now
-            self._remember_local(conversation)
-            tx.set(user_ref, profile, merge=True)
+            held = user.to_dict() or {} if user.exists else {}
+            if any(held.get(k) != v for k, v in profile.items()):
+                tx.set(user_ref, profile, merge=True)  # only when it changes: a write each
             for identity in fresh:
                 tx.set(db.collection(IDENTITIES).document(identity), {"user_id": user_id})
-            tx.set(conversation_ref, _document(conversation, previous, message, created))
+            tx.set(
+                conversation_ref,
+                _document(conversation, previous, stamps, message, new_conversation=created),
+            )
             # create(): a redelivery racing this one fails the commit, never writes twice.
             tx.create(message_ref, rules.message_to_doc(message))
             tx.create(wamid_ref, {"path": message_ref.path})
@@ -938,7 +1168,13 @@ class FirestoreStore:
             if rules.wants_ai(conversation, message, self.ai_replies):
                 task = rules.ai_task(conversation, message, self.leases, now)
                 tx.set(self._task_ref(task.id), rules.task_to_doc(task))
-            return Saved(conversation, message, new_conversation=created, task=task)
+            media_task = None
+            if rules.wants_media(message):
+                media_task = rules.media_task(message, self.leases, now)
+                tx.set(self._task_ref(media_task.id), rules.task_to_doc(media_task))
+            return Saved(
+                conversation, message, new_conversation=created, task=task, media_task=media_task
+            )
 
         # A redelivery is caught by this plain read, outside the transaction: reading a
         # missing document inside one locks it, and the emulator then makes concurrent
@@ -951,7 +1187,7 @@ class FirestoreStore:
             return None
         try:
             async with self._lock(inbound.user_id):
-                return await self._transact("save inbound", write)
+                return await self._transact("save inbound", write, rules.saved_changes)
         except StoreError as e:
             if isinstance(e.__cause__, gexc.AlreadyExists):
                 return None
@@ -974,7 +1210,7 @@ class FirestoreStore:
         path = await self._conversation_path(conversation_id)
         ai_task_ref = self._task_ref(rules.ai_task_id(conversation_id))
 
-        async def write(tx: Any) -> Saved:
+        async def write(tx: Any, stamps: _Stamps) -> Saved:
             snap = await self._conversation_doc(conversation_id, tx)
             ai_task = None
             if answers is not None:
@@ -990,8 +1226,7 @@ class FirestoreStore:
             conversation = rules.after_message(conversation, message, now)
             if take_over:
                 conversation = conversation.with_changes(ai_enabled=False)
-            self._remember_local(conversation)
-            tx.set(snap.reference, _document(conversation, previous, message))
+            tx.set(snap.reference, _document(conversation, previous, stamps, message))
             tx.create(
                 snap.reference.collection(MESSAGES).document(message.id),
                 rules.message_to_doc(message),
@@ -1005,7 +1240,7 @@ class FirestoreStore:
             return Saved(conversation, message, task=task)
 
         async with self._lock(_user_of(path)):
-            return await self._transact("save outbound", write)
+            return await self._transact("save outbound", write, rules.saved_changes)
 
     async def _message_ref(self, message_id: str) -> Any:
         """A message's document reference, found by its id; NotFound if none."""
@@ -1031,6 +1266,78 @@ class FirestoreStore:
             raise NotFound(f"no message {message_id!r}")
         return rules.message_from_doc(snap.to_dict())
 
+    # -- media, rich replies ---------------------------------------------------------------
+
+    async def find_message(self, wa_message_id: str) -> Message | None:
+        """The message WhatsApp knows by this id (through `wamids`), or None."""
+        pointer_ref = self._client.collection(WAMIDS).document(message_id_for_wamid(wa_message_id))
+        async with self._guard("find message"):
+            pointer = await pointer_ref.get()
+            self.reads.direct += 1
+            path = pointer.get("path") if pointer.exists else None
+            if not path:
+                return None
+            snap = await self._client.document(path).get()
+            self.reads.direct += 1
+        return rules.message_from_doc(snap.to_dict()) if snap.exists else None
+
+    async def save_agent_message(
+        self, conversation_id: str, draft: Draft, *, agent_id: str | None = None
+    ) -> Saved:
+        """Store an agent's message as queued with its send task, in one transaction;
+        refused (WindowClosed) when only a template may reach the customer now."""
+        path = await self._conversation_path(conversation_id)
+        ai_task_ref = self._task_ref(rules.ai_task_id(conversation_id))
+
+        async def write(tx: Any, stamps: _Stamps) -> Saved:
+            snap = await self._conversation_doc(conversation_id, tx)
+            previous = snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
+            now = rules.reply_time(conversation, now_ms())
+            rules.check_window(conversation, draft, now_ms())
+            message = rules.agent_message(conversation_id, draft, agent_id, now)
+            conversation = rules.after_message(conversation, message, now)
+            tx.set(snap.reference, _document(conversation, previous, stamps, message))
+            message_ref = snap.reference.collection(MESSAGES).document(message.id)
+            tx.create(message_ref, rules.message_to_doc(message))
+            tx.delete(ai_task_ref)  # an agent took over
+            task = rules.send_task(message, self.leases, now)
+            tx.set(self._task_ref(task.id), rules.task_to_doc(task))
+            return Saved(conversation, message, task=task)
+
+        async with self._lock(_user_of(path)):
+            return await self._transact("save agent message", write, rules.saved_changes)
+
+    async def set_media(self, message_id: str, media: Media) -> StatusChange | None:
+        """Record a message's media state, completing its download task; the
+        conversation's document carries the message so other instances' panes see it."""
+        task_ref = self._task_ref(rules.media_task_id(message_id))
+        try:
+            message_ref = await self._message_ref(message_id)
+        except NotFound:
+            async with self._guard("drop media task"):
+                await task_ref.delete()
+            return None
+        conversation_ref = message_ref.parent.parent
+
+        async def write(tx: Any, stamps: _Stamps) -> StatusChange | None:
+            snap = await message_ref.get(transaction=tx)
+            conversation_snap = await conversation_ref.get(transaction=tx)
+            self.reads.direct += 2
+            tx.delete(task_ref)
+            if not snap.exists or not conversation_snap.exists:
+                return None
+            updated = rules.with_media(rules.message_from_doc(snap.to_dict()), media)
+            previous = conversation_snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
+            after = conversation.with_changes(updated_at=max(now_ms(), conversation.updated_at + 1))
+            tx.set(message_ref, rules.message_to_doc(updated))
+            tx.set(conversation_ref, _document(after, previous, stamps, updated, new=False))
+            return StatusChange(after, updated)
+
+        async with self._lock(_user_of(message_ref.path)):
+            return await self._transact("set media", write, rules.status_changes)
+
     async def _task_write(
         self, what: str, task_id: str, change: Callable[[Task], Task | None]
     ) -> Task | None:
@@ -1038,7 +1345,7 @@ class FirestoreStore:
         leave it as it is). The new task, or None."""
         ref = self._task_ref(task_id)
 
-        async def write(tx: Any) -> Task | None:
+        async def write(tx: Any, stamps: _Stamps) -> Task | None:
             snap = await ref.get(transaction=tx)
             self.reads.direct += 1
             if not snap.exists:
@@ -1116,7 +1423,7 @@ class FirestoreStore:
         """Drop the task if it is still the same one."""
         ref = self._task_ref(task.id)
 
-        async def write(tx: Any) -> None:
+        async def write(tx: Any, stamps: _Stamps) -> None:
             snap = await ref.get(transaction=tx)
             self.reads.direct += 1
             if snap.exists and snap.get("message_id") == task.message_id:
@@ -1129,7 +1436,7 @@ class FirestoreStore:
         message_ref = await self._message_ref(message_id)
         conversation_ref = message_ref.parent.parent
 
-        async def write(tx: Any) -> Saved:
+        async def write(tx: Any, stamps: _Stamps) -> Saved:
             snap = await message_ref.get(transaction=tx)
             conversation_snap = await conversation_ref.get(transaction=tx)
             self.reads.direct += 2
@@ -1140,18 +1447,22 @@ class FirestoreStore:
             conversation = rules.conversation_from_doc(previous)
             after = rules.after_status(conversation, queued, now_ms())
             tx.set(message_ref, rules.message_to_doc(queued))
-            self._remember_local(after)
-            tx.set(conversation_ref, _document(after, previous, queued))
+            tx.set(conversation_ref, _document(after, previous, stamps, queued, new=False))
             task = rules.send_task(queued, self.leases, now_ms())
             tx.set(self._task_ref(task.id), rules.task_to_doc(task))
             return Saved(after, queued, task=task)
 
         async with self._lock(_user_of(message_ref.path)):
-            return await self._transact("retry send", write)
+            return await self._transact(
+                "retry send",
+                write,
+                lambda s: rules.status_changes(StatusChange(s.conversation, s.message)),
+            )
 
     async def _deliver_status(
         self,
         tx: Any,
+        stamps: _Stamps,
         message_snap: Any,
         status: str,
         wa_message_id: str | None,
@@ -1190,10 +1501,9 @@ class FirestoreStore:
                 message_id_for_wamid(updated.wa_message_id)
             )
             tx.set(wamid_ref, {"path": message_snap.reference.path})
-        self._remember_local(after)
         # The document carries the message, error included, so other instances can show
         # the new ticks in an open conversation too.
-        tx.set(conversation_ref, _document(after, previous, updated))
+        tx.set(conversation_ref, _document(after, previous, stamps, updated, new=False))
         return StatusChange(after, updated)
 
     async def set_delivery(
@@ -1205,19 +1515,11 @@ class FirestoreStore:
         error: MessageError | None = None,
     ) -> StatusChange | None:
         """Record the outcome of sending an outbound message (never moves it backwards)."""
-        query = (
-            self._client.collection_group(MESSAGES)
-            .where(filter=FieldFilter("id", "==", message_id))
-            .limit(1)
-        )
-        async with self._guard("find message"):
-            found = await query.get()
-        self.reads.direct += max(1, len(found))
-        if not found:
+        try:
+            ref = await self._message_ref(message_id)
+        except NotFound:
             return None
-        return await self._set_status(
-            found[0].reference.path, status, wa_message_id, error, finish=True
-        )
+        return await self._set_status(ref.path, status, wa_message_id, error, finish=True)
 
     async def _set_status(
         self,
@@ -1229,13 +1531,15 @@ class FirestoreStore:
     ) -> StatusChange | None:
         message_ref = self._client.document(message_path)
 
-        async def write(tx: Any) -> StatusChange | None:
+        async def write(tx: Any, stamps: _Stamps) -> StatusChange | None:
             snap = await message_ref.get(transaction=tx)
             self.reads.direct += 1
-            return await self._deliver_status(tx, snap, status, wa_message_id, error, finish)
+            return await self._deliver_status(
+                tx, stamps, snap, status, wa_message_id, error, finish
+            )
 
         async with self._lock(_user_of(message_path)):
-            return await self._transact("set status", write)
+            return await self._transact("set status", write, rules.status_changes)
 
     async def apply_status(
         self, wa_message_id: str, status: str, error: MessageError | None
@@ -1263,7 +1567,7 @@ class FirestoreStore:
 
         path = await self._conversation_path(conversation_id)
 
-        async def write(tx: Any) -> Conversation:
+        async def write(tx: Any, stamps: _Stamps) -> Conversation:
             snap = await self._conversation_doc(conversation_id, tx)
             previous = snap.to_dict() or {}
             conversation = rules.conversation_from_doc(previous)
@@ -1275,14 +1579,60 @@ class FirestoreStore:
                 mark_read=mark_read,
                 now=now_ms(),
             )
-            self._remember_local(updated)
             # The messages carried so far stay: a mark-read right after a message must
             # not take it away from instances whose listener merges the two writes.
-            tx.set(snap.reference, _document(updated, previous))
+            tx.set(snap.reference, _document(updated, previous, stamps))
             return updated
 
         async with self._lock(_user_of(path)):
-            return await self._transact("update conversation", write)
+            return await self._transact("update conversation", write, rules.conversation_changes)
+
+    async def delete_conversation(self, conversation_id: str) -> Conversation:
+        """Erase a conversation: first marked deleted through the feed (a new version, so
+        every instance's listener delivers it, however old the conversation), then its
+        messages, their WhatsApp-id pointers, its tasks and the document itself."""
+        path = await self._conversation_path(conversation_id)
+        conversation_ref = self._client.document(path)
+
+        async def mark(tx: Any, stamps: _Stamps) -> Conversation:
+            snap = await conversation_ref.get(transaction=tx)
+            self.reads.direct += 1
+            if not snap.exists:
+                raise NotFound(f"no conversation {conversation_id!r}")
+            previous = snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
+            gone = conversation.with_changes(updated_at=max(now_ms(), conversation.updated_at + 1))
+            doc = _document(gone, previous, stamps)
+            doc["deleted"] = True
+            tx.set(conversation_ref, doc)
+            return gone
+
+        async with self._lock(_user_of(path)):
+            conversation = await self._transact(
+                "delete conversation", mark, lambda c: [Change(c, removed=True)]
+            )
+        async with self._guard("delete messages"):
+            messages = await conversation_ref.collection(MESSAGES).get()
+        self.reads.direct += max(1, len(messages))
+        refs = [conversation_ref.collection(MESSAGES).document(m.id) for m in messages]
+        for m in messages:
+            data = m.to_dict() or {}
+            if data.get("wa_message_id"):
+                refs.append(
+                    self._client.collection(WAMIDS).document(
+                        message_id_for_wamid(data["wa_message_id"])
+                    )
+                )
+            refs.append(self._task_ref(rules.send_task_id(m.id)))
+        refs += [self._task_ref(rules.ai_task_id(conversation_id)), conversation_ref]
+        for start in range(0, len(refs), BATCH_WRITES):
+            batch = self._client.batch()
+            for ref in refs[start : start + BATCH_WRITES]:
+                batch.delete(ref)
+            async with self._guard("delete conversation"):
+                await batch.commit()
+        self._paths.pop(conversation_id, None)
+        return conversation
 
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]
@@ -1309,8 +1659,7 @@ class FirestoreStore:
         # Written now: their version is newer than any an instance may hold from before.
         stamped = [c.with_changes(updated_at=max(c.updated_at, now)) for c in conversations]
         for c in stamped:
-            self._remember_local(c)
-            writes.append((self._conversation_ref(c.user_id, c.id), _document(c, {}), False))
+            writes.append((self._conversation_ref(c.user_id, c.id), _document(c, {}, None), False))
         for m in messages:
             ref = self._conversation_ref(owner[m.conversation_id], m.conversation_id)
             message_ref = ref.collection(MESSAGES).document(m.id)
@@ -1332,7 +1681,7 @@ class FirestoreStore:
         await asyncio.gather(
             *(commit(writes[i : i + BATCH_WRITES]) for i in range(0, len(writes), BATCH_WRITES))
         )
-        self._committed(stamped)
+        self._emit_local([Change(c, announce=False) for c in stamped], None)
         log.info(
             "firestore.imported",
             conversations=len(conversations),
@@ -1386,16 +1735,35 @@ def _close_channel(client: Any) -> None:
         client._firestore_api.transport.close()
 
 
+def _kind_of(path: str) -> str:
+    """The kind of document a path names: its collection, messages apart from their
+    conversation."""
+    parts = path.split("/documents/", 1)[-1].split("/")
+    return parts[-2] if len(parts) >= 2 else "unknown"
+
+
 def _user_of(path: str) -> str:
     """The user id in a document path under users/{user_id}/..."""
     return path.split("/", 2)[1]
 
 
+class _Stamps(dict[str, tuple[int, int]]):
+    """What one transaction did to its conversations' message counts: for each, the count
+    it read and the count it wrote (`feed_seq`). Passed to the write, returned with it."""
+
+    def wrote(self, conversation_id: str, read: int, written: int) -> None:
+        """Record a conversation document written by this transaction."""
+        self[conversation_id] = (read, written)
+
+
 def _document(
     conversation: Conversation,
     previous: dict[str, Any],
+    stamps: _Stamps | None,
     message: Message | None = None,
+    *,
     new_conversation: bool = False,
+    new: bool = True,
 ) -> dict[str, Any]:
     """A conversation's document, carrying its latest messages whole for other instances.
 
@@ -1406,13 +1774,21 @@ def _document(
     doc = rules.conversation_to_doc(conversation)
     carried = previous.get("feed_messages")
     entries = [e for e in carried if isinstance(e, dict)] if isinstance(carried, list) else []
-    seq = previous.get(FEED_SEQ)
-    seq = seq if isinstance(seq, int) else 0
+    read = previous.get(FEED_SEQ)
+    read = read if isinstance(read, int) else 0
+    seq = read
     if message is not None:
         seq += 1
+        carried = rules.message_to_doc(message)
+        if message.text is not None and len(message.text) > FEED_TEXT_CHARS:
+            # A document holds at most 1 MiB; five long texts must not reach it. Another
+            # instance gets the start and has open panes read the whole message.
+            carried["text"] = message.text[:FEED_TEXT_CHARS]
+            carried["truncated"] = True
         entries.append(
             {
-                "message": rules.message_to_doc(message),
+                "message": carried,
+                "new": new,
                 "new_conversation": new_conversation,
                 "version": conversation.updated_at,
                 "seq": seq,
@@ -1421,32 +1797,55 @@ def _document(
     doc["feed_messages"] = entries[-FEED_MESSAGES_KEPT:]
     doc[FEED_SEQ] = seq
     doc[SEARCH_TOKENS] = search.customer_tokens(conversation.user_name, conversation.phone)
+    if stamps is not None:
+        stamps.wrote(conversation.id, read, seq)
     doc[FEED_AT] = firestore.SERVER_TIMESTAMP
     return doc
 
 
-def _feed_messages(doc: dict[str, Any], after: int) -> tuple[FeedMessage, ...]:
-    """The messages a conversation's document carries from versions newer than `after`."""
+def _feed_messages(
+    doc: dict[str, Any], after_seq: int | None, after_version: int
+) -> tuple[FeedMessage, ...]:
+    """The messages a conversation's document carries that were written after message
+    count `after_seq` (or, where counts are unknown, after version `after_version`)."""
     carried = doc.get("feed_messages")
     if not isinstance(carried, list):
         return ()
     out: list[FeedMessage] = []
     for entry in carried:
         try:
-            if int(entry["version"]) <= after:
+            seq = entry.get("seq")
+            if after_seq is not None and isinstance(seq, int):
+                if seq <= after_seq:
+                    continue
+            elif int(entry["version"]) <= after_version:
                 continue
             message = rules.message_from_doc(entry["message"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue  # one malformed entry must not hide the others
-        out.append(FeedMessage(message, bool(entry.get("new_conversation"))))
+        new = entry.get("new")
+        if not isinstance(new, bool):  # written before entries said so
+            new = message.status in ("received", "queued")
+        out.append(
+            FeedMessage(message, new=new, new_conversation=bool(entry.get("new_conversation")))
+        )
     return tuple(out)
 
 
 def _missed(doc: dict[str, Any], last_seq: int | None) -> bool:
     """True when message writes happened between the last one this process saw and the
-    oldest the document still carries: more were merged into one change than it keeps."""
+    oldest the document still carries (more were merged into one change than it keeps),
+    or one it carries lost the end of a long text."""
     seq = doc.get(FEED_SEQ)
     carried = doc.get("feed_messages")
+    if isinstance(carried, list) and any(
+        isinstance(e, dict)
+        and isinstance(e.get("message"), dict)
+        and e["message"].get("truncated")
+        and (last_seq is None or not isinstance(e.get("seq"), int) or e["seq"] > last_seq)
+        for e in carried
+    ):
+        return True
     if last_seq is None or not isinstance(seq, int) or seq <= last_seq:
         return False
     kept = (

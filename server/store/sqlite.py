@@ -18,7 +18,7 @@ from typing import IO, Any, Final, TypeVar
 import orjson
 import structlog
 
-from server.models import Conversation, Message, MessageError, now_ms
+from server.models import Conversation, Media, Message, MessageError, now_ms
 from server.search import Query
 from server.store import rules, sqlite_index
 from server.store.base import (
@@ -26,6 +26,7 @@ from server.store.base import (
     Change,
     ChangeFeed,
     ChangeListener,
+    Draft,
     InboundMessage,
     Leases,
     ListEntry,
@@ -276,22 +277,35 @@ class SqliteStore:
         return await self._read(sqlite_index.totals)
 
     async def list_entries(
-        self, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        number: str | None = None,
     ) -> list[ListEntry]:
         """A keyset page of the list's prepared rows, from a reader thread."""
-        return await self._read(lambda db: sqlite_index.entries_after(db, after, limit, status))
+        return await self._read(
+            lambda db: sqlite_index.entries_after(db, after, limit, status, number)
+        )
 
     async def search_customers(
-        self, query: Query, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        query: Query,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        number: str | None = None,
     ) -> list[ListEntry]:
         """Conversations whose customer's name or number matches, in list order."""
         return await self._read(
-            lambda db: sqlite_index.search_customers(db, query, after, limit, status)
+            lambda db: sqlite_index.search_customers(db, query, after, limit, status, number)
         )
 
-    async def count_customers(self, query: Query, status: str | None) -> int:
-        """How many conversations match a name or number."""
-        return await self._read(lambda db: sqlite_index.count_customers(db, query, status))
+    async def count_entries(
+        self, query: Query | None, status: str | None, number: str | None
+    ) -> int:
+        """How many conversations match a name or number, a status, a business number."""
+        return await self._read(lambda db: sqlite_index.count_entries(db, query, status, number))
 
     async def search_messages(
         self, query: Query, before: int | None, limit: int
@@ -509,9 +523,15 @@ class SqliteStore:
             if rules.wants_ai(conversation, message, self.ai_replies):
                 task = rules.ai_task(conversation, message, self.leases, now)
                 self._put_task(task)
-            return Saved(conversation, message, new_conversation=created, task=task)
+            media_task = None
+            if rules.wants_media(message):
+                media_task = rules.media_task(message, self.leases, now)
+                self._put_task(media_task)
+            return Saved(
+                conversation, message, new_conversation=created, task=task, media_task=media_task
+            )
 
-        return await self._write(write, lambda s: [Change(s.conversation, local=True)] if s else [])
+        return await self._write(write, rules.saved_changes)
 
     async def save_outbound(
         self,
@@ -546,7 +566,7 @@ class SqliteStore:
                 self._put_task(task)
             return Saved(conversation, message, task=task)
 
-        return await self._write(write, lambda s: [Change(s.conversation, local=True)])
+        return await self._write(write, rules.saved_changes)
 
     async def get_message(self, message_id: str) -> Message:
         """One message."""
@@ -558,6 +578,47 @@ class SqliteStore:
             return message
 
         return await self._run(read)
+
+    # -- media, rich replies ---------------------------------------------------------------
+
+    async def find_message(self, wa_message_id: str) -> Message | None:
+        """The message WhatsApp knows by this id, or None."""
+        return await self._run(lambda: self._message("wa_message_id", wa_message_id))
+
+    async def save_agent_message(
+        self, conversation_id: str, draft: Draft, *, agent_id: str | None = None
+    ) -> Saved:
+        """Store an agent's message as queued with its send task, in one write; refused
+        (WindowClosed) when only a template may reach the customer now."""
+
+        def write() -> Saved:
+            conversation = self._conversation(conversation_id)
+            now = rules.reply_time(conversation, now_ms())
+            rules.check_window(conversation, draft, now_ms())
+            message = rules.agent_message(conversation_id, draft, agent_id, now)
+            conversation = rules.after_message(conversation, message, now)
+            self._put_conversation(conversation)
+            self._put_message(message, insert=True)
+            self._drop_task(rules.ai_task_id(conversation_id))  # an agent took over
+            task = rules.send_task(message, self.leases, now)
+            self._put_task(task)
+            return Saved(conversation, message, task=task)
+
+        return await self._write(write, rules.saved_changes)
+
+    async def set_media(self, message_id: str, media: Media) -> StatusChange | None:
+        """Record a message's media state, completing its download task."""
+
+        def write() -> StatusChange | None:
+            self._drop_task(rules.media_task_id(message_id))
+            message = self._message("id", message_id)
+            if message is None:
+                return None
+            updated = rules.with_media(message, media)
+            self._put_message(updated, insert=False)
+            return StatusChange(self._conversation(message.conversation_id), updated)
+
+        return await self._write(write, rules.status_changes)
 
     async def claim_tasks(self, *, limit: int, kind: TaskKind, steal: bool = False) -> list[Task]:
         """Lease up to `limit` tasks whose lease ran out (all of them with `steal`)."""
@@ -646,7 +707,9 @@ class SqliteStore:
             self._put_task(task)
             return Saved(after, queued, task=task)
 
-        return await self._write(write, lambda s: [Change(s.conversation, local=True)])
+        return await self._write(
+            write, lambda s: rules.status_changes(StatusChange(s.conversation, s.message))
+        )
 
     def _message(self, where: str, arg: str) -> Message | None:
         row = self._db.execute(f"SELECT doc FROM messages WHERE {where} = ?", (arg,)).fetchone()
@@ -673,18 +736,6 @@ class SqliteStore:
             self._put_conversation(after)
         return StatusChange(after, updated)
 
-    @staticmethod
-    def _status_changes(result: StatusChange | None) -> list[Change]:
-        if result is None:
-            return []
-        last = result.conversation.last_message
-        # Only the list's tick changed when this was the last message; otherwise nothing.
-        return (
-            [Change(result.conversation, local=True)]
-            if last and last.id == result.message.id
-            else []
-        )
-
     async def set_delivery(
         self,
         message_id: str,
@@ -696,7 +747,7 @@ class SqliteStore:
         """Record the outcome of sending an outbound message."""
         return await self._write(
             lambda: self._deliver(self._message("id", message_id), status, wa_message_id, error),
-            self._status_changes,
+            rules.status_changes,
         )
 
     async def apply_status(
@@ -710,7 +761,7 @@ class SqliteStore:
                 raise UnknownMessage(f"no message with WhatsApp id {wa_message_id!r}")
             return self._deliver(message, status, None, error)
 
-        return await self._write(write, self._status_changes)
+        return await self._write(write, rules.status_changes)
 
     async def update_conversation(
         self,
@@ -736,7 +787,30 @@ class SqliteStore:
             self._put_conversation(updated)
             return updated
 
-        return await self._write(write, lambda c: [Change(c, local=True)])
+        return await self._write(write, rules.conversation_changes)
+
+    async def delete_conversation(self, conversation_id: str) -> Conversation:
+        """Erase a conversation, its messages and their tasks in one transaction."""
+
+        def write() -> Conversation:
+            conversation = self._conversation(conversation_id)
+            db = self._db
+            message_ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM messages WHERE conversation_id = ?", (conversation_id,)
+                )
+            ]
+            db.executemany(
+                "DELETE FROM outbox WHERE id = ?",
+                [(rules.send_task_id(m),) for m in message_ids]
+                + [(rules.ai_task_id(conversation_id),)],
+            )
+            db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            return conversation
+
+        return await self._write(write, lambda c: [Change(c, removed=True)])
 
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]
@@ -793,4 +867,4 @@ class SqliteStore:
                 ),
             )
 
-        await self._write(write, lambda _: [Change(c, local=True) for c in conversations])
+        await self._write(write, lambda _: [Change(c, announce=False) for c in conversations])

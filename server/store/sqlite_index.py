@@ -7,6 +7,8 @@ The store's write code knows nothing of them; the schema does:
   page past the snapshot's window is a keyset read of prepared bytes, like a page inside.
 - `conversation_counts`: conversations per status, so the list's `total` is a read of a
   few rows at any size (`count(*)` walks an index: 40 ms at a million).
+- indexes in list order by status and by the business number written to (the tabs and
+  the number filter past the window).
 - `message_search`: FTS5 over message text and media captions, folded by
   server/search.py (Arabic diacritics and letter variants, the article, case, accents),
   stemmed (porter) for English. Contentless: it holds the index, not the text again.
@@ -60,6 +62,8 @@ TRIGGERS: Final = (
 SCHEMA: Final = """
 CREATE INDEX IF NOT EXISTS conversations_by_status
     ON conversations (status, last_activity DESC, id);
+CREATE INDEX IF NOT EXISTS conversations_by_number
+    ON conversations (json_extract(doc, '$.phone_number_id'), last_activity DESC, id);
 CREATE TABLE IF NOT EXISTS conversation_counts (
     status TEXT PRIMARY KEY,
     n INTEGER NOT NULL
@@ -219,8 +223,16 @@ _AFTER: Final = "c.last_activity <= ? AND (c.last_activity < ? OR c.id > ?)"
 _ENTRY: Final = "c.id, c.last_activity, coalesce(c.body, list_row(c.doc))"
 
 
+# The business number a conversation was written to (the expression of its index).
+_NUMBER: Final = "json_extract(c.doc, '$.phone_number_id') = ?"
+
+
 def _keyset(
-    after: tuple[int, str] | None, status: str | None, where: list[str], args: list[Any]
+    after: tuple[int, str] | None,
+    status: str | None,
+    where: list[str],
+    args: list[Any],
+    number: str | None = None,
 ) -> None:
     if after is not None:
         where.append(_AFTER)
@@ -228,15 +240,22 @@ def _keyset(
     if status is not None:
         where.append("c.status = ?")
         args.append(status)
+    if number is not None:
+        where.append(_NUMBER)
+        args.append(number)
 
 
 def entries_after(
-    conn: sqlite3.Connection, after: tuple[int, str] | None, limit: int, status: str | None
+    conn: sqlite3.Connection,
+    after: tuple[int, str] | None,
+    limit: int,
+    status: str | None,
+    number: str | None = None,
 ) -> list[ListEntry]:
     """A keyset page of prepared list rows (an index seek and `limit` rows)."""
     where: list[str] = []
     args: list[Any] = []
-    _keyset(after, status, where, args)
+    _keyset(after, status, where, args, number)
     sql = f"SELECT {_ENTRY} FROM conversations c"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -255,14 +274,15 @@ def snapshot_entries(
     sql = (
         "SELECT c.id, c.last_activity, c.status, c.doc ->> '$.updated_at',"
         " coalesce(c.doc ->> '$.user_name', ''), coalesce(c.doc ->> '$.phone', ''),"
-        " coalesce(c.body, list_row(c.doc)) FROM conversations c"
+        " c.doc ->> '$.phone_number_id', coalesce(c.body, list_row(c.doc))"
+        " FROM conversations c"
     )
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY c.last_activity DESC, c.id LIMIT ?"
     return [
-        SnapshotEntry(cid, at, status, int(updated or 0), name, phone, body)
-        for cid, at, status, updated, name, phone, body in conn.execute(sql, [*args, limit])
+        SnapshotEntry(cid, at, status, int(updated or 0), name, phone, number, body)
+        for cid, at, status, updated, name, phone, number, body in conn.execute(sql, [*args, limit])
     ]
 
 
@@ -277,6 +297,7 @@ def search_customers(
     after: tuple[int, str] | None,
     limit: int,
     status: str | None,
+    number: str | None = None,
 ) -> list[ListEntry]:
     """Conversations whose customer matches, in list order after the keyset.
 
@@ -288,7 +309,7 @@ def search_customers(
         return []
     where = ["conversation_search MATCH ?"]
     args: list[Any] = [match]
-    _keyset(after, status, where, args)
+    _keyset(after, status, where, args, number)
     sql = (
         f"SELECT {_ENTRY} FROM conversation_search s"
         " CROSS JOIN conversations c ON c.rowid = s.rowid"
@@ -298,21 +319,33 @@ def search_customers(
     return [ListEntry(*row) for row in conn.execute(sql, [*args, limit])]
 
 
-def count_customers(conn: sqlite3.Connection, query: Query, status: str | None) -> int:
-    """How many conversations `search_customers` finds in all."""
-    match = search.fts_match_customers(query)
-    if match is None:
-        return 0
-    if status is None:
-        sql = "SELECT count(*) FROM conversation_search WHERE conversation_search MATCH ?"
-        (n,) = conn.execute(sql, (match,)).fetchone()
+def count_entries(
+    conn: sqlite3.Connection, query: Query | None, status: str | None, number: str | None
+) -> int:
+    """How many conversations `search_customers` (or `entries_after`, without a query)
+    finds in all."""
+    where: list[str] = []
+    args: list[Any] = []
+    _keyset(None, status, where, args, number)
+    if query is None:
+        sql = "SELECT count(*) FROM conversations c"
     else:
+        match = search.fts_match_customers(query)
+        if match is None:
+            return 0
+        if not where:
+            sql = "SELECT count(*) FROM conversation_search WHERE conversation_search MATCH ?"
+            (n,) = conn.execute(sql, (match,)).fetchone()
+            return int(n)
         sql = (
             "SELECT count(*) FROM conversation_search s"
             " CROSS JOIN conversations c ON c.rowid = s.rowid"
-            " WHERE conversation_search MATCH ? AND c.status = ?"
         )
-        (n,) = conn.execute(sql, (match, status)).fetchone()
+        where.insert(0, "conversation_search MATCH ?")
+        args.insert(0, match)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    (n,) = conn.execute(sql, args).fetchone()
     return int(n)
 
 

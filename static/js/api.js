@@ -13,7 +13,9 @@ export class ApiError extends Error {
 
 async function call(method, path, body) {
   const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
-  if (body !== undefined) {
+  if (body instanceof FormData) {
+    init.body = body; // the browser writes the multipart boundary
+  } else if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
@@ -54,13 +56,24 @@ export const api = {
   },
   signIn: (token) => call("POST", "/api/auth/session", { token }),
   signOut: () => call("DELETE", "/api/auth/session"),
-  chats: ({ status, q, cursor, limit = 30 }) =>
-    call("GET", `${BASE}/unified-chats${query({ limit, cursor, status, q })}`),
+  chats: ({ status, q, number, cursor, limit = 30 }) =>
+    call("GET", `${BASE}/unified-chats${query({ limit, cursor, status, q, number })}`),
   search: ({ q, cursor, limit = 20 }) => call("GET", `${BASE}/search${query({ q, cursor, limit })}`),
   conversation: (id) => call("GET", conv(id)),
   messages: (id, { before, limit = 50 } = {}) =>
     call("GET", `${conv(id)}/messages${query({ limit, before })}`),
-  send: (id, text) => call("POST", `${conv(id)}/messages`, { text }),
+  /** Text (`{text, reply_to}`), a template (`{template}`) or a reaction (`{reaction}`). */
+  send: (id, body) => call("POST", `${conv(id)}/messages`, typeof body === "string" ? { text: body } : body),
+  /** A file with an optional caption, as a multipart form. */
+  sendFile: (id, file, { caption, replyTo } = {}) => {
+    const form = new FormData();
+    if (caption) form.append("caption", caption);
+    if (replyTo) form.append("reply_to", replyTo);
+    form.append("file", file, file.name || "file");
+    return call("POST", `${conv(id)}/messages`, form);
+  },
+  templates: () => call("GET", `${BASE}/templates`),
+  numbers: () => call("GET", `${BASE}/numbers`),
   retry: (id, messageId) =>
     call("POST", `${conv(id)}/messages/${encodeURIComponent(messageId)}/retry`),
   markRead: (id) => call("POST", `${conv(id)}/read`),

@@ -4,11 +4,12 @@
 import { api } from "./api.js";
 import { debounce, throttle } from "./debounce.js";
 import { h } from "./dom.js";
-import { countLabel, windowOpen } from "./format.js";
+import { countLabel, windowState } from "./format.js";
 import { connectEvents } from "./live.js";
 import {
   appendPage,
   applyMessageStatus,
+  removeChat,
   applyNewMessage,
   emptyList,
   findChat,
@@ -20,8 +21,10 @@ import {
 import { applyStatus, emptyThread, prependOlder, setLatestPage, upsertMessage } from "./state/messages.js";
 import { addResults, emptyResults, resultsUnavailable, updateConversation as updateHits } from "./state/results.js";
 import { avatar, createChatList } from "./views/chatlist.js";
+import { createLightbox } from "./views/media.js";
 import { createResults } from "./views/results.js";
-import { createThread } from "./views/thread.js";
+import { createTemplatePicker } from "./views/templates.js";
+import { REACTIONS, createThread } from "./views/thread.js";
 
 // After live events the list is re-read at most once every 3 s, to reconcile.
 const RECONCILE_MS = 3000;
@@ -70,6 +73,19 @@ const ui = {
   olderStatus: $("older-status"),
   messageList: $("message-list"),
   windowNotice: $("window-notice"),
+  windowCountdown: $("window-countdown"),
+  windowTemplate: $("window-template"),
+  numberFilter: $("number-filter"),
+  replyBar: $("reply-bar"),
+  replyText: $("reply-text"),
+  replyCancel: $("reply-cancel"),
+  attachmentBar: $("attachment"),
+  attachmentName: $("attachment-name"),
+  attachmentRemove: $("attachment-remove"),
+  attach: $("attach"),
+  fileInput: $("file-input"),
+  templateOpen: $("template-open"),
+  reactMenu: $("react-menu"),
   composer: $("composer"),
   composerText: $("composer-text"),
   send: $("send"),
@@ -90,6 +106,8 @@ const state = {
   olderLoading: false,
   sending: false,
   stickToBottom: false, // the next draw scrolls the messages to the newest
+  replyTo: null, // the message the next reply answers
+  attachment: null, // a File the next reply sends
 };
 
 let events = null;
@@ -97,10 +115,19 @@ let clockTimer = null;
 
 const chatList = createChatList(ui.chatList, { onOpen: (id) => openConversation(id) });
 const hitList = createResults(ui.hits, { onOpen: (id, messageId) => openConversation(id, { messageId }) });
-const thread = createThread(ui.messageList);
+const lightbox = createLightbox($("lightbox"));
+const thread = createThread(ui.messageList, { onZoom: (src, label) => lightbox.open(src, label) });
+const templatePicker = createTemplatePicker($("template-picker"), {
+  load: async () => (await api.templates()).templates,
+  onSend: (template) => sendTemplate(template),
+});
 ui.messageList.addEventListener("click", (event) => {
-  const button = event.target.closest("button[data-retry]");
-  if (button) retryReply(button.dataset.retry);
+  const retry = event.target.closest("button[data-retry]");
+  if (retry) retryReply(retry.dataset.retry);
+  const reply = event.target.closest("button[data-reply]");
+  if (reply) setReplyTo(reply.dataset.reply);
+  const react = event.target.closest("button[data-react]");
+  if (react) openReactMenu(react);
 });
 
 // ---------- drawing ----------
@@ -165,7 +192,7 @@ function drawConversation() {
   ui.aiSwitch.title = chat.ai_enabled ? "The AI answers this customer; switch off to take over" : "The AI is off: agents answer";
   ui.resolve.textContent = chat.status === "resolved" ? "Reopen" : "Resolve";
   ui.resolve.dataset.action = chat.status === "resolved" ? "reopen" : "resolve";
-  ui.windowNotice.hidden = windowOpen(chat.last_inbound_at);
+  drawComposer(chat);
 
   const box = ui.messages;
   const before = { height: box.scrollHeight, top: box.scrollTop };
@@ -203,6 +230,29 @@ function drawConversation() {
   }
 }
 
+function drawComposer(chat) {
+  const win = windowState(chat.window_closes_at);
+  ui.windowNotice.hidden = win.open;
+  ui.windowCountdown.hidden = !win.label || !win.open;
+  ui.windowCountdown.textContent = win.open ? win.label : "";
+  ui.composerText.disabled = !win.open;
+  ui.composerText.placeholder = win.open
+    ? state.attachment
+      ? "Add a caption…"
+      : "Write a reply…"
+    : "The 24-hour window has closed: send a template";
+  ui.attach.disabled = !win.open;
+  ui.send.disabled = !win.open || state.sending;
+  ui.templateOpen.classList.toggle("primary", !win.open);
+  ui.templateOpen.classList.toggle("secondary", win.open);
+  ui.composer.dataset.window = win.open ? "open" : "closed";
+  const replying = state.replyTo && state.thread.messages.find((m) => m.id === state.replyTo);
+  ui.replyBar.hidden = !replying;
+  ui.replyText.textContent = replying ? replying.text || replying.media?.caption || replying.media?.filename || "a message" : "";
+  ui.attachmentBar.hidden = !state.attachment;
+  ui.attachmentName.textContent = state.attachment ? `${state.attachment.name || "file"} (${Math.max(1, Math.round(state.attachment.size / 1024))} KB)` : "";
+}
+
 function toast(message) {
   ui.toast.textContent = message;
   ui.toast.hidden = false;
@@ -229,7 +279,7 @@ async function loadList() {
   state.listLoading = true;
   draw();
   try {
-    const page = await api.chats({ status: filter.status, q: filter.q, limit: PAGE_SIZE });
+    const page = await api.chats({ status: filter.status, q: filter.q, number: filter.number, limit: PAGE_SIZE });
     if (seq !== state.listSeq) return;
     // Events that arrived while the page was on its way are kept (merged by id).
     state.list = firstPage(filter, { ...page, chats: [...state.list.chats, ...page.chats] });
@@ -238,6 +288,10 @@ async function loadList() {
   } finally {
     if (seq === state.listSeq) state.listLoading = false;
     draw();
+    // A screen taller than the first page: the next one follows (measured once drawn).
+    requestAnimationFrame(() => {
+      if (seq === state.listSeq && sentinelNear()) loadMore();
+    });
   }
 }
 
@@ -248,7 +302,7 @@ async function loadMore() {
   state.listLoading = true;
   draw();
   try {
-    const page = await api.chats({ status: list.filter.status, q: list.filter.q, cursor: list.nextCursor, limit: PAGE_SIZE });
+    const page = await api.chats({ status: list.filter.status, q: list.filter.q, number: list.filter.number, cursor: list.nextCursor, limit: PAGE_SIZE });
     if (seq === state.listSeq) state.list = appendPage(state.list, page);
   } catch (e) {
     handleError(e, "More conversations could not be loaded");
@@ -267,7 +321,7 @@ const reconcile = throttle(async () => {
   const seq = state.listSeq;
   const { filter } = state.list;
   try {
-    const page = await api.chats({ status: filter.status, q: filter.q, limit: PAGE_SIZE });
+    const page = await api.chats({ status: filter.status, q: filter.q, number: filter.number, limit: PAGE_SIZE });
     if (seq === state.listSeq) state.list = reconcileFirstPage(state.list, page);
     draw();
   } catch (e) {
@@ -278,7 +332,8 @@ const reconcile = throttle(async () => {
 function setFilter(changes) {
   const filter = { ...state.list.filter, ...changes };
   filter.q = (filter.q || "").trim();
-  if (filter.status === state.list.filter.status && filter.q === state.list.filter.q) return;
+  const same = ["status", "q", "number"].every((k) => (filter[k] || "") === (state.list.filter[k] || ""));
+  if (same) return;
   const newQuery = filter.q !== state.list.filter.q;
   state.list = emptyList(filter);
   reconcile.cancel();
@@ -323,6 +378,8 @@ async function openConversation(id, { messageId = null } = {}) {
     state.olderLoading = false;
     thread.clear();
     ui.composerText.value = "";
+    state.replyTo = null;
+    state.attachment = null;
     autosize();
   }
   setView("convo");
@@ -417,24 +474,92 @@ const markReadSoon = debounce((id) => {
 async function sendReply() {
   const id = state.activeId;
   const text = ui.composerText.value;
-  if (!id || !text.trim() || state.sending) return;
+  const file = state.attachment;
+  if (!id || (!text.trim() && !file) || state.sending) return;
   state.sending = true;
   ui.send.disabled = true;
   try {
-    const message = await api.send(id, text);
+    const replyTo = state.replyTo || undefined;
+    const message = file
+      ? await api.sendFile(id, file, { caption: text.trim(), replyTo })
+      : await api.send(id, { text, reply_to: replyTo });
+    if (state.activeId === id) {
+      state.thread = upsertMessage(state.thread, message);
+      state.stickToBottom = true;
+      state.replyTo = null;
+      state.attachment = null;
+    }
+    if (ui.composerText.value === text) ui.composerText.value = "";
+    autosize();
+  } catch (e) {
+    handleError(e, file ? "The file was not sent" : "The reply was not sent");
+  } finally {
+    state.sending = false;
+    draw();
+  }
+}
+
+/** Send the template an agent filled in the picker; true when it was accepted. */
+async function sendTemplate(template) {
+  const id = state.activeId;
+  if (!id) return false;
+  try {
+    const body = { template };
+    const message = await api.send(id, body);
     if (state.activeId === id) {
       state.thread = upsertMessage(state.thread, message);
       state.stickToBottom = true;
     }
-    if (ui.composerText.value === text) ui.composerText.value = "";
-    autosize();
+    draw();
+    return true;
+  } catch (e) {
+    handleError(e, "The template was not sent");
+    return false;
+  }
+}
+
+async function react(messageId, emoji) {
+  const id = state.activeId;
+  if (!id) return;
+  try {
+    const message = await api.send(id, { reaction: { message_id: messageId, emoji } });
+    if (state.activeId === id) state.thread = upsertMessage(state.thread, message);
     draw();
   } catch (e) {
-    handleError(e, "The reply was not sent");
-  } finally {
-    state.sending = false;
-    ui.send.disabled = false;
+    handleError(e, "The reaction was not sent");
   }
+}
+
+function setReplyTo(messageId) {
+  state.replyTo = messageId;
+  draw();
+  ui.composerText.focus();
+}
+
+function setAttachment(file) {
+  if (!file) return;
+  state.attachment = file;
+  draw();
+  ui.composerText.focus();
+}
+
+function openReactMenu(button) {
+  const messageId = button.dataset.react;
+  const menu = ui.reactMenu;
+  const items = REACTIONS.map((emoji) =>
+    h("button", { type: "button", role: "menuitem", class: "react-choice", onclick: () => { closeReactMenu(); react(messageId, emoji); } }, emoji),
+  );
+  items.push(h("button", { type: "button", role: "menuitem", class: "react-remove", onclick: () => { closeReactMenu(); react(messageId, ""); } }, "Remove"));
+  menu.replaceChildren(...items);
+  const box = button.getBoundingClientRect();
+  menu.style.top = `${Math.max(8, box.top - 48)}px`;
+  menu.style.left = `${Math.max(8, Math.min(window.innerWidth - 300, box.left))}px`;
+  menu.hidden = false;
+  menu.querySelector("button").focus();
+}
+
+function closeReactMenu() {
+  ui.reactMenu.hidden = true;
 }
 
 /** Send a failed reply again: the server queues it anew; its ticks follow as events. */
@@ -497,6 +622,20 @@ function onEvent(name, data) {
     case "message_status":
       state.list = applyMessageStatus(state.list, data);
       state.thread = applyStatus(state.thread, data);
+      break;
+    case "message_updated":
+      // Its media was downloaded (or could not be): the thread shows it now.
+      state.thread = upsertMessage(state.thread, data.message);
+      break;
+    case "conversation_deleted":
+      state.list = removeChat(state.list, data.conversation_id);
+      if (data.conversation_id === state.activeId) {
+        state.activeId = null;
+        state.activeChat = null;
+        state.thread = emptyThread(null);
+        thread.clear();
+        setView("list");
+      }
       break;
     case "conversation_resync":
       // Messages of this conversation reached the server only as a summary: read them.
@@ -568,7 +707,24 @@ function start() {
   listen();
   loadList();
   clearInterval(clockTimer);
-  clockTimer = setInterval(() => chatList.refreshTimes(), 30_000);
+  clockTimer = setInterval(() => {
+    chatList.refreshTimes();
+    draw(); // the window's countdown, and whether it has closed
+  }, 30_000);
+  loadNumbers();
+}
+
+async function loadNumbers() {
+  try {
+    const { numbers } = await api.numbers();
+    ui.numberFilter.replaceChildren(
+      h("option", { value: "" }, "All numbers"),
+      ...numbers.map((n) => h("option", { value: n.id }, `Number ${n.id}`)),
+    );
+    ui.numberFilter.hidden = numbers.length < 2;
+  } catch (e) {
+    handleError(e);
+  }
 }
 
 async function signIn(token) {
@@ -646,11 +802,18 @@ for (const tab of ui.tabs) {
 
 ui.loadMore.addEventListener("click", () => loadMore());
 ui.moreHits.addEventListener("click", () => loadResults());
+const SCROLL_AHEAD_PX = 240;
+// The observer's entry can describe a layout from before the first page was drawn (a busy
+// machine delivers it late): the sentinel's place is checked again when it arrives.
+function sentinelNear() {
+  const bottom = ui.listScroll.getBoundingClientRect().bottom + SCROLL_AHEAD_PX;
+  return state.list.pages > 0 && ui.sentinel.getBoundingClientRect().top <= bottom;
+}
 new IntersectionObserver(
   (entries) => {
-    if (entries.some((e) => e.isIntersecting)) loadMore();
+    if (entries.some((e) => e.isIntersecting) && sentinelNear()) loadMore();
   },
-  { root: ui.listScroll, rootMargin: "0px 0px 240px 0px" },
+  { root: ui.listScroll, rootMargin: `0px 0px ${SCROLL_AHEAD_PX}px 0px` },
 ).observe(ui.sentinel);
 
 ui.messages.addEventListener("scroll", () => {
@@ -686,6 +849,56 @@ ui.composerText.addEventListener("keydown", (e) => {
 ui.composer.addEventListener("submit", (e) => {
   e.preventDefault();
   sendReply();
+});
+
+ui.numberFilter.addEventListener("change", () => setFilter({ number: ui.numberFilter.value }));
+ui.replyCancel.addEventListener("click", () => {
+  state.replyTo = null;
+  draw();
+});
+ui.attachmentRemove.addEventListener("click", () => {
+  state.attachment = null;
+  draw();
+});
+ui.attach.addEventListener("click", () => ui.fileInput.click());
+ui.fileInput.addEventListener("change", () => {
+  setAttachment(ui.fileInput.files[0]);
+  ui.fileInput.value = "";
+});
+ui.templateOpen.addEventListener("click", () => templatePicker.open());
+ui.windowTemplate.addEventListener("click", () => templatePicker.open());
+// A file dropped on the conversation, or pasted into the composer, is attached.
+ui.convo.addEventListener("dragover", (e) => {
+  if (![...(e.dataTransfer?.types || [])].includes("Files")) return;
+  e.preventDefault();
+  ui.convo.classList.add("dropping");
+});
+ui.convo.addEventListener("dragleave", (e) => {
+  if (e.target === ui.convo || !ui.convo.contains(e.relatedTarget)) ui.convo.classList.remove("dropping");
+});
+ui.convo.addEventListener("drop", (e) => {
+  ui.convo.classList.remove("dropping");
+  const file = e.dataTransfer?.files?.[0];
+  if (!file) return;
+  e.preventDefault();
+  if (ui.composerText.disabled) {
+    toast("The 24-hour window has closed: only a template can be sent.");
+    return;
+  }
+  setAttachment(file);
+});
+ui.composerText.addEventListener("paste", (e) => {
+  const file = e.clipboardData?.files?.[0];
+  if (file) {
+    e.preventDefault();
+    setAttachment(file);
+  }
+});
+document.addEventListener("click", (e) => {
+  if (!ui.reactMenu.hidden && !e.target.closest("#react-menu") && !e.target.closest("[data-react]")) closeReactMenu();
+});
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && !ui.reactMenu.hidden) closeReactMenu();
 });
 
 window.addEventListener("hashchange", () => signInFromLink());

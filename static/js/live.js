@@ -6,6 +6,7 @@ export const EVENTS = [
   "conversation_updated",
   "message_status",
   "conversation_resync",
+  "conversation_deleted",
   "resync",
 ];
 

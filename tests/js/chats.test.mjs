@@ -186,3 +186,21 @@ test("patchChat changes one chat in place; the state is never mutated", () => {
   assert.equal(patchChat(s, "nope", {}), s);
   assert.deepEqual(emptyList().filter, { status: "open", q: "" });
 });
+
+test("a deleted conversation leaves the list and the total", async () => {
+  const { removeChat, firstPage } = await import("../../static/js/state/chats.js");
+  const page = {
+    chats: [
+      { id: "a", status: "open", last_activity: "2026-01-02T00:00:00.000Z" },
+      { id: "b", status: "open", last_activity: "2026-01-01T00:00:00.000Z" },
+    ],
+    total: 2,
+    has_more: false,
+    next_cursor: null,
+  };
+  let list = firstPage({ status: "open", q: "" }, page);
+  list = removeChat(list, "a");
+  assert.deepEqual(list.chats.map((c) => c.id), ["b"]);
+  assert.equal(list.total, 1);
+  assert.equal(removeChat(list, "zzz"), list);
+});
