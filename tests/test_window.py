@@ -185,3 +185,37 @@ def _ms(iso: str) -> int:
     from server.models import parse_iso
 
     return parse_iso(iso)
+
+
+async def test_the_business_number_filter_crosses_the_window(make_client, settings):
+    # Conversations written to two business numbers, seeded before the start.
+    conversations, messages = build_demo(200)
+    conversations = [
+        c.with_changes(phone_number_id="456" if i % 3 == 0 else "123")
+        for i, c in enumerate(conversations)
+    ]
+    store = SqliteStore(settings.db)
+    await store.start()
+    await store.import_conversations(conversations, messages)
+    await store.close()
+    client = await make_client(sqlite_window=WINDOW)
+    order = in_order(conversations)
+    by_id = {c.id: c for c in conversations}
+    for number in ("456", "123"):
+        want = [cid for cid in order if by_id[cid].phone_number_id == number]
+        assert await walk(client, limit=8, number=number) == want
+        assert (await page(client, number=number))["total"] == len(want)
+        opened = [cid for cid in want if by_id[cid].status == "open"]
+        assert await walk(client, limit=8, number=number, status="open") == opened
+    # With a name too: both filters hold on either side of the boundary.
+    query = search.parse("sara")
+    want = [
+        cid
+        for cid in order
+        if by_id[cid].phone_number_id == "456"
+        and search.matches_customer(
+            query, search.customer_key(by_id[cid].user_name, by_id[cid].phone)
+        )
+    ]
+    assert want
+    assert await walk(client, limit=3, number="456", q="sara") == want
