@@ -88,9 +88,9 @@ class Warmer:
         Changes that arrive while the window is read are buffered and applied after it.
         Then the loaded rows are frozen out of the cyclic garbage collector: they live
         until the conversation changes, and a full collection that walks them stalls every
-        request (105 ms with 200,000 rows held, 18 ms with the 20,000 of the default
-        window, on the benchmark's machine; docs/BENCHMARKS.md). Rows made later are
-        collected as usual.
+        request (115 ms with 200,000 rows held, 29 ms with the 20,000 of the default
+        window and the modules, 0 once frozen, on the benchmark's machine;
+        docs/BENCHMARKS.md). Rows made later are collected as usual.
         """
         self._buffer = []
         started = time.perf_counter()
