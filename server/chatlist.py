@@ -9,8 +9,8 @@ from typing import Final
 import structlog
 
 from server.cursor import CursorCodec
-from server.snapshot import Row, Snapshot, render_page
-from server.store.base import ChatStore
+from server.snapshot import Assignee, Row, Snapshot, render_page
+from server.store.base import UNSET, ChatStore
 
 log = structlog.get_logger(__name__)
 
@@ -43,18 +43,24 @@ class ChatList:
         return self.cursors.decode(CURSOR_KIND, cursor) if cursor else None
 
     async def page(
-        self, *, limit: int, cursor: str | None, status: str | None, q: str | None
+        self,
+        *,
+        limit: int,
+        cursor: str | None,
+        status: str | None,
+        q: str | None,
+        assignee: Assignee = UNSET,
     ) -> ServedPage:
         """One page, rendered; NotReady until the snapshot is loaded."""
         started = time.perf_counter()
         if not self.snapshot.ready:
             raise NotReady()
         after = self.decode_cursor(cursor)
-        page = self.snapshot.page(limit=limit, after=after, status=status, q=q)
+        page = self.snapshot.page(limit=limit, after=after, status=status, q=q, assignee=assignee)
         rows: list[Row] = list(page.rows)
         has_more, total, source = page.has_more, page.total, "snapshot"
         if page.past_window and not q:
-            rows, has_more, total = await self._from_store(rows, after, limit, status)
+            rows, has_more, total = await self._from_store(rows, after, limit, status, assignee)
             source = "store"
         next_cursor = (
             self.cursors.encode(CURSOR_KIND, rows[-1].cursor_key) if has_more and rows else None
@@ -67,19 +73,25 @@ class ChatList:
             page="next" if cursor else "first",
             total=total,
             status=status or "all",
+            assigned="any" if assignee is UNSET else ("none" if assignee is None else "agent"),
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
         return ServedPage(body, len(rows), source)
 
     async def _from_store(
-        self, rows: list[Row], after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        rows: list[Row],
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        assignee: Assignee,
     ) -> tuple[list[Row], bool, int]:
         """Fill a page that ran past the snapshot's window by a keyset read of the store."""
         need = limit - len(rows)
         key = rows[-1].cursor_key if rows else after
         if key is None and len(self.snapshot):
             key = self.snapshot.rows()[-1].cursor_key
-        more = await self.store.page_after(key, need + 1, status)
+        more = await self.store.page_after(key, need + 1, status, assignee=assignee)
         rows += [Row(c) for c in more[:need]]
-        total = await self.store.count(status)
+        total = await self.store.count(status, assignee=assignee)
         return rows, len(more) > need, total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from collections.abc import Mapping
@@ -15,6 +16,10 @@ STORES: Final = ("sqlite", "firestore")
 ENVIRONMENTS: Final = ("development", "production")
 LOG_FORMATS: Final = ("console", "json")
 AI_PROVIDERS: Final = ("builtin", "openai", "off")
+# Production secrets are at least this long: 32 random characters are beyond guessing,
+# and a short one is a placeholder somebody forgot to replace.
+MIN_SECRET: Final = 32
+LOOPBACK_NAMES: Final = ("localhost",)
 
 
 class ConfigError(ValueError):
@@ -53,11 +58,28 @@ class Settings:
     log_format: str = "console"
     log_level: str = "info"
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # The machine token of integrations and scripts (Bearer only); None: there is none.
     api_token: str | None = None
     instance_id: str = field(default_factory=lambda: secrets.token_hex(3))
     static_dir: str = str(ROOT / "static")
     demo: bool = False
     demo_conversations: int = 300
+    # The demo admin's password (run.py generates one); None: the demo admin gets a random
+    # one nobody knows.
+    demo_password: str | None = None
+    # Development listens on loopback only unless this is set (the dashboard and API are
+    # then reachable by anyone who can reach the port).
+    allow_remote: bool = False
+    # A request body that has not fully arrived after this long is cut off (408): a slow
+    # or stalled sender must not hold a connection. WhatsApp sends its 3 MB in well under it.
+    body_timeout_s: float = 10.0
+    # Event streams: at most this many on the instance, and per sign-in (an agent keeps a
+    # few tabs open; more is a leak or an abuse).
+    sse_max_streams: int = 1000
+    sse_streams_per_session: int = 10
+    # Proxies in front of the server that append to X-Forwarded-For (a load balancer: 1).
+    # The client address the sign-in limits count is the entry that many from the right.
+    proxy_hops: int = 0
 
     @property
     def whatsapp_configured(self) -> bool:
@@ -87,22 +109,50 @@ class Settings:
             raise ConfigError("--demo-conversations must not be negative")
         if self.ai_provider == "openai" and not self.ai_base_url:
             raise ConfigError("AI_PROVIDER=openai needs AI_BASE_URL")
+        if self.body_timeout_s <= 0:
+            raise ConfigError("LIVECHAT_BODY_TIMEOUT must be a positive number of seconds")
+        if self.sse_max_streams < 1 or self.sse_streams_per_session < 1:
+            raise ConfigError("LIVECHAT_SSE_MAX and LIVECHAT_SSE_PER_SESSION must be at least 1")
+        if self.proxy_hops < 0:
+            raise ConfigError("LIVECHAT_PROXY_HOPS must not be negative")
         if self.env == "production":
-            missing = [
-                name
-                for name, value in (
-                    ("LIVECHAT_SECRET_KEY", self.secret_key),
-                    ("LIVECHAT_API_TOKEN", self.api_token),
-                    ("WHATSAPP_APP_SECRET", self.whatsapp_app_secret),
-                    ("WHATSAPP_VERIFY_TOKEN", self.whatsapp_verify_token),
-                )
-                if not value
-            ]
-            if missing:
-                raise ConfigError("production needs " + ", ".join(missing))
-            if self.demo:
-                raise ConfigError("--demo is for development only")
+            self._check_production()
+        elif not self.allow_remote and not is_loopback(self.host):
+            raise ConfigError(
+                f"HOST={self.host} is not a loopback address: development serves only this"
+                " machine; set LIVECHAT_ALLOW_REMOTE=true (or --allow-remote) to listen there"
+            )
         return self
+
+    def _check_production(self) -> None:
+        """ConfigError naming the first setting production refuses."""
+        secrets_ = (
+            ("LIVECHAT_SECRET_KEY", self.secret_key),
+            ("WHATSAPP_APP_SECRET", self.whatsapp_app_secret),
+            ("WHATSAPP_VERIFY_TOKEN", self.whatsapp_verify_token),
+        )
+        missing = [name for name, value in secrets_ if not value]
+        if missing:
+            raise ConfigError("production needs " + ", ".join(missing))
+        optional = (("LIVECHAT_API_TOKEN", self.api_token),)
+        for name, value in (*secrets_, *optional):
+            if value is not None and len(value) < MIN_SECRET:
+                raise ConfigError(
+                    f"{name} must be at least {MIN_SECRET} characters in production"
+                    f" (it has {len(value)})"
+                )
+        if self.firestore_emulator_host:
+            raise ConfigError(
+                "FIRESTORE_EMULATOR_HOST is set: production must not talk to the emulator"
+            )
+        urls = [("WHATSAPP_API_BASE", self.whatsapp_api_base)]
+        if self.ai_provider == "openai":
+            urls.append(("AI_BASE_URL", self.ai_base_url))
+        for name, url in urls:
+            if not url.lower().startswith("https://"):
+                raise ConfigError(f"{name} must be an https:// URL in production")
+        if self.demo:
+            raise ConfigError("--demo is for development only")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -121,6 +171,16 @@ class Settings:
             values["secret_key"] = ""  # no random default in production: fail loudly
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validated()
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -164,4 +224,9 @@ _ENV: Final = (
     ("LIVECHAT_API_TOKEN", "api_token", str),
     ("LIVECHAT_INSTANCE_ID", "instance_id", str),
     ("LIVECHAT_DEMO", "demo", _bool),
+    ("LIVECHAT_ALLOW_REMOTE", "allow_remote", _bool),
+    ("LIVECHAT_BODY_TIMEOUT", "body_timeout_s", float),
+    ("LIVECHAT_SSE_MAX", "sse_max_streams", int),
+    ("LIVECHAT_SSE_PER_SESSION", "sse_streams_per_session", int),
+    ("LIVECHAT_PROXY_HOPS", "proxy_hops", int),
 )

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Final
 
 from server.models import Conversation, LastMessage, Media, Message, now_ms
+from server.passwords import hash_password
+from server.store.agents import Agent, AgentStore
 from server.store.base import ChatStore, message_id_for_wamid
+
+# The demo team: (id, email, name, role). The admin is who `run.py --demo` signs in as;
+# the agents answer and are assigned conversations in the demo data.
+DEMO_ADMIN_EMAIL: Final = "admin@example.com"
+DEMO_AGENTS: Final = (
+    ("a_demo_admin", DEMO_ADMIN_EMAIL, "Demo Admin", "admin"),
+    ("a_demo_reem", "reem@example.com", "Reem", "agent"),
+    ("a_demo_nouf", "nouf@example.com", "Nouf", "agent"),
+)
+# Agents who answer and are assigned conversations in the demo data.
+DEMO_ASSIGNEES: Final = ("a_demo_reem", "a_demo_nouf", "a_demo_admin")
+# An Argon2 hash string no password matches: the demo agents of a server started without a
+# demo password cannot sign in (tests make their own agents).
+NO_PASSWORD: Final = "!"
 
 # Customers write in the language of their name: Arabic script, or English.
 NAMES_AR: Final = (
@@ -99,6 +116,9 @@ SPREAD_MS: Final = 14 * 24 * 3600 * 1000
 def build_demo(count: int, seed: int = 7) -> tuple[list[Conversation], list[Message]]:
     """`count` conversations (one customer each) with 2 to 8 messages apiece."""
     rng = random.Random(seed)
+    # A second generator for who answers and who is assigned: the rest of the data stays
+    # what it was before the demo had a team.
+    team = random.Random(seed + 1)
     now = now_ms()
     conversations: list[Conversation] = []
     messages: list[Message] = []
@@ -119,7 +139,7 @@ def build_demo(count: int, seed: int = 7) -> tuple[list[Conversation], list[Mess
                 kind = "user"
             else:
                 kind = "ai" if rng.random() < 0.7 else "agent"
-            thread.append(_message(rng, LINES[lang], conversation_id, kind, at, n, i))
+            thread.append(_message(rng, team, LINES[lang], conversation_id, kind, at, n, i))
         last = thread[-1]
         unread = 0
         for m in reversed(thread):
@@ -127,6 +147,11 @@ def build_demo(count: int, seed: int = 7) -> tuple[list[Conversation], list[Mess
                 break
             unread += 1
         status = "resolved" if rng.random() < 0.3 else "open"
+        # Most conversations an agent answered are theirs; some others wait, unassigned.
+        answered = [m.agent_id for m in thread if m.agent_id]
+        assignee = answered[-1] if answered else None
+        if assignee is None and team.random() < 0.35:
+            assignee = team.choice(DEMO_ASSIGNEES)
         last_in = max((m.at for m in thread if m.direction == "in"), default=None)
         conversations.append(
             Conversation(
@@ -138,7 +163,7 @@ def build_demo(count: int, seed: int = 7) -> tuple[list[Conversation], list[Mess
                 status=status,
                 unread_count=0 if status == "resolved" else unread,
                 ai_enabled=not any(m.sender == "agent" for m in thread),
-                assignee=None,
+                assignee=assignee,
                 created_at=start,
                 last_activity=last.at,
                 last_message=LastMessage.of(last),
@@ -152,6 +177,7 @@ def build_demo(count: int, seed: int = 7) -> tuple[list[Conversation], list[Mess
 
 def _message(
     rng: random.Random,
+    team: random.Random,
     lines: dict[str, tuple[str, ...]],
     conversation_id: str,
     kind: str,
@@ -195,7 +221,7 @@ def _message(
         text=rng.choice(lines[kind]),
         at=at,
         status=rng.choice(("delivered", "read", "read")),
-        agent_id="reem" if kind == "agent" else None,
+        agent_id=team.choice(DEMO_ASSIGNEES[:2]) if kind == "agent" else None,
         wa_message_id=f"wamid.demo-out{n:07d}{i:02d}",
     )
 
@@ -212,3 +238,28 @@ async def seed_demo(store: ChatStore, count: int, batch: int = 5000) -> int:
         chunk = conversations[start : start + batch]
         await store.import_conversations(chunk, [m for c in chunk for m in by_conversation[c.id]])
     return len(conversations)
+
+
+async def seed_demo_agents(store: AgentStore, password: str | None) -> int:
+    """The demo team, when the store has no agents yet; returns how many were added.
+
+    Every demo agent has `password` (one hash, computed off the event loop); without one
+    nobody can sign in as them.
+    """
+    if await store.list_agents():
+        return 0
+    password_hash = await asyncio.to_thread(hash_password, password) if password else NO_PASSWORD
+    now = now_ms()
+    for agent_id, email, name, role in DEMO_AGENTS:
+        await store.add_agent(
+            Agent(
+                id=agent_id,
+                email=email,
+                name=name,
+                role=role,
+                password_hash=password_hash,
+                disabled=False,
+                created_at=now,
+            )
+        )
+    return len(DEMO_AGENTS)

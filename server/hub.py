@@ -187,7 +187,11 @@ class Hub:
         conversation_id: str | None = None,
         user_id: str | None = None,
     ) -> Event | None:
-        """Publish one event to every client; None when `dedupe_key` was published before."""
+        """Publish one event to every client; None when `dedupe_key` was published before.
+
+        `user_id` (the customer's WhatsApp id, a phone number) is not logged: the
+        conversation id says which conversation it was without naming the customer.
+        """
         started = time.perf_counter()
         if dedupe_key is not None:
             if dedupe_key in self._published:
@@ -223,7 +227,6 @@ class Hub:
             type=name,
             event_id=event_id,
             conversation_id=conversation_id,
-            user_id=user_id,
             clients=len(self._clients),
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )

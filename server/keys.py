@@ -1,4 +1,4 @@
-"""Every web.AppKey of the application, in one place."""
+"""Every web.AppKey (and request key) of the application, in one place."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import weakref
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
 from aiohttp_sse import EventSourceResponse
 
+from server.access import Policy
+from server.accounts import Accounts, Principal
 from server.chatlist import ChatList
 from server.config import Settings
 from server.cursor import CursorCodec
@@ -28,5 +31,11 @@ WARMER = web.AppKey("warmer", Warmer)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 CHATLIST = web.AppKey("chatlist", ChatList)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
+ACCOUNTS = web.AppKey("accounts", Accounts)
+# Each route's declared Policy (server/routes.py), read by the auth middleware.
+ROUTES: web.AppKey[dict[AbstractRoute, Policy]] = web.AppKey("routes")
 # Open SSE responses, so shutdown can stop each one (aiohttp-sse's graceful-shutdown pattern).
 STREAMS: web.AppKey[weakref.WeakSet[EventSourceResponse]] = web.AppKey("streams")
+
+# Who the request comes from, set by the auth middleware on every route that is not open.
+PRINCIPAL = web.RequestKey("principal", Principal)

@@ -8,6 +8,7 @@ is 1 KiB a conversation, measured in bench/).
 
 from __future__ import annotations
 
+import heapq
 import sys
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Sequence
@@ -15,9 +16,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from server.models import CONVERSATION_STATUSES, Conversation, dumps
-from server.store.base import Change
+from server.store.base import UNSET, Change, Unset
 
 ALL: Final = "all"
+# An assignee filter: an agent's id, None for unassigned, UNSET for no filter.
+Assignee = str | None | Unset
 
 
 def sort_key(last_activity: int, conversation_id: str) -> tuple[int, str]:
@@ -28,12 +31,14 @@ def sort_key(last_activity: int, conversation_id: str) -> tuple[int, str]:
 class Row:
     """One conversation in the snapshot."""
 
-    __slots__ = ("body", "id", "key", "search", "status", "updated_at")
+    __slots__ = ("assignee", "body", "id", "key", "search", "status", "updated_at")
 
     def __init__(self, conversation: Conversation) -> None:
         self.id = conversation.id
         self.key = sort_key(conversation.last_activity, conversation.id)
         self.status = sys.intern(conversation.status)
+        assignee = conversation.assignee
+        self.assignee = sys.intern(assignee) if assignee is not None else None
         self.updated_at = conversation.updated_at
         # Agents search by customer name or phone number; casefold once, here.
         self.search = f"{conversation.user_name}\n{conversation.phone}".casefold()
@@ -90,6 +95,9 @@ class _Index:
         return bisect_right(self.rows, key, key=lambda r: r.key)
 
 
+Group = tuple[str, str | None]
+
+
 class Snapshot:
     """The in-memory read model of the unified chat list.
 
@@ -103,6 +111,9 @@ class Snapshot:
         self._by_id: dict[str, Row] = {}
         self._all = _Index()
         self._by_status = {status: _Index() for status in CONVERSATION_STATUSES}
+        # Rows by (status, assignee): the Mine and Unassigned tabs are a bisect and a slice
+        # like the status tabs. An agent with no conversations has no index.
+        self._by_group: dict[Group, _Index] = {}
         self.ready = False
         # False while the store is unreachable: pages are served, marked stale.
         self.fresh = True
@@ -138,6 +149,9 @@ class Snapshot:
         self._all.rows = rows
         for status, index in self._by_status.items():
             index.rows = [r for r in rows if r.status == status]
+        self._by_group = {}
+        for r in rows:
+            self._by_group.setdefault((r.status, r.assignee), _Index()).rows.append(r)
         self.complete = complete
         self.ready = True
         self.fresh = True
@@ -163,6 +177,12 @@ class Snapshot:
         index = self._index(row.status)
         if index is not None:
             index.remove(row)
+        group = (row.status, row.assignee)
+        grouped = self._by_group.get(group)
+        if grouped is not None:
+            grouped.remove(row)
+            if not grouped.rows:
+                del self._by_group[group]
         return 1
 
     def _upsert(self, conversation: Conversation) -> int:
@@ -181,6 +201,7 @@ class Snapshot:
         index = self._index(row.status)
         if index is not None:
             index.add(row)
+        self._by_group.setdefault((row.status, row.assignee), _Index()).add(row)
         if self.window is not None and len(self._by_id) > self.window:
             self._remove(rows[-1].id)  # pushed out of the window by a newer one
             self.complete = False
@@ -193,23 +214,57 @@ class Snapshot:
         after: tuple[int, str] | None = None,
         status: str | None = None,
         q: str | None = None,
+        assignee: Assignee = UNSET,
     ) -> Page:
-        """Up to `limit` rows after the cursor key `(last_activity, id)`, in list order."""
-        index = self._all if status is None or status == ALL else self._by_status[status]
-        rows = index.rows
+        """Up to `limit` rows after the cursor key `(last_activity, id)`, in list order.
+
+        `assignee` filters by agent id (None: unassigned), with or without a status.
+        """
+        if status == ALL:
+            status = None
         key = sort_key(after[0], after[1]) if after is not None else None
+        if isinstance(assignee, Unset):
+            index = self._all if status is None else self._by_status[status]
+            return self._page(index.rows, key, limit, q)
+        statuses = CONVERSATION_STATUSES if status is None else (status,)
+        groups = [self._by_group.get((s, assignee)) for s in statuses]
+        lists = [g.rows for g in groups if g is not None]
+        if len(lists) <= 1:
+            return self._page(lists[0] if lists else [], key, limit, q)
+        return self._merged_page(lists, key, limit, q)
+
+    def _page(
+        self, rows: list[Row], key: tuple[int, str] | None, limit: int, q: str | None
+    ) -> Page:
         if q:
             needle = q.casefold()
             rows = [r for r in rows if needle in r.search]
-            start = 0 if key is None else bisect_right(rows, key, key=lambda r: r.key)
-        else:
-            start = index.start_after(key)
+        start = 0 if key is None else bisect_right(rows, key, key=lambda r: r.key)
         chosen = rows[start : start + limit]
         has_more = start + limit < len(rows)
         # The page reached the end of the rows held in memory: when they are only the newest
         # window, the rest (or whether there is any) is in the store.
         past_window = not self.complete and not has_more
         return Page(rows=chosen, has_more=has_more, total=len(rows), past_window=past_window)
+
+    def _merged_page(
+        self, lists: list[list[Row]], key: tuple[int, str] | None, limit: int, q: str | None
+    ) -> Page:
+        """A page over several sorted lists (an assignee across statuses): bisect each, then
+        merge only the `limit` rows the page needs."""
+        if q:
+            needle = q.casefold()
+            lists = [[r for r in rows if needle in r.search] for rows in lists]
+        starts = [
+            0 if key is None else bisect_right(rows, key, key=lambda r: r.key) for rows in lists
+        ]
+        heads = [rows[start : start + limit] for rows, start in zip(lists, starts, strict=True)]
+        chosen = list(heapq.merge(*heads))[:limit]
+        remaining = sum(len(rows) - start for rows, start in zip(lists, starts, strict=True))
+        has_more = remaining > limit
+        past_window = not self.complete and not has_more
+        total = sum(len(rows) for rows in lists)
+        return Page(rows=chosen, has_more=has_more, total=total, past_window=past_window)
 
 
 def render_page(

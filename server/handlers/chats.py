@@ -11,6 +11,7 @@ from server import keys
 from server.chatlist import NotReady
 from server.handlers.errors import BadRequest, json_error, read_json
 from server.models import CONVERSATION_STATUSES, dumps
+from server.snapshot import Assignee
 from server.store.base import UNSET, Unset
 
 LIST_LIMIT: Final = (1, 100, 30)
@@ -18,6 +19,26 @@ MESSAGES_LIMIT: Final = (1, 200, 50)
 MAX_QUERY: Final = 100
 # WhatsApp refuses a text body longer than this.
 MAX_TEXT: Final = 4096
+# Our ids are about 22 characters (server/store/base.py new_id); anything far longer is
+# not one of ours.
+MAX_ID: Final = 64
+
+
+def parse_assignee(request: web.Request) -> Assignee:
+    """The `assignee` filter: `me`, `none`, an agent's id, or absent (no filter)."""
+    raw = request.query.get("assignee")
+    if raw is None or raw == "":
+        return UNSET
+    if raw == "none":
+        return None
+    if raw == "me":
+        agent_id = request[keys.PRINCIPAL].agent_id
+        if agent_id is None:
+            raise BadRequest("assignee=me needs an agent's sign-in or token", "invalid_assignee")
+        return agent_id
+    if len(raw) > MAX_ID:
+        raise BadRequest(f"assignee must be at most {MAX_ID} characters", "invalid_assignee")
+    return raw
 
 
 def parse_limit(request: web.Request, bounds: tuple[int, int, int]) -> int:
@@ -46,12 +67,14 @@ async def unified_chats(request: web.Request) -> web.Response:
     q = request.query.get("q", "").strip()
     if len(q) > MAX_QUERY:
         raise BadRequest(f"q must be at most {MAX_QUERY} characters", "invalid_query")
+    assignee = parse_assignee(request)
     try:
         page = await request.app[keys.CHATLIST].page(
             limit=limit,
             cursor=request.query.get("cursor") or None,
             status=None if status == "all" else status,
             q=q or None,
+            assignee=assignee,
         )
     except NotReady:
         return json_error(
@@ -100,16 +123,17 @@ async def post_message(request: web.Request) -> web.Response:
     """POST an agent's reply: saved, broadcast, sent to WhatsApp; turns the AI off."""
     conversation_id = request.match_info["id"]
     body = await read_json(request)
+    unknown = set(body) - {"text"}
+    if unknown:
+        # agent_id among them: a reply is the signed-in agent's, never whom the client names.
+        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}", "invalid_field")
     text = body.get("text")
     if not isinstance(text, str) or not text.strip():
         raise BadRequest("text must be a non-empty string", "invalid_text")
     if len(text) > MAX_TEXT:
         raise BadRequest(f"text must be at most {MAX_TEXT} characters", "invalid_text")
-    agent_id = body.get("agent_id")
-    if agent_id is not None and not isinstance(agent_id, str):
-        raise BadRequest("agent_id must be a string", "invalid_agent")
     saved = await request.app[keys.INBOX].reply(
-        conversation_id, text, sender="agent", agent_id=agent_id
+        conversation_id, text, sender="agent", agent_id=request[keys.PRINCIPAL].agent_id
     )
     return json_bytes(dumps(saved.message.to_json()), status=HTTPStatus.CREATED)
 
@@ -139,10 +163,22 @@ async def patch_conversation(request: web.Request) -> web.Response:
         changes["ai_enabled"] = body["ai_enabled"]
     assignee: str | Unset | None = UNSET
     if "assignee" in body:
-        if body["assignee"] is not None and not isinstance(body["assignee"], str):
-            raise BadRequest("assignee must be a string or null", "invalid_assignee")
-        assignee = body["assignee"]
+        assignee = await _assignee(request, body["assignee"])
     conversation = await request.app[keys.INBOX].update(
         request.match_info["id"], assignee=assignee, **changes
     )
     return json_bytes(dumps(conversation.to_json()))
+
+
+async def _assignee(request: web.Request, value: object) -> str | None:
+    """An assignee from a PATCH: null, or the id of an existing, enabled agent."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_ID:
+        raise BadRequest("assignee must be an agent's id or null", "invalid_assignee")
+    agent = await request.app[keys.ACCOUNTS].find_agent(value)
+    if agent is None:
+        raise BadRequest(f"no agent has the id {value!r}", "unknown_assignee")
+    if agent.disabled:
+        raise BadRequest("that agent is disabled", "unknown_assignee")
+    return agent.id

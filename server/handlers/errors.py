@@ -66,6 +66,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if e.status >= 400 and e.content_type != "application/json":
             return json_error(HTTPStatus(e.status), _code(e.status), e.reason)
         raise
+    except Exception:
+        # A bug: logged with its traceback, and answered in JSON like every other error.
+        log.exception("request.failed", path=request.path, method=request.method)
+        return json_error(
+            HTTPStatus.INTERNAL_SERVER_ERROR, "internal_error", "the server failed; it is logged"
+        )
     finally:
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         if duration_ms > 1000 and request.path != "/api/live-chat/events":
@@ -80,13 +86,12 @@ def _code(status: int) -> str:
         return "error"
 
 
-async def read_json(request: web.Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
-    """The body as a JSON object, or BadRequest saying what is wrong with it."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise BadRequest(f"body is larger than {max_bytes} bytes", "body_too_large")
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or BadRequest saying what is wrong with it.
+
+    The body middleware has read it already, within the route's size and time limits.
+    """
     raw = await request.read()
-    if len(raw) > max_bytes:
-        raise BadRequest(f"body is larger than {max_bytes} bytes", "body_too_large")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:

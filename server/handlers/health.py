@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+import structlog
 from aiohttp import web
 
 from server import keys
 from server.store.base import StoreError
+
+log = structlog.get_logger(__name__)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -37,8 +40,10 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await store.ping()
     except StoreError as e:
+        # The store's own words stay in the log: this answer is public.
+        log.warning("readyz.store_unreachable", error=str(e))
         body["status"] = "degraded"
-        body["error"] = str(e)
+        body["error"] = "the store cannot be reached"
         return web.json_response(body, status=HTTPStatus.SERVICE_UNAVAILABLE)
     if not snapshot.fresh:
         body["status"] = "degraded"

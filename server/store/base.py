@@ -160,12 +160,18 @@ class ChatStore(Protocol):
         """The newest `limit` conversations (all when None), newest activity first."""
 
     async def page_after(
-        self, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[Conversation]:
-        """Conversations after the keyset `(last_activity, id)`, in list order."""
+        """Conversations after the keyset `(last_activity, id)`, in list order (assigned to
+        `assignee`, None: unassigned, when given)."""
 
-    async def count(self, status: str | None) -> int:
-        """How many conversations there are (with that status)."""
+    async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
+        """How many conversations there are (with that status and assignee)."""
 
     async def get_conversation(self, conversation_id: str) -> Conversation:
         """One conversation summary; NotFound when there is none."""

@@ -591,10 +591,18 @@ class FirestoreStore:
 
     # -- reads ------------------------------------------------------------------------
 
-    def _by_activity(self, status: str | None) -> Any:
+    def _filtered(self, status: str | None, assignee: str | Unset | None) -> Any:
         query = self._client.collection_group(CONVERSATIONS)
         if status is not None:
             query = query.where(filter=FieldFilter("status", "==", status))
+        if not isinstance(assignee, Unset):
+            # `== None` matches a null field (Firestore's IS NULL filter); unassigned
+            # conversations store `"assignee": null`.
+            query = query.where(filter=FieldFilter("assignee", "==", assignee))
+        return query
+
+    def _by_activity(self, status: str | None, assignee: str | Unset | None = UNSET) -> Any:
+        query = self._filtered(status, assignee)
         return query.order_by("last_activity", direction=firestore.Query.DESCENDING).order_by("id")
 
     async def load_window(self, limit: int | None) -> list[Conversation]:
@@ -618,19 +626,28 @@ class FirestoreStore:
         return out
 
     async def page_after(
-        self, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[Conversation]:
         """Conversations after a keyset, newest activity first (limit -1: no limit)."""
         if limit == 0:
             return []
-        snaps = await self._query_after(after, limit, status)
+        snaps = await self._query_after(after, limit, status, assignee)
         return _conversations(s.to_dict() for s in snaps)
 
     async def _query_after(
-        self, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        assignee: str | Unset | None = UNSET,
     ) -> list[Any]:
         """The documents of a keyset page (limit -1: no limit)."""
-        query = self._by_activity(status)
+        query = self._by_activity(status, assignee)
         if after is not None:
             query = query.start_after({"last_activity": after[0], "id": after[1]})
         if limit > 0:
@@ -640,11 +657,9 @@ class FirestoreStore:
         self.reads.direct += max(1, len(snaps))
         return snaps
 
-    async def count(self, status: str | None) -> int:
-        """How many conversations (with that status) there are: one aggregation query."""
-        query = self._client.collection_group(CONVERSATIONS)
-        if status is not None:
-            query = query.where(filter=FieldFilter("status", "==", status))
+    async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
+        """How many conversations (with that status and assignee): one aggregation query."""
+        query = self._filtered(status, assignee)
         async with self._guard("count"):
             result = await query.count(alias="n").get()
         n = int(result[0][0].value)

@@ -73,6 +73,18 @@ def _dump(doc: dict[str, Any]) -> str:
     return orjson.dumps(doc).decode()
 
 
+def _where_assignee(where: list[str], args: list[Any], assignee: str | Unset | None) -> None:
+    """Filter by assignee. The snapshot holds every conversation of this store, so this is
+    read only by the store's own callers, never for the list: no index is needed."""
+    if isinstance(assignee, Unset):
+        return
+    if assignee is None:
+        where.append("json_extract(doc, '$.assignee') IS NULL")
+    else:
+        where.append("json_extract(doc, '$.assignee') = ?")
+        args.append(assignee)
+
+
 class SqliteStore:
     """ChatStore on an embedded SQLite file (or ':memory:')."""
 
@@ -147,7 +159,12 @@ class SqliteStore:
         return await self.page_after(None, limit if limit is not None else -1, None)
 
     async def page_after(
-        self, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[Conversation]:
         """Conversations after a keyset, newest activity first (limit -1: no limit)."""
 
@@ -159,6 +176,7 @@ class SqliteStore:
             if status is not None:
                 where.append("status = ?")
                 args.append(status)
+            _where_assignee(where, args, assignee)
             sql = "SELECT doc FROM conversations"
             if where:
                 sql += " WHERE " + " AND ".join(where)
@@ -168,16 +186,20 @@ class SqliteStore:
 
         return await self._run(read)
 
-    async def count(self, status: str | None) -> int:
-        """How many conversations (with that status) there are."""
+    async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
+        """How many conversations (with that status and assignee) there are."""
 
         def read() -> int:
-            if status is None:
-                row = self._db.execute("SELECT count(*) FROM conversations").fetchone()
-            else:
-                row = self._db.execute(
-                    "SELECT count(*) FROM conversations WHERE status = ?", (status,)
-                ).fetchone()
+            where: list[str] = []
+            args: list[Any] = []
+            if status is not None:
+                where.append("status = ?")
+                args.append(status)
+            _where_assignee(where, args, assignee)
+            sql = "SELECT count(*) FROM conversations"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            row = self._db.execute(sql, args).fetchone()
             return int(row[0])
 
         return await self._run(read)
