@@ -34,8 +34,9 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Read a request's body before its handler, within the route's size and a time limit.
 
     Too large: 413 before anything is read when Content-Length says so, else as soon as the
-    limit is passed. Not all there within LIVECHAT_BODY_TIMEOUT: 408, and the connection is
-    closed (what is still on its way is never read).
+    limit is passed. Not all there within LIVECHAT_BODY_TIMEOUT: 408. Either way the answer
+    is the last thing on the connection: it is closed, so the rest of the body is never
+    read (aiohttp would otherwise keep reading and discarding it for a while).
     """
     if request.method not in BODY_METHODS and not request.body_exists:
         return await handler(request)
@@ -43,36 +44,41 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     limit = policy.max_body if policy is not None else API_BODY
     length = request.content_length
     if length is not None and length > limit:
-        response = json_error(
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            "body_too_large",
-            f"the body is larger than {limit} bytes",
-        )
-        response.force_close()  # the body is not read: the connection cannot be reused
-        return response
+        return await _last_answer(request, _too_large(limit))
     limited = request.clone(client_max_size=limit)
     timeout = request.app[keys.SETTINGS].body_timeout_s
     try:
         async with asyncio.timeout(timeout):
             await limited.read()
     except web.HTTPRequestEntityTooLarge:
-        response = json_error(
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            "body_too_large",
-            f"the body is larger than {limit} bytes",
-        )
-        response.force_close()
-        return response
+        return await _last_answer(request, _too_large(limit))
     except TimeoutError:
         log.warning("request.body_timeout", path=request.path, timeout_s=timeout)
-        response = json_error(
+        answer = json_error(
             HTTPStatus.REQUEST_TIMEOUT,
             "body_timeout",
             f"the request body did not arrive within {timeout:g} s",
         )
-        response.force_close()
-        return response
+        return await _last_answer(request, answer)
     return await handler(limited)
+
+
+def _too_large(limit: int) -> web.Response:
+    return json_error(
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        "body_too_large",
+        f"the body is larger than {limit} bytes",
+    )
+
+
+async def _last_answer(request: web.Request, response: web.Response) -> web.Response:
+    """Send `response`, then close the connection (its request's body is left unread)."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()  # sends what is buffered (the answer), then closes
+    return response
 
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
