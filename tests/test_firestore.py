@@ -207,6 +207,18 @@ async def test_pages_past_the_listener_window_are_read_from_the_store_seamlessly
         got = await all_pages(client, limit=4, status=wanted)
         assert [c["id"] for c in got] == want
         assert all(c["status"] == wanted for c in got)
+    # So do the Mine and Unassigned filters (an agent's id, or none), with a status or not.
+    ordered = sorted(conversations, key=lambda c: (-c.last_activity, c.id))
+    assignees = {c.assignee for c in conversations}
+    assert None in assignees and len(assignees) > 1
+    for assignee in assignees:
+        for status in (None, "open"):
+            want = [
+                c.id for c in ordered if c.assignee == assignee and status in (None, c.status)
+            ]
+            params = {"assignee": assignee or "none"} | ({"status": status} if status else {})
+            got = await all_pages(client, limit=3, **params)
+            assert [c["id"] for c in got] == want, params
     # An old conversation that gets a message moves into the window, another one leaves it.
     oldest = next(c for c in conversations if c.id == expected[-1])
     await client.app[keys.STORE].update_conversation(oldest.id, status="open")
