@@ -37,7 +37,7 @@ function placeholder(message) {
   ];
 }
 
-function bubble(message, { showAuthor, customerName }) {
+function bubble(message, { showAuthor, customerName, names }) {
   const who = speaker(message.sender);
   const failed = isFailure(message.status);
   const body = [];
@@ -47,7 +47,7 @@ function bubble(message, { showAuthor, customerName }) {
         "div",
         { class: "author", dir: "auto" },
         who === "ai" ? icon("bot", "icon author-icon") : null,
-        authorLabel(message, customerName),
+        authorLabel(message, customerName, names),
       ),
     );
   }
@@ -76,12 +76,13 @@ function bubble(message, { showAuthor, customerName }) {
   );
 }
 
-/** The thread view over an <ol>; render(messages, {customerName}) reconciles the DOM. */
+/** The thread view over an <ol>; render(messages, {customerName, names}) reconciles the DOM.
+ * `names` maps agent ids to names (a new Map redraws the author lines). */
 export function createThread(ol) {
   const bubbles = new Map(); // id -> {el, message, showAuthor}
   const days = new Map(); // dayKey -> {el, label}
 
-  function render(messages, { customerName, now = Date.now() }) {
+  function render(messages, { customerName, names = null, now = Date.now() }) {
     const wanted = [];
     let prevDay = null;
     let prev = null;
@@ -103,10 +104,16 @@ export function createThread(ol) {
       const showAuthor =
         !prev || speaker(prev.sender) !== speaker(m.sender) || prev.agent_id !== m.agent_id;
       let item = bubbles.get(m.id);
-      if (!item || item.message !== m || item.showAuthor !== showAuthor || item.customerName !== customerName) {
-        const el = bubble(m, { showAuthor, customerName });
+      if (
+        !item ||
+        item.message !== m ||
+        item.showAuthor !== showAuthor ||
+        item.customerName !== customerName ||
+        item.names !== names
+      ) {
+        const el = bubble(m, { showAuthor, customerName, names });
         if (item) item.el.replaceWith(el);
-        item = { el, message: m, showAuthor, customerName };
+        item = { el, message: m, showAuthor, customerName, names };
         bubbles.set(m.id, item);
       }
       wanted.push(item.el);
