@@ -130,7 +130,7 @@ async def test_disabling_from_the_command_line_ends_the_open_stream_within_2s(
         cwd=ROOT, env=cli_env(settings),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await process.communicate()
+    _, err = await process.communicate()
     assert process.returncode == 0, err
     disabled_at = time.monotonic()  # the write has committed in the other process
     async with asyncio.timeout(2):

@@ -212,11 +212,9 @@ async def test_pages_past_the_listener_window_are_read_from_the_store_seamlessly
     assignees = {c.assignee for c in conversations}
     assert None in assignees and len(assignees) > 1
     for assignee in assignees:
-        for status in (None, "open"):
-            want = [
-                c.id for c in ordered if c.assignee == assignee and status in (None, c.status)
-            ]
-            params = {"assignee": assignee or "none"} | ({"status": status} if status else {})
+        for wanted in (None, "open"):
+            want = [c.id for c in ordered if c.assignee == assignee and wanted in (None, c.status)]
+            params = {"assignee": assignee or "none"} | ({"status": wanted} if wanted else {})
             got = await all_pages(client, limit=3, **params)
             assert [c["id"] for c in got] == want, params
     # An old conversation that gets a message moves into the window, another one leaves it.
