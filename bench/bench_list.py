@@ -2,17 +2,19 @@
 
 For 10,000 and 100,000 demo conversations in the embedded store this prints:
 
-- p50/p99 of `GET /api/live-chat/unified-chats?limit=30`, the first page and deeper pages
-  (cursors collected by walking the whole list through `next_cursor`), served by the real
-  app from `create_app` (bearer token, SQLite in a temporary directory, JSON logs as in
-  production, written to /dev/null);
+- p50/p99 of `GET /api/live-chat/unified-chats?limit=30` for each tab of the dashboard
+  (All, Open, Mine: `status=open&assignee=me`, Unassigned: `status=open&assignee=none`),
+  the first page and deeper pages (cursors collected by walking each whole list through
+  `next_cursor`), served by the real app from `create_app` (an agent's personal API token,
+  SQLite in a temporary directory, JSON logs as in production, written to /dev/null);
 - the same for the floor: a bare aiohttp app whose handler returns the very same response
   bytes, prepared in advance; both servers run in their own processes, the load generator
   in a third, with one keep-alive session, and their runs interleave;
 - bytes held per conversation by the snapshot: tracemalloc around `Snapshot.load` of the
   conversations as the store returns them, and the RSS growth of the same load.
 
-Run: `python bench/bench_list.py` (about three minutes; `--sizes 1000` for a quick look).
+Run: `python bench/bench_list.py` (about ten minutes; `--sizes 1000` for a quick look,
+`--tabs all mine` for some tabs only).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from typing import Any, Final
 
 import aiohttp
 from common import (
-    AUTH,
     CTX,
     HOST,
     ServerProcess,
@@ -48,12 +49,26 @@ from common import (
     verdict,
 )
 
-from server.demo import seed_demo
+from server.accounts import new_token
+from server.demo import NO_PASSWORD, seed_demo
+from server.models import now_ms
 from server.snapshot import Snapshot
+from server.store.agents import Agent
+from server.store.agents_sqlite import SqliteAgents
 from server.store.sqlite import SqliteStore
 
 LIST_PATH: Final = "/api/live-chat/unified-chats"
 PAGE_LIMIT: Final = 30
+# The dashboard's tabs, as the query each one sends. Mine is the agent's own (the demo data
+# assigns about a fifth of the conversations to each of its agents).
+TABS: Final = {
+    "all": "",
+    "open": "&status=open",
+    "mine": "&status=open&assignee=me",
+    "unassigned": "&status=open&assignee=none",
+}
+# The demo agent the requests come from (`assignee=me`).
+AGENT_ID: Final = "a_demo_reem"
 SIZES: Final = (10_000, 100_000)
 # Deeper pages measured: this many cursors spread evenly over the whole list.
 DEEP_PAGES: Final = 200
@@ -101,14 +116,25 @@ def floor_server_main(bodies: dict[str, bytes], conn: Connection) -> None:
     asyncio.run(main())
 
 
-async def seed(db: str, count: int) -> None:
-    """Fill a fresh store with `count` demo conversations (build_demo + import)."""
+async def seed(db: str, count: int) -> str:
+    """Fill a fresh store with `count` demo conversations (build_demo + import), add the
+    agent the requests come from; returns that agent's personal API token."""
     store = SqliteStore(db)
     await store.start()
     try:
         await seed_demo(store, count)
     finally:
         await store.close()
+    agents = SqliteAgents(db)
+    await agents.start()
+    try:
+        agent = Agent(AGENT_ID, "reem@example.com", "Reem", "agent", NO_PASSWORD, False, now_ms())
+        await agents.add_agent(agent)
+        token, record = new_token(agent, "bench")
+        await agents.add_token(record)
+    finally:
+        await agents.close()
+    return token
 
 
 def memory_main(db: str, trace: bool, conn: Connection) -> None:
@@ -157,9 +183,9 @@ def measure_memory(db: str, trace: bool) -> tuple[int, int]:
     return held, count
 
 
-async def walk(session: aiohttp.ClientSession, server: ServerProcess) -> list[str]:
-    """Every page's query string, by following next_cursor to the end (checked)."""
-    queries = [f"limit={PAGE_LIMIT}"]
+async def walk(session: aiohttp.ClientSession, server: ServerProcess, tab: str) -> list[str]:
+    """Every page's query string of one tab, by following next_cursor to the end (checked)."""
+    queries = [f"limit={PAGE_LIMIT}{TABS[tab]}"]
     seen: set[str] = set()
     total = None
     while True:
@@ -173,7 +199,7 @@ async def walk(session: aiohttp.ClientSession, server: ServerProcess) -> list[st
             seen.add(chat["id"])
         if not page["has_more"]:
             break
-        queries.append(f"limit={PAGE_LIMIT}&cursor={page['next_cursor']}")
+        queries.append(f"limit={PAGE_LIMIT}{TABS[tab]}&cursor={page['next_cursor']}")
     if len(seen) != total:
         raise AssertionError(f"paging returned {len(seen)} of {total} conversations")
     return queries
@@ -216,16 +242,19 @@ async def timed(
             raise AssertionError(f"{url}: the response changed during the run")
 
 
+Pages = dict[tuple[str, str], list[str]]  # (tab, "first" or "deep") -> query strings
+
+
 async def compare(
-    app: ServerProcess, floor: ServerProcess, first: list[str], deep: list[str], bodies: Any
-) -> dict[tuple[str, str], Latencies]:
-    """Interleaved timed runs of both servers for both page kinds."""
-    results = {(who, kind): Latencies([]) for who in ("floor", "app") for kind in ("first", "deep")}
+    app: ServerProcess, floor: ServerProcess, pages: Pages, bodies: Any, auth: dict[str, str]
+) -> dict[tuple[str, str, str], Latencies]:
+    """Interleaved timed runs of both servers for every tab and page kind."""
+    results = {(who, *page): Latencies([]) for who in ("floor", "app") for page in pages}
     connector = aiohttp.TCPConnector(limit=1)
-    async with aiohttp.ClientSession(headers=AUTH, connector=connector) as session:
+    async with aiohttp.ClientSession(headers=auth, connector=connector) as session:
         for server in (app, floor):  # warm up both (and check the bytes are identical)
-            await timed(session, server, first, WARMUP, None, bodies)
-            await timed(session, server, deep, WARMUP, None, bodies)
+            for queries in pages.values():
+                await timed(session, server, queries, WARMUP, None, bodies)
         gc.collect()
         gc.disable()  # the load generator's own collector would add noise to both
         try:
@@ -234,8 +263,8 @@ async def compare(
                 if r % 2:
                     order.reverse()
                 for who, server in order:
-                    for kind, queries in (("first", first), ("deep", deep)):
-                        result = results[(who, kind)]
+                    for page, queries in pages.items():
+                        result = results[(who, *page)]
                         cpu = cpu_seconds(server.pid)
                         await timed(session, server, queries, BATCH, result.values, bodies)
                         result.cpu_s += cpu_seconds(server.pid) - cpu
@@ -244,36 +273,41 @@ async def compare(
     return results
 
 
-async def prepare(app: ServerProcess) -> tuple[list[str], list[str], dict[str, bytes]]:
-    """Walk the list once; choose the deep pages; fetch the bytes the floor will serve."""
-    async with aiohttp.ClientSession(headers=AUTH) as session:
-        queries = await walk(session, app)
-        step = max(1, len(queries) // DEEP_PAGES)
-        deep = queries[1::step][:DEEP_PAGES] or queries[:1]
-        first = queries[:1]
-        bodies = await fetch_bodies(session, app, first + deep)
-    return first, deep, bodies
+async def prepare(
+    app: ServerProcess, tabs: list[str], auth: dict[str, str]
+) -> tuple[Pages, dict[str, bytes]]:
+    """Walk each tab's list once; choose its deep pages; fetch the bytes the floor serves."""
+    pages: Pages = {}
+    bodies: dict[str, bytes] = {}
+    async with aiohttp.ClientSession(headers=auth) as session:
+        for tab in tabs:
+            queries = await walk(session, app, tab)
+            step = max(1, len(queries) // DEEP_PAGES)
+            pages[(tab, "first")] = queries[:1]
+            pages[(tab, "deep")] = queries[1::step][:DEEP_PAGES] or queries[:1]
+            bodies |= await fetch_bodies(session, app, pages[(tab, "first")] + pages[(tab, "deep")])
+    return pages, bodies
 
 
 def ms(value: float) -> str:
     return f"{value:.3f}"
 
 
-def run_size(count: int, workdir: Path) -> tuple[list[list[object]], list[object]]:
+def run_size(count: int, workdir: Path, tabs: list[str]) -> tuple[list[list[object]], list[object]]:
     """Seed, serve, measure one size; rows of the latency and memory tables."""
     db = str(workdir / f"bench-{count}.db")
     started = time.perf_counter()
-    asyncio.run(seed(db, count))
+    token = asyncio.run(seed(db, count))
+    auth = {"Authorization": f"Bearer {token}"}
     print(f"  seeded {count:,} conversations in {time.perf_counter() - started:.1f} s", flush=True)
 
     app = ServerProcess(app_server_main, app_settings(db))
     try:
-        first, deep, bodies = asyncio.run(prepare(app))
-        pages = len(bodies)
-        print(f"  walked the list: {pages} pages prepared for the floor", flush=True)
+        pages, bodies = asyncio.run(prepare(app, tabs, auth))
+        print(f"  walked the lists: {len(bodies)} pages prepared for the floor", flush=True)
         floor = ServerProcess(floor_server_main, bodies)
         try:
-            results = asyncio.run(compare(app, floor, first, deep, bodies))
+            results = asyncio.run(compare(app, floor, pages, bodies, auth))
             app_rss = rss_bytes(app.pid)
             floor_rss = rss_bytes(floor.pid)
         finally:
@@ -282,12 +316,14 @@ def run_size(count: int, workdir: Path) -> tuple[list[list[object]], list[object
         app.stop()
 
     latency_rows: list[list[object]] = []
-    for kind, label in (("first", "first page"), ("deep", f"{len(deep)} deeper pages")):
-        f, a = results[("floor", kind)], results[("app", kind)]
+    for tab, kind in pages:
+        label = "first page" if kind == "first" else f"{len(pages[(tab, kind)])} deeper pages"
+        f, a = results[("floor", tab, kind)], results[("app", tab, kind)]
         f50, f99, a50, a99 = f.p(50), f.p(99), a.p(50), a.p(99)
         latency_rows.append(
             [
                 f"{count:,}",
+                tab,
                 label,
                 len(a.values),
                 ms(f50),
@@ -303,7 +339,7 @@ def run_size(count: int, workdir: Path) -> tuple[list[list[object]], list[object
         )
         for who, lat in (("floor", f), ("app", a)):
             print(
-                f"  {label}, {who}: mean {statistics.fmean(lat.values):.3f}"
+                f"  {tab}, {label}, {who}: mean {statistics.fmean(lat.values):.3f}"
                 f" p90 {lat.p(90):.3f} p99 {lat.p(99):.3f} p99.9 {lat.p(99.9):.3f}"
                 f" max {max(lat.values):.3f} ms",
                 flush=True,
@@ -326,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run every size and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--tabs", nargs="+", choices=list(TABS), default=list(TABS))
     args = parser.parse_args(argv)
     print(
         f"python {platform.python_version()}, aiohttp {aiohttp.__version__},"
@@ -337,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-list-") as tmp:
         for count in args.sizes:
             print(f"{count:,} conversations (load average {load_average()})", flush=True)
-            rows, memory = run_size(count, Path(tmp))
+            rows, memory = run_size(count, Path(tmp), args.tabs)
             latency_rows += rows
             memory_rows.append(memory)
     print(f"load average at the end: {load_average()}")
@@ -348,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(
             [
                 "conversations",
+                "tab",
                 "page",
                 "requests",
                 "floor p50",
