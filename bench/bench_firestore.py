@@ -838,12 +838,202 @@ def report(
     return "\n".join(lines)
 
 
+# -- document writes per AI-answered customer message --------------------------------------
+
+WRITE_SAMPLES: Final = 20
+
+
+async def _fake_graph(request: web.Request) -> web.Response:
+    """WhatsApp's send answer (Graph API shape): a new message id."""
+    body = await request.json()
+    _fake_graph.count += 1  # type: ignore[attr-defined]
+    to = body.get("to") or body.get("recipient")
+    return web.json_response(
+        {
+            "messaging_product": "whatsapp",
+            "contacts": [{"input": to, "wa_id": to}],
+            "messages": [{"id": f"wamid.BENCH-OUT-{_fake_graph.count}"}],  # type: ignore[attr-defined]
+        }
+    )
+
+
+_fake_graph.count = 0  # type: ignore[attr-defined]
+
+
+async def _fake_llm(request: web.Request) -> web.Response:
+    """An OpenAI-compatible chat completion."""
+    await request.read()
+    return web.json_response(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": "bench",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Happy to help."},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+    )
+
+
+async def writes_per_message(emulator_host: str) -> dict[str, float]:
+    """Document writes (by kind, from FirestoreStore.writes) for one customer message the
+    AI answers, as its life goes: the webhook, the AI's reply, its send, then WhatsApp's
+    `delivered` and `read`. Averaged over WRITE_SAMPLES messages of returning customers
+    (their user document is already known)."""
+    from server import keys
+    from server.app import create_app
+    from server.config import Settings
+
+    fakes = web.Application()
+    fakes.router.add_post("/v21.0/{number}/messages", _fake_graph)
+    fakes.router.add_post("/v1/chat/completions", _fake_llm)
+    runner = web.AppRunner(fakes)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    base = f"http://{HOST}:{port}"
+    settings = Settings(
+        **app_settings(
+            "unused.db",
+            store="firestore",
+            google_cloud_project="bench-writes",
+            firestore_emulator_host=emulator_host,
+            ai_provider="openai",
+            ai_base_url=f"{base}/v1",
+            ai_api_key="k",
+            whatsapp_token="t",
+            whatsapp_phone_number_id="123",
+            whatsapp_api_base=f"{base}/v21.0",
+            instance_id="writes",
+        )
+    ).validated()
+    app = create_app(settings)
+    app_runner = web.AppRunner(app)
+    await app_runner.setup()
+    app_site = web.TCPSite(app_runner, HOST, 0)
+    await app_site.start()
+    app_port = app_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://{HOST}:{app_port}"
+    store = app[keys.STORE]
+    totals: dict[str, float] = {}
+    try:
+        await asyncio.wait_for(app[keys.WARMER].loaded.wait(), 30)
+        async with aiohttp.ClientSession(headers=AUTH) as http:
+            for n in range(WRITE_SAMPLES + 1):
+                before = dict(store.writes)
+                reads_before = (store.reads.direct, store.reads.listener)
+                seq = 900_000 + n
+                raw, headers = webhook_body(seq, user=n % 5)
+                async with http.post(f"{url}/webhooks/whatsapp", data=raw, headers=headers) as r:
+                    assert r.status == 200, await r.text()
+                reply = await _until_sent(http, url, user=n % 5, after=seq)
+                for status in ("delivered", "read"):
+                    body = _status_body(reply["wa_message_id"], status)
+                    async with http.post(
+                        f"{url}/webhooks/whatsapp", data=body[0], headers=body[1]
+                    ) as r:
+                        assert r.status == 200
+                await asyncio.sleep(0.3)
+                if n < 5:
+                    continue  # the first message of each customer also creates them
+                for kind, count in store.writes.items():
+                    totals[kind] = totals.get(kind, 0) + count - before.get(kind, 0)
+                totals["reads: direct"] = (
+                    totals.get("reads: direct", 0) + store.reads.direct - reads_before[0]
+                )
+                totals["reads: listener"] = (
+                    totals.get("reads: listener", 0) + store.reads.listener - reads_before[1]
+                )
+    finally:
+        await app_runner.cleanup()
+        await runner.cleanup()
+    samples = WRITE_SAMPLES + 1 - 5
+    return {kind: count / samples for kind, count in sorted(totals.items())}
+
+
+async def _until_sent(http: aiohttp.ClientSession, url: str, user: int, after: int) -> Any:
+    """The AI's reply to the customer's newest message, once WhatsApp took it."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        async with http.get(f"{url}/api/live-chat/unified-chats?status=all&limit=100") as r:
+            chats = (await r.json())["chats"]
+        mine = [c for c in chats if c["user_id"] == f"9665{user:08d}"]
+        if mine:
+            page = f"{url}/api/live-chat/conversations/{mine[0]['id']}/messages?limit=5"
+            async with http.get(page) as r:
+                messages = (await r.json())["messages"]
+            last = messages[-1] if messages else None
+            if last and last["sender"] == "ai" and last["status"] == "sent":
+                newest_in = max(m["at"] for m in messages if m["direction"] == "in")
+                if last["at"] > newest_in:
+                    return last
+        await asyncio.sleep(0.05)
+    raise AssertionError("the AI's reply was not sent within 30 s")
+
+
+def _status_body(wamid: str, status: str) -> tuple[bytes, dict[str, str]]:
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "1",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {"display_phone_number": "1", "phone_number_id": "123"},
+                            "statuses": [
+                                {"id": wamid, "status": status, "timestamp": str(int(time.time()))}
+                            ],
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+    raw = json.dumps(body).encode()
+    signature = "sha256=" + hmac.new(APP_SECRET.encode(), raw, hashlib.sha256).hexdigest()
+    return raw, {"X-Hub-Signature-256": signature, "Content-Type": "application/json"}
+
+
+def writes_report(writes: dict[str, float]) -> str:
+    """The write table."""
+    written = {k: v for k, v in writes.items() if v and not k.startswith("reads")}
+    rows = [[kind, f"{count:.2f}"] for kind, count in written.items()]
+    rows.append(["writes and deletes in all", f"{sum(written.values()):.2f}"])
+    rows += [[k, f"{v:.2f}"] for k, v in writes.items() if k.startswith("reads")]
+    return (
+        "Documents written and read per AI-answered customer message (webhook, AI reply,"
+        f" send, delivered, read; mean of {WRITE_SAMPLES - 4} returning customers; the"
+        " listener's reads are this one instance's)\n\n"
+        + markdown_table(["documents", "per message"], rows)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=5_000)
     parser.add_argument("--per-user", type=int, default=4)
     parser.add_argument("--window", type=int, default=OURS_WINDOW)
+    parser.add_argument(
+        "--writes-only", action="store_true", help="only the writes per AI-answered message"
+    )
     args = parser.parse_args(argv)
+    if args.writes_only:
+        emulator = Emulator()
+        emulator.start()
+        try:
+            print(writes_report(asyncio.run(writes_per_message(emulator.host))))
+        finally:
+            emulator.stop()
+        return 0
     total = args.users * args.per_user
     print(
         f"python {platform.python_version()}, aiohttp {aiohttp.__version__},"
@@ -872,6 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
             baseline = ServerProcess(baseline_main, emulator.host)
             result = asyncio.run(measure(emulator.host, ours, baseline, args.users, total))
         print(report(result, floor, seeded_s, args.users, total, warm_s, args.window))
+        print()
+        print(writes_report(asyncio.run(writes_per_message(emulator.host))))
     finally:
         for server in (ours, baseline):
             if server is not None:

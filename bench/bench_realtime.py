@@ -25,6 +25,7 @@ import hmac
 import json
 import platform
 import re
+import sqlite3
 import sys
 import tempfile
 import time
@@ -471,6 +472,36 @@ def ingest_run(server: ServerProcess, senders: int) -> IngestResult:
     )
 
 
+# -- the disk's floor ---------------------------------------------------------------------
+
+FLOOR_COMMITS = 2_000
+
+
+def fsync_floor(directory: str) -> tuple[float, float, float]:
+    """Bare SQLite on the same disk: one row per transaction in WAL mode with
+    synchronous=FULL, i.e. one fsync per commit, as fast as it goes. What the store could
+    do if every webhook committed alone; group commit shares one fsync among a batch.
+    (commits/s, p50 ms, p99 ms)."""
+    path = str(Path(directory) / "floor.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, doc TEXT NOT NULL)")
+    doc = "x" * 600  # about a stored message and its summary
+    samples = []
+    started = time.perf_counter()
+    for _ in range(FLOOR_COMMITS):
+        t0 = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t (doc) VALUES (?)", (doc,))
+        conn.execute("COMMIT")
+        samples.append((time.perf_counter() - t0) * 1000)
+    elapsed = time.perf_counter() - started
+    conn.close()
+    samples.sort()
+    return FLOOR_COMMITS / elapsed, percentile(samples, 50), percentile(samples, 99)
+
+
 # -- the report -------------------------------------------------------------------------
 
 
@@ -488,8 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     latency: list[LatencyResult] = []
     ingest: list[IngestResult] = []
+    floor: tuple[float, float, float] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-realtime-") as tmp:
         db = str(Path(tmp) / "bench.db")
+        if not args.no_ingest:
+            floor = fsync_floor(tmp)
         server = ServerProcess(app_server_main, app_settings(db))
         try:
             for clients in args.clients:
@@ -550,9 +584,19 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         )
     )
+    if floor is not None:
+        print()
+        print("The disk's floor: bare SQLite, one fsync per commit (WAL, synchronous=FULL)")
+        print()
+        print(
+            markdown_table(
+                ["commits", "commits/s", "p50 ms", "p99 ms"],
+                [[f"{FLOOR_COMMITS:,}", f"{floor[0]:,.0f}", f"{floor[1]:.2f}", f"{floor[2]:.2f}"]],
+            )
+        )
     if ingest:
         print()
-        print("Sustained ingest (one message per webhook)")
+        print("Sustained ingest (one message per webhook; the store commits with synchronous=FULL)")
         print()
         print(
             markdown_table(
@@ -566,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
                     "stored exactly once",
                     "seen once by every client",
                     f">= {TARGET_RATE:,.0f}/s",
+                    "vs the floor",
                 ],
                 [
                     [
@@ -580,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
                         if r.seen_by_all
                         else f"NO ({r.lost_deliveries} lost, {r.duplicate_deliveries} duplicates)",
                         verdict(r.accepted_s >= TARGET_RATE and r.stored_once),
+                        f"{r.accepted_s / floor[0]:.2f}x" if floor else "-",
                     ]
                     for r in ingest
                 ],

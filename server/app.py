@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import aiohttp
 import aiojobs
 import structlog
 from aiohttp import web
-from aiojobs.aiohttp import get_scheduler_from_app
-from aiojobs.aiohttp import setup as setup_jobs
 
 from server import keys
 from server.accounts import Accounts
+from server.broadcaster import Broadcaster
 from server.chatlist import ChatList
 from server.config import Settings
 from server.cursor import CursorCodec
@@ -34,15 +33,19 @@ from server.snapshot import Snapshot
 from server.store import make_agent_store, make_store
 from server.store.base import StoreError
 from server.workers.ai import AiReplies
+from server.workers.outbox import Lanes, Outbox
 from server.workers.warmer import Warmer
 
 log = structlog.get_logger(__name__)
 
-# Background jobs (AI replies, WhatsApp sends) get this long to finish on shutdown; an LLM
-# call can take seconds, and a reply cut off half-way would be lost, not retried.
+# Background jobs (AI replies, WhatsApp sends) get this long to finish on shutdown. What
+# is cut off is not lost: its task stays in the store and is resumed (a send cut off
+# mid-POST is marked interrupted for an agent to retry).
 JOBS_DRAIN_S: Final = 10.0
-# At most this many AI replies and sends run at once; the rest wait their turn.
-JOBS_LIMIT: Final = 200
+# Outbound connections per pool. WhatsApp sends and AI calls each have their own pool, so
+# AI calls stuck on a slow provider never hold the connections an agent's reply needs.
+WHATSAPP_CONNECTIONS: Final = 64
+AI_CONNECTIONS: Final = 200
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -60,16 +63,12 @@ def create_app(settings: Settings) -> web.Application:
     window = settings.firestore_window if settings.store == "firestore" else None
     app[keys.SNAPSHOT] = Snapshot(complete=window is None, window=window)
 
-    app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_http_sessions)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_accounts)
-    setup_jobs(
-        app,
-        limit=JOBS_LIMIT,
-        wait_timeout=JOBS_DRAIN_S,
-        exception_handler=_job_failed,
-    )
+    app.cleanup_ctx.append(_outbox)
     app.cleanup_ctx.append(_inbox)
+    app.cleanup_ctx.append(_sweeper)
     app.cleanup_ctx.append(_warmer)
     app.on_shutdown.append(_close_streams)
     app.on_response_prepare.append(security_headers)
@@ -78,10 +77,17 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-async def _http_session(app: web.Application) -> AsyncIterator[None]:
-    """One client session for every outbound call (WhatsApp, the AI), reused."""
-    async with aiohttp.ClientSession(raise_for_status=False) as session:
-        app[keys.HTTP] = session
+async def _http_sessions(app: web.Application) -> AsyncIterator[None]:
+    """One client session per outbound service (WhatsApp, the AI), each with its own pool."""
+    whatsapp = aiohttp.ClientSession(
+        raise_for_status=False, connector=aiohttp.TCPConnector(limit=WHATSAPP_CONNECTIONS)
+    )
+    ai = aiohttp.ClientSession(
+        raise_for_status=False, connector=aiohttp.TCPConnector(limit=AI_CONNECTIONS)
+    )
+    async with whatsapp, ai:
+        app[keys.HTTP] = whatsapp
+        app[keys.AI_HTTP] = ai
         yield
 
 
@@ -90,6 +96,11 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     store = make_store(app[keys.SETTINGS])
     await store.start()
     app[keys.STORE] = store
+    # The one way into the hub: every committed write, this process's or another
+    # instance's, reaches the feed once and is told to the dashboards from there.
+    broadcaster = Broadcaster(app[keys.HUB])
+    app[keys.BROADCASTER] = broadcaster
+    store.subscribe(broadcaster.on_changes)
     app[keys.CHATLIST] = ChatList(app[keys.SNAPSHOT], store, app[keys.CURSORS])
     try:
         if app[keys.SETTINGS].demo:
@@ -127,28 +138,27 @@ async def _accounts(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
-def _spawner(app: web.Application) -> Any:
-    async def spawn(coro: Coroutine[Any, Any, Any]) -> None:
-        scheduler = get_scheduler_from_app(app)
-        if scheduler is None or scheduler.closed:
-            coro.close()
-            log.warning("job.refused", reason="shutting down")
-            return
-        await scheduler.spawn(coro)
-
-    return spawn
+async def _outbox(app: web.Application) -> AsyncIterator[None]:
+    """The lanes of background work and the outbox that feeds them; on the way out,
+    running jobs get JOBS_DRAIN_S and what is left stays pending in the store."""
+    settings = app[keys.SETTINGS]
+    outbox = Outbox(app[keys.STORE], Lanes.create(_job_failed), lease_s=settings.outbox_lease_s)
+    app[keys.OUTBOX] = outbox
+    try:
+        yield
+    finally:
+        await outbox.close(JOBS_DRAIN_S)
 
 
 async def _inbox(app: web.Application) -> AsyncIterator[None]:
     """The inbox with its WhatsApp sender and AI replies."""
     settings = app[keys.SETTINGS]
-    session = app[keys.HTTP]
     store = app[keys.STORE]
-    sender = make_sender(settings, session)
-    inbox = Inbox(store, app[keys.HUB], _spawner(app), sender)
-    responder = make_responder(settings, session)
+    outbox = app[keys.OUTBOX]
+    inbox = Inbox(store, outbox, make_sender(settings, app[keys.HTTP]))
+    responder = make_responder(settings, app[keys.AI_HTTP])
     if responder is not None:
-        inbox.ai_reply = AiReplies(store, inbox, responder, settings).run
+        outbox.runners["ai"] = AiReplies(store, inbox, responder, settings).run
     app[keys.INBOX] = inbox
     try:
         yield
@@ -156,9 +166,20 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
         inbox.close()  # before the jobs drain: statuses still waiting give up at once
 
 
+async def _sweeper(app: web.Application) -> AsyncIterator[None]:
+    """The outbox's sweeper: resumes what a crash or a deploy left (cancelled on exit)."""
+    task = asyncio.create_task(app[keys.OUTBOX].run(), name="outbox-sweeper")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def _warmer(app: web.Application) -> AsyncIterator[None]:
     """The background worker that keeps the snapshot warm; cancelled and awaited on exit."""
-    warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.INBOX])
+    warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.BROADCASTER])
     app[keys.WARMER] = warmer
     task = asyncio.create_task(warmer.run(), name="snapshot-warmer")
     try:

@@ -54,6 +54,10 @@ class Settings:
     ai_timeout_s: float = 20.0
     ai_max_retries: int = 3
     ai_context_messages: int = 12
+    # How long this instance holds a task of the outbox (an AI reply, a send) without
+    # renewing it; after a crash its work waits this long for another instance (the
+    # embedded store resumes it at once on restart). Renewed every third of it.
+    outbox_lease_s: float = 60.0
     faq_path: str = str(ROOT / "server" / "integrations" / "faq.json")
     log_format: str = "console"
     log_level: str = "info"
@@ -103,6 +107,8 @@ class Settings:
             raise ConfigError("AI_TIMEOUT must be a positive number of seconds")
         if self.ai_max_retries < 0:
             raise ConfigError("AI_MAX_RETRIES must not be negative")
+        if self.outbox_lease_s < 1:
+            raise ConfigError("LIVECHAT_OUTBOX_LEASE must be at least 1 second")
         if self.firestore_window < 1:
             raise ConfigError("LIVECHAT_FIRESTORE_WINDOW must be at least 1")
         if self.demo_conversations < 0:
@@ -217,6 +223,7 @@ _ENV: Final = (
     ("AI_MODEL", "ai_model", str),
     ("AI_TIMEOUT", "ai_timeout_s", float),
     ("AI_MAX_RETRIES", "ai_max_retries", int),
+    ("LIVECHAT_OUTBOX_LEASE", "outbox_lease_s", float),
     ("LIVECHAT_FAQ", "faq_path", str),
     ("LOG_FORMAT", "log_format", str),
     ("LOG_LEVEL", "log_level", str),

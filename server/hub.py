@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -39,9 +39,6 @@ CLIENT_BUFFER: Final = 512 * 1024
 # Events held for a client between registering and its first write (the replay), while
 # the stream's headers go out; the first write takes milliseconds.
 PENDING_EVENTS: Final = 512
-# Message ids remembered to publish each message once, though it arrives both from the
-# webhook and again from the store's change feed (Firestore: about 150 ms later).
-DEDUPE_KEYS: Final = 20_000
 RETRY_MS: Final = 3000
 # Writes to one client at most this often under load (a burst of webhooks): at 1,000
 # messages a second and 50 dashboards that is 10,000 socket writes a second instead of
@@ -157,7 +154,6 @@ class Hub:
         self._client_buffer = client_buffer
         self._pending_events = pending_events
         self._client_ids = itertools.count(1)
-        self._published: OrderedDict[str, None] = OrderedDict()
         # Published, not yet written to the live clients; the flush that writes them.
         self._batch: list[Event] = []
         self._flush_handle: asyncio.Handle | None = None
@@ -174,31 +170,20 @@ class Hub:
         """The id of the newest event (what a client that saw everything would send)."""
         return f"{self.instance_id}-{self._seq}"
 
-    def seen(self, dedupe_key: str) -> bool:
-        """True when an event with this key was already published here."""
-        return dedupe_key in self._published
-
     def publish(
         self,
         name: str,
         data: dict[str, Any],
         *,
-        dedupe_key: str | None = None,
         conversation_id: str | None = None,
         user_id: str | None = None,
-    ) -> Event | None:
-        """Publish one event to every client; None when `dedupe_key` was published before.
+    ) -> Event:
+        """Publish one event to every client (server/broadcaster.py decides which).
 
         `user_id` (the customer's WhatsApp id, a phone number) is not logged: the
         conversation id says which conversation it was without naming the customer.
         """
         started = time.perf_counter()
-        if dedupe_key is not None:
-            if dedupe_key in self._published:
-                return None
-            self._published[dedupe_key] = None
-            if len(self._published) > DEDUPE_KEYS:
-                self._published.popitem(last=False)
         self._seq += 1
         event_id = f"{self.instance_id}-{self._seq}"
         event = Event(self._seq, event_id, name, encode_frame(event_id, name, data))

@@ -11,6 +11,7 @@ from aiohttp_sse import EventSourceResponse
 
 from server.access import Policy
 from server.accounts import Accounts, Principal
+from server.broadcaster import Broadcaster
 from server.chatlist import ChatList
 from server.config import Settings
 from server.cursor import CursorCodec
@@ -19,16 +20,21 @@ from server.inbox import Inbox
 from server.logging import RequestIds
 from server.snapshot import Snapshot
 from server.store.base import ChatStore
+from server.workers.outbox import Outbox
 from server.workers.warmer import Warmer
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", ChatStore)
 SNAPSHOT = web.AppKey("snapshot", Snapshot)
 HUB = web.AppKey("hub", Hub)
+BROADCASTER = web.AppKey("broadcaster", Broadcaster)
 CURSORS = web.AppKey("cursors", CursorCodec)
 INBOX = web.AppKey("inbox", Inbox)
 WARMER = web.AppKey("warmer", Warmer)
+# Outbound HTTP: WhatsApp's pool, and the AI provider's apart from it.
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+AI_HTTP = web.AppKey("ai_http", aiohttp.ClientSession)
+OUTBOX = web.AppKey("outbox", Outbox)
 CHATLIST = web.AppKey("chatlist", ChatList)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 ACCOUNTS = web.AppKey("accounts", Accounts)

@@ -26,6 +26,7 @@ MESSAGE_TYPES: Final = frozenset(
         "interactive",
         "reaction",
         "unsupported",
+        "system",
     }
 )
 # Delivery states, ranked so a late status never moves a message backwards.
@@ -127,6 +128,9 @@ class Message:
     wa_message_id: str | None = None
     # Type-specific extras (location coordinates, reply ids, reaction target, raw type).
     extra: dict[str, Any] | None = None
+    # How many times an agent sent a failed reply again: a retry's statuses start over
+    # ("queued" after "failed"), and clients keep the newest attempt's.
+    attempt: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The API shape."""
@@ -144,6 +148,7 @@ class Message:
             "error": self.error.to_json() if self.error else None,
             "wa_message_id": self.wa_message_id,
             "extra": self.extra,
+            "attempt": self.attempt,
         }
 
 

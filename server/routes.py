@@ -45,6 +45,14 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     add("PATCH", "/api/live-chat/conversations/{id}", chats.patch_conversation, AGENT)
     add("GET", "/api/live-chat/conversations/{id}/messages", chats.list_messages, AGENT)
     add("POST", "/api/live-chat/conversations/{id}/messages", chats.post_message, AGENT)
+    add(
+        "POST",
+        "/api/live-chat/conversations/{id}/messages/{message_id}/retry",
+        chats.retry_message,
+        AGENT,
+    )
+    # Erasing a customer's conversation cannot be undone: admins only.
+    add("DELETE", "/api/live-chat/conversations/{id}", chats.delete_conversation, ADMIN)
     add("POST", "/api/live-chat/conversations/{id}/read", chats.mark_read, AGENT)
     # The webhook is open to the internet and proves itself by its signature.
     add("GET", "/webhooks/whatsapp", webhook.verify, OPEN)

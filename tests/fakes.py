@@ -72,6 +72,8 @@ class FakeGraph(_Fake):
     def __init__(self) -> None:
         super().__init__()
         self.token = "t"
+        # Seconds every send waits before it is answered (a slow Graph API).
+        self.delay_s = 0.0
         self._script: deque[tuple[int, dict[str, Any]]] = deque()
         self._ids = itertools.count(1)
         self.app.router.add_post("/v21.0/{phone_number_id}/messages", self._messages)
@@ -117,11 +119,21 @@ class FakeGraph(_Fake):
             if body:
                 return web.json_response(body, status=status)
             return web.Response(status=status, text="bad gateway")
-        to = recorded.json["to"]
+        to = recorded.json.get("to")
+        contact = (
+            {"input": to, "wa_id": to}
+            if to
+            else {
+                "input": recorded.json["recipient"],
+                "user_id": recorded.json["recipient"],
+            }
+        )
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         return web.json_response(
             {
                 "messaging_product": "whatsapp",
-                "contacts": [{"input": to, "wa_id": to}],
+                "contacts": [contact],
                 "messages": [{"id": f"wamid.FAKE{next(self._ids):04d}"}],
             }
         )

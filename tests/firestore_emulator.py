@@ -121,6 +121,17 @@ class Emulator:
         while self.answers() and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def freeze(self) -> None:
+        """An outage of the worst kind: the server keeps its connections but never
+        answers (SIGSTOP to the whole group)."""
+        assert self.process is not None
+        self._signal(self.process, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen emulator answer again."""
+        assert self.process is not None
+        self._signal(self.process, signal.SIGCONT)
+
     @staticmethod
     def _signal(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         try:

@@ -81,6 +81,7 @@ async def test_an_agent_reply_reaches_whatsapp_and_turns_the_ai_off(make_client,
         "message_id": sent["id"],
         "status": "sent",
         "error": None,
+        "attempt": 0,
     }
     resp = await client.get(f"/api/live-chat/conversations/{conversation['id']}")
     after = await resp.json()

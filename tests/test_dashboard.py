@@ -590,6 +590,12 @@ async def test_agent_reply_shows_and_reaches_the_graph_api(browser, serve, http,
     failed = page.locator("#message-list .msg-agent", has_text="Are you still there?")
     await expect(failed).to_have_attribute("data-status", "failed")
     await expect(failed.locator(".msg-error")).to_contain_text("24-hour")
+    # The agent decides to send it again: Retry, and its ticks start over.
+    await failed.locator("button.retry").click()
+    await expect(failed).to_have_attribute("data-status", "sent")
+    await expect(failed.locator(".msg-error")).to_have_count(0)
+    bodies = [r.json["text"]["body"] for r in graph.requests]
+    assert bodies.count("Are you still there?") == 2
 
     # The AI switch and resolve act on the conversation.
     await page.locator("#ai-switch").click()

@@ -245,3 +245,21 @@ async def test_a_failing_write_among_concurrent_ones_fails_alone(store):
     for saved in (results[0], results[2]):
         messages, _ = await store.list_messages(saved.conversation.id, 10, None)
         assert [m.id for m in messages] == [saved.message.id]
+
+
+async def test_a_deleted_conversation_is_gone_with_its_messages_and_its_work(store):
+    seen: list[Change] = []
+    unsubscribe = store.subscribe(lambda changes: seen.extend(changes))
+    saved = await store.save_inbound(inbound("wamid.del-1"))
+    reply = await store.save_outbound(saved.conversation.id, sender="agent", text="hi")
+    await store.delete_conversation(saved.conversation.id)
+    with pytest.raises(NotFound):
+        await store.get_conversation(saved.conversation.id)
+    with pytest.raises(NotFound):
+        await store.get_message(reply.message.id)
+    assert await store.claim_tasks(limit=10, kind="send", steal=True) == []
+    assert [c.conversation.id for c in seen if c.removed] == [saved.conversation.id]
+    assert saved.conversation.id not in [c.id for c in await store.load_window(None)]
+    unsubscribe()
+    with pytest.raises(NotFound):
+        await store.delete_conversation(saved.conversation.id)

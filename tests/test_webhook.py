@@ -8,7 +8,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from server import keys
-from server.integrations.whatsapp_webhook import ParseError, parse_payload
+from server.integrations.whatsapp_webhook import parse_payload
 from tests.conftest import APP_SECRET
 from tests.fakes import graph_settings
 from tests.webhooks import (
@@ -412,7 +412,9 @@ async def test_every_message_type_round_trips_to_the_api(client):
     assert stored("unreaction")["extra"]["removed"] is True
     unsupported = stored("unsupported")
     assert unsupported["type"] == "unsupported"
-    assert unsupported["extra"]["errors"] == [{"code": 131051, "title": "Message type unknown"}]
+    assert unsupported["extra"]["errors"] == [
+        {"code": 131051, "title": "Message type unknown", "message": "..."}
+    ]
     contacts = stored("contacts")
     assert contacts["type"] == "unsupported" and contacts["extra"]["original_type"] == "contacts"
 
@@ -458,10 +460,6 @@ def _nested_too_deep() -> bytes:
     return b'{"object": "whatsapp_business_account", "entry": ' + b"[" * 5000 + b"]" * 5000 + b"}"
 
 
-def _bad_status() -> dict:
-    return webhook([text("fine")], [{"status": "read", "timestamp": "1"}])
-
-
 def _bad_location() -> dict:
     return webhook([message("location", {"latitude": "north", "longitude": 1})])
 
@@ -476,13 +474,10 @@ def _bad_location() -> dict:
         b"{}",
         json.dumps({"object": "whatsapp_business_account", "entry": {}}).encode(),
         json.dumps({"entry": [{"changes": [{"field": "messages", "value": []}]}]}).encode(),
-        json.dumps(_bad_in_the_middle()).encode(),
-        json.dumps(_bad_type_content()).encode(),
-        json.dumps(_bad_timestamp()).encode(),
-        json.dumps(_far_future_timestamp()).encode(),
+        json.dumps(
+            {"entry": [{"changes": [{"field": "messages", "value": {"messages": {}}}]}]}
+        ).encode(),
         _nested_too_deep(),
-        json.dumps(_bad_status()).encode(),
-        json.dumps(_bad_location()).encode(),
     ],
     ids=[
         "not-json",
@@ -492,16 +487,11 @@ def _bad_location() -> dict:
         "no-entry",
         "entry-not-a-list",
         "value-not-an-object",
-        "bad-message-mid-batch",
-        "bad-text-body",
-        "bad-timestamp",
-        "far-future-timestamp",
+        "messages-not-a-list",
         "nested-too-deep",
-        "status-without-id",
-        "bad-latitude",
     ],
 )
-async def test_a_malformed_body_is_400_and_stores_nothing(client, body):
+async def test_a_broken_envelope_is_400_and_stores_nothing(client, body):
     with capture_logs() as logs:
         resp = await post_webhook(client, body)
     assert resp.status == 400
@@ -513,9 +503,52 @@ async def test_a_malformed_body_is_400_and_stores_nothing(client, body):
     assert len(line["reason"]) <= 300
 
 
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (_bad_type_content, "text.body must be a string"),
+        (_bad_timestamp, "timestamp must be Unix seconds"),
+        (_far_future_timestamp, "timestamp is not a plausible time"),
+        (_bad_location, "latitude must be a number"),
+    ],
+    ids=["bad-text-body", "bad-timestamp", "far-future-timestamp", "bad-latitude"],
+)
+async def test_a_bad_message_is_kept_as_unsupported_and_its_batch_stands(client, make, reason):
+    body = make()
+    good = text("the good one")
+    body["entry"][0]["changes"][0]["value"]["messages"].append(good)
+    for _ in range(2):  # a redelivery changes nothing
+        assert (await post_webhook(client, body)).status == 200
+    conversation = await conversation_of(client)
+    stored = await all_messages(client, conversation["id"])
+    kept = [m for m in stored if m["type"] == "unsupported"]
+    assert len(kept) == 1 and reason in kept[0]["extra"]["reason"]
+    assert [m["text"] for m in stored if m["type"] == "text"].count("the good one") == 1
+
+
+async def test_messages_and_statuses_without_an_id_are_refused_alone(client):
+    nameless = text("no id")
+    del nameless["id"]
+    senderless = text("no sender")
+    del senderless["from"]
+    # Two contacts: which one sent it cannot be told.
+    contacts = {"966501234567": "Sara", "201001234567": "Omar"}
+    body = webhook([text("first"), nameless, text("last")], [{"status": "read"}], contacts)
+    body["entry"][0]["changes"][0]["value"]["messages"].insert(2, senderless)
+    with capture_logs() as logs:
+        assert (await post_webhook(client, body)).status == 200
+    conversation = await conversation_of(client)
+    stored = await all_messages(client, conversation["id"])
+    assert [m["text"] for m in stored] == ["first", "last"]
+    refused = [entry for entry in logs if entry["event"] == "webhook.refused"]
+    assert len(refused) == 3
+
+
 async def test_a_parse_error_names_the_place_that_is_wrong():
-    with pytest.raises(ParseError, match=r"entry\[0\]\.changes\[0\]\.value\.messages\[1\]\.id"):
-        parse_payload(_bad_in_the_middle())
+    parsed = parse_payload(_bad_in_the_middle())
+    assert [m.text for m in parsed.messages] == ["one", "three"]
+    [reason] = parsed.refused
+    assert reason.startswith("entry[0].changes[0].value.messages[1].id")
 
 
 async def test_a_message_from_a_number_without_a_contact_uses_the_number(client):
@@ -570,3 +603,153 @@ async def test_a_batch_from_one_customer_keeps_its_order(client):
     conversation = await conversation_of(client)
     stored = await all_messages(client, conversation["id"])
     assert [m["text"] for m in stored] == [f"part {i}" for i in range(6)]
+
+
+# -- customers known by a username (business-scoped user id) -----------------------------
+
+BSUID = "SA.1502576394655843"
+
+
+def _bsuid_body(m: dict, contact: dict | None) -> dict:
+    body = webhook([m])
+    value = body["entry"][0]["changes"][0]["value"]
+    if contact is None:
+        value.pop("contacts", None)
+    else:
+        value["contacts"] = [contact]
+    return body
+
+
+async def test_a_customer_known_by_number_then_by_username_stays_one_conversation(
+    make_client, graph
+):
+    client = await make_client(**graph_settings(graph))
+    first = text("my order?", frm="966501112222")
+    assert (
+        await post_webhook(client, webhook([first], contacts={"966501112222": "Sara"}))
+    ).status == 200
+    # WhatsApp starts sending the business-scoped user id beside the number...
+    both = text("it is late", frm="966501112222", from_user_id=BSUID)
+    contact = {"profile": {"name": "Sara"}, "wa_id": "966501112222", "user_id": BSUID}
+    assert (await post_webhook(client, _bsuid_body(both, contact))).status == 200
+    # ...then the customer adopts a username: no number at all.
+    only = text("hello?", frm="x", from_user_id=BSUID)
+    del only["from"]
+    contact = {"profile": {"name": "Sara", "username": "@sara.k"}, "user_id": BSUID}
+    assert (await post_webhook(client, _bsuid_body(only, contact))).status == 200
+    rows = await chats(client)
+    assert len(rows) == 1
+    [conversation] = rows
+    assert conversation["user_name"] == "Sara" and conversation["phone"] == "+966501112222"
+    stored = await all_messages(client, conversation["id"])
+    assert [m["text"] for m in stored] == ["my order?", "it is late", "hello?"]
+    assert stored[-1]["extra"]["username"] == "@sara.k"
+
+
+async def test_a_customer_known_only_by_username_is_answered_by_their_user_id(make_client, graph):
+    client = await make_client(**graph_settings(graph))
+    m = text("hi", frm="x", from_user_id=BSUID)
+    del m["from"]
+    contact = {"profile": {"name": "Omar", "username": "@omar"}, "user_id": BSUID}
+    assert (await post_webhook(client, _bsuid_body(m, contact))).status == 200
+    [conversation] = await chats(client)
+    assert conversation["user_id"] == BSUID and conversation["phone"] == ""
+    assert conversation["user_name"] == "Omar"
+    resp = await client.post(
+        f"/api/live-chat/conversations/{conversation['id']}/messages", json={"text": "hello Omar"}
+    )
+    assert resp.status == 201
+    [sent] = await graph.wait_for_requests(1)
+    assert sent.json["recipient"] == BSUID and "to" not in sent.json
+    # Later the number shows up too: still the same customer.
+    both = text("thanks", frm="966507778888", from_user_id=BSUID)
+    contact = {"profile": {"name": "Omar"}, "wa_id": "966507778888", "user_id": BSUID}
+    assert (await post_webhook(client, _bsuid_body(both, contact))).status == 200
+    [conversation] = await chats(client)
+    assert conversation["phone"] == "+966507778888"
+
+
+async def test_a_system_message_without_contacts_keeps_the_known_name(client):
+    await post_webhook(client, webhook([text("hi")], contacts={"966501234567": "Sara Ahmed"}))
+    notice = message(
+        "system",
+        {
+            "body": "User Sara Ahmed changed from 966501234567 to 966509999999",
+            "wa_id": "966509999999",
+            "type": "user_changed_number",
+        },
+    )
+    assert (await post_webhook(client, _bsuid_body(notice, None))).status == 200
+    conversation = await conversation_of(client)
+    assert conversation["user_name"] == "Sara Ahmed"
+    stored = await all_messages(client, conversation["id"])
+    assert stored[-1]["type"] == "system"
+    assert stored[-1]["extra"]["system_type"] == "user_changed_number"
+
+
+async def test_hostile_strings_and_numbers_are_kept_safely_and_the_batch_stands(client):
+    evil_name = "\u202eevil\u202c\x00 Name"
+    surrogate = text("lone \ud800 surrogate")
+    bad_code = message("unsupported", None, errors=[{"code": 2**80, "title": "huge"}])
+    fine = text("fine")
+    body = webhook([surrogate, bad_code, fine], contacts={"966501234567": evil_name})
+    raw = json.dumps(body).encode()  # \ud800 travels escaped, as JSON allows
+    for _ in range(3):
+        assert (await post_webhook(client, raw)).status == 200
+    conversation = await conversation_of(client)
+    assert conversation["user_name"] == "evil Name"
+    stored = await all_messages(client, conversation["id"])
+    assert [m["text"] for m in stored] == ["lone \ufffd surrogate", None, "fine"]
+    assert stored[1]["extra"]["errors"][0]["code"] == str(2**80)
+
+
+async def test_an_interactive_message_without_its_object_is_kept_with_its_errors(client):
+    m = message(
+        "interactive",
+        None,
+        errors=[
+            {
+                "code": 131000,
+                "title": "Something went wrong",
+                "message": "unsupported webhook payload",
+            }
+        ],
+    )
+    assert (await post_webhook(client, webhook([m]))).status == 200
+    conversation = await conversation_of(client)
+    [stored] = await all_messages(client, conversation["id"])
+    assert stored["type"] == "unsupported"
+    assert stored["extra"]["original_type"] == "interactive"
+    assert stored["extra"]["errors"][0]["code"] == 131000
+
+
+async def test_good_poisoned_good_three_times_stores_each_once(client):
+    good, poisoned, good2 = text("good one"), text("x"), text("good two")
+    poisoned["text"] = {"body": {"\ud800": [2**70, float("nan")]}}
+    body = json.dumps(webhook([good, poisoned, good2])).encode()
+    for _ in range(3):
+        resp = await post_webhook(client, body)
+        assert resp.status == 200, await resp.text()
+    conversation = await conversation_of(client)
+    stored = await all_messages(client, conversation["id"])
+    assert [(m["type"], m["text"]) for m in stored] == [
+        ("text", "good one"),
+        ("unsupported", None),
+        ("text", "good two"),
+    ]
+    assert stored[1]["wa_message_id"] == poisoned["id"]
+
+
+async def test_an_unexpected_failure_is_a_json_500_with_the_request_id(client, monkeypatch):
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(client.app[keys.STORE], "save_inbound", broken)
+    with capture_logs() as logs:
+        resp = await post_webhook(client, webhook([text("hello")]))
+    assert resp.status == 500
+    error = (await resp.json())["error"]
+    assert error["code"] == "internal_error"
+    [failed] = [e for e in logs if e["event"] == "request.failed"]
+    assert failed["path"] == "/webhooks/whatsapp"
+    assert failed["request_id"] in error["message"]

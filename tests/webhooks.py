@@ -70,7 +70,9 @@ def webhook(
         "metadata": {"display_phone_number": "15550783881", "phone_number_id": "123"},
     }
     if messages:
-        names = contacts or {m["from"]: f"Customer {m['from'][-4:]}" for m in messages}
+        names = contacts or {
+            m["from"]: f"Customer {m['from'][-4:]}" for m in messages if "from" in m
+        }
         value["contacts"] = [{"profile": {"name": n}, "wa_id": w} for w, n in names.items()]
         value["messages"] = list(messages)
     if statuses:
@@ -136,6 +138,8 @@ class SseStream:
 
     def __init__(self, resp) -> None:
         self.resp = resp
+        # Every event read so far, in order.
+        self.events: list[SseEvent] = []
 
     @classmethod
     async def open(cls, client) -> SseStream:
@@ -145,7 +149,9 @@ class SseStream:
         return cls(resp)
 
     async def next(self, within: float = 5.0) -> SseEvent:
-        return await asyncio.wait_for(self._read(), within)
+        event = await asyncio.wait_for(self._read(), within)
+        self.events.append(event)
+        return event
 
     async def _read(self) -> SseEvent:
         fields: dict[str, str] = {}

@@ -12,7 +12,7 @@ from server.chatlist import NotReady
 from server.handlers.errors import BadRequest, json_error, read_json
 from server.models import CONVERSATION_STATUSES, dumps
 from server.snapshot import Assignee
-from server.store.base import UNSET, Unset
+from server.store.base import UNSET, NotFound, Unset
 
 LIST_LIMIT: Final = (1, 100, 30)
 MESSAGES_LIMIT: Final = (1, 200, 50)
@@ -136,6 +136,22 @@ async def post_message(request: web.Request) -> web.Response:
         conversation_id, text, sender="agent", agent_id=request[keys.PRINCIPAL].agent_id
     )
     return json_bytes(dumps(saved.message.to_json()), status=HTTPStatus.CREATED)
+
+
+async def retry_message(request: web.Request) -> web.Response:
+    """POST retry: send a failed reply again (queued, then sent); 409 unless it failed."""
+    conversation_id = request.match_info["id"]
+    message = await request.app[keys.STORE].get_message(request.match_info["message_id"])
+    if message.conversation_id != conversation_id:
+        raise NotFound(f"no message {message.id!r} in conversation {conversation_id!r}")
+    saved = await request.app[keys.INBOX].retry(message.id)
+    return json_bytes(dumps(saved.message.to_json()), status=HTTPStatus.ACCEPTED)
+
+
+async def delete_conversation(request: web.Request) -> web.Response:
+    """DELETE a conversation with its messages; every dashboard drops it."""
+    conversation = await request.app[keys.INBOX].delete(request.match_info["id"])
+    return json_bytes(dumps({"deleted": conversation.id}))
 
 
 async def mark_read(request: web.Request) -> web.Response:

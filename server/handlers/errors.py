@@ -13,7 +13,7 @@ from aiohttp import web
 
 from server import keys
 from server.cursor import InvalidCursor
-from server.store.base import NotFound, StoreUnavailable
+from server.store.base import NotFound, NotRetryable, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -62,15 +62,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "the store cannot be reached; try again shortly",
             headers={"Retry-After": "2"},
         )
+    except NotRetryable as e:
+        return json_error(HTTPStatus.CONFLICT, "not_retryable", str(e))
     except web.HTTPException as e:
         if e.status >= 400 and e.content_type != "application/json":
             return json_error(HTTPStatus(e.status), _code(e.status), e.reason)
         raise
     except Exception:
-        # A bug: logged with its traceback, and answered in JSON like every other error.
-        log.exception("request.failed", path=request.path, method=request.method)
+        # A bug: never a plain-text traceback to the caller; the log has it, with the
+        # request id the caller can quote.
+        log.exception(
+            "request.failed", path=request.path, method=request.method, request_id=request_id
+        )
         return json_error(
-            HTTPStatus.INTERNAL_SERVER_ERROR, "internal_error", "the server failed; it is logged"
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+            "internal_error",
+            f"the server failed on this request (request id {request_id})",
         )
     finally:
         duration_ms = round((time.perf_counter() - started) * 1000, 3)

@@ -39,7 +39,12 @@ async def verify(request: web.Request) -> web.StreamResponse:
 
 
 async def receive(request: web.Request) -> web.StreamResponse:
-    """Deliveries of messages and statuses: verify, parse all, save all, then answer 200."""
+    """Deliveries of messages and statuses: verify, parse, save each, then answer 200.
+
+    200 means every message of the body that can be kept is committed: Meta never sends
+    it again. A store outage answers 503 (Meta redelivers; what was saved comes back as
+    duplicates); a broken envelope 400; one bad message never costs the rest of its batch.
+    """
     started = time.perf_counter()
     raw = await request.read()
     secret = request.app[keys.SETTINGS].whatsapp_app_secret
@@ -55,6 +60,8 @@ async def receive(request: web.Request) -> web.StreamResponse:
         reason = str(e)[:MAX_REASON_CHARS]
         log.warning("webhook.malformed", reason=reason, body_bytes=len(raw))
         return json_error(HTTPStatus.BAD_REQUEST, "invalid_webhook", reason)
+    for reason in parsed.refused:
+        log.warning("webhook.refused", reason=reason[:MAX_REASON_CHARS])
     inbox = request.app[keys.INBOX]
     duplicates = (await inbox.receive_all(parsed.messages)).count(None)
     applied = 0
@@ -68,6 +75,7 @@ async def receive(request: web.Request) -> web.StreamResponse:
         statuses_applied=applied,
         duplicates=duplicates,
         ignored=parsed.ignored,
+        refused=len(parsed.refused),
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
     )
     return web.json_response({"ok": True})

@@ -98,11 +98,12 @@ class WhatsAppClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def send_text(self, to: str, text: str) -> SendResult:
-        """Send `text` to the phone number `to`; transient failures are retried, bounded."""
-        payload = {
+        """Send `text` to `to` (a phone number, or a business-scoped user id); transient
+        failures are retried, bounded."""
+        payload: dict[str, Any] = {
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
-            "to": "".join(ch for ch in to if ch.isdigit()),
+            **addressee(to),
             "type": "text",
             "text": {"preview_url": False, "body": text},
         }
@@ -160,6 +161,15 @@ class WhatsAppClient:
         if _transient(status, error.code):
             raise _Retry(error, retry_after)
         return SendResult(status="failed", error=error)
+
+
+def addressee(to: str) -> dict[str, str]:
+    """How a send names its recipient: `to` with a phone number, `recipient` with a
+    business-scoped user id (a customer with a username whose number WhatsApp withholds;
+    the Cloud API takes `to` first when both are given)."""
+    if any(ch.isalpha() for ch in to):  # "US.13491208655302741918"
+        return {"recipient": to}
+    return {"to": "".join(ch for ch in to if ch.isdigit())}
 
 
 def make_sender(settings: Settings, session: aiohttp.ClientSession) -> Sender:

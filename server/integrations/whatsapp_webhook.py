@@ -1,11 +1,21 @@
 """WhatsApp Cloud API webhooks: signature check and parsing, pure functions with no I/O.
 
-The whole body is turned into domain records before anything is saved, so a malformed
-update anywhere in a batch rejects the batch and nothing is half-written.
+A body is refused whole (400) only when its envelope is broken: not JSON, or `entry`,
+`changes`, `value` or the lists in it of the wrong kind. Inside a sound envelope every
+message stands on its own: one that cannot be parsed is kept as `unsupported` with the
+reason (an agent sees it in the thread), and the rest of its batch is stored as usual;
+Meta redelivers a refused body for days and then drops it, so refusing a batch for one bad
+message would lose the good ones. A message that names no id or no sender cannot be kept
+once (nothing to deduplicate on, nobody to file it under): it is counted and logged.
+
+Every string taken from the body is normalised: lone UTF-16 surrogates (legal in JSON,
+not encodable as UTF-8) become U+FFFD; names also lose control and bidi-override
+characters. Numbers copied into the record are checked for type and range.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -28,7 +38,23 @@ MEDIA_TYPES: Final = ("image", "audio", "video", "document", "sticker")
 # Bounds on what we copy into `extra` from fields the customer or an ad controls.
 MAX_EXTRA_CHARS: Final = 1000
 MAX_ERRORS: Final = 5
+# A customer's message text: WhatsApp caps a text at 4,096 characters; a body is at most
+# 3 MB, so this only bounds what a forged (but signed) body could make us store.
+MAX_TEXT_CHARS: Final = 65_536
+MAX_NAME_CHARS: Final = 200
+# Ids WhatsApp generates are well under 200 characters (wamids are about 60).
+MAX_ID_CHARS: Final = 512
+# Integers kept exactly: JSON numbers past 2^53 lose precision in browsers, and past 2^63
+# they do not fit SQLite or orjson. Larger codes are kept as their decimal string.
+MAX_SAFE_INT: Final = 2**53 - 1
 _DIGITS: Final = re.compile(r"\d{1,20}")
+# A business-scoped user id: a two-letter country code, a dot, up to 128 alphanumerics
+# (parent BSUIDs carry "ENT." in between), e.g. "US.13491208655302741918".
+_BSUID: Final = re.compile(r"[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{1,128}")
+_SURROGATES: Final = re.compile(r"[\ud800-\udfff]")
+# C0/C1 controls, zero-width and bidi embedding/override/isolate marks: a name carrying them
+# can reorder or hide what agents read next to it.
+_NAME_JUNK: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
 # WhatsApp launched in 2009; clocks may disagree, but not by a day.
@@ -59,6 +85,8 @@ class Parsed:
     statuses: list[StatusUpdate] = field(default_factory=list)
     # Updates we do not act on (other webhook fields, unknown statuses), counted for the log.
     ignored: int = 0
+    # Messages and statuses that could not be kept at all, with why (no id, no sender).
+    refused: list[str] = field(default_factory=list)
 
 
 def signature_ok(secret: str | None, body: bytes, header: str | None) -> bool:
@@ -75,7 +103,7 @@ def sign(secret: str, body: bytes) -> str:
 
 
 def parse_body(raw: bytes, received_ms: int | None = None) -> Parsed:
-    """Decode and parse a webhook body; ParseError when any part of it is malformed.
+    """Decode and parse a webhook body; ParseError when its envelope is malformed.
 
     `received_ms` (when the body arrived) refines WhatsApp's whole-second timestamps.
     """
@@ -110,60 +138,154 @@ def parse_payload(body: Any, received_ms: int | None = None) -> Parsed:
 def _parse_value(
     value: Mapping[str, Any], where: str, parsed: Parsed, received_ms: int | None
 ) -> None:
-    names = _contact_names(value.get("contacts", []), f"{where}.contacts")
+    contacts = _contacts(_list(value.get("contacts", []), f"{where}.contacts"))
     for k, raw in enumerate(_list(value.get("messages", []), f"{where}.messages")):
-        m = _obj(raw, f"{where}.messages[{k}]")
-        parsed.messages.append(_message(m, names, where, k, received_ms, len(parsed.messages)))
+        m_where = f"{where}.messages[{k}]"
+        try:
+            m = _obj(raw, m_where)
+            message = _message(m, contacts, m_where, received_ms, len(parsed.messages))
+        except ParseError as e:
+            parsed.refused.append(str(e))
+            continue
+        parsed.messages.append(message)
     for k, raw in enumerate(_list(value.get("statuses", []), f"{where}.statuses")):
-        status = _status(_obj(raw, f"{where}.statuses[{k}]"), f"{where}.statuses[{k}]")
+        s_where = f"{where}.statuses[{k}]"
+        try:
+            status = _status(_obj(raw, s_where), s_where)
+        except ParseError as e:
+            parsed.refused.append(str(e))
+            continue
         if status is None:
             parsed.ignored += 1
         else:
             parsed.statuses.append(status)
 
 
-def _contact_names(raw: Any, where: str) -> dict[str, str]:
-    names: dict[str, str] = {}
-    for k, item in enumerate(_list(raw, where)):
-        contact = _obj(item, f"{where}[{k}]")
-        wa_id = contact.get("wa_id")
-        profile = contact.get("profile")
-        name = profile.get("name") if isinstance(profile, dict) else None
-        if isinstance(wa_id, str) and isinstance(name, str) and name.strip():
-            names[wa_id] = name.strip()[:200]
-    return names
+@dataclass(slots=True, frozen=True)
+class _Contact:
+    """A `contacts[]` element: how WhatsApp names the sender of the messages beside it."""
+
+    wa_id: str | None
+    user_id: str | None
+    name: str | None
+    username: str | None
+
+
+def _contacts(raw: list[Any]) -> list[_Contact]:
+    """The usable `contacts[]` elements; a malformed one is skipped (it only names)."""
+    contacts = []
+    for item in raw:
+        if not isinstance(item, dict):
+            continue
+        profile = item.get("profile")
+        profile = profile if isinstance(profile, dict) else {}
+        wa_id = clean(item.get("wa_id"))
+        user_id = clean(item.get("user_id"))
+        contacts.append(
+            _Contact(
+                wa_id=wa_id if wa_id and _DIGITS.fullmatch(wa_id) else None,
+                user_id=user_id if user_id and _BSUID.fullmatch(user_id) else None,
+                name=clean_name(profile.get("name")),
+                username=clean_name(profile.get("username")),
+            )
+        )
+    return contacts
+
+
+def _contact_for(contacts: list[_Contact], phone: str | None, bsuid: str | None) -> _Contact | None:
+    """The contact that names this sender; the only one when none matches exactly."""
+    for contact in contacts:
+        if (phone and contact.wa_id == phone) or (bsuid and contact.user_id == bsuid):
+            return contact
+    return contacts[0] if len(contacts) == 1 else None
+
+
+def clean(value: Any, limit: int = MAX_EXTRA_CHARS) -> str | None:
+    """A string from the body, bounded and encodable (lone surrogates become U+FFFD)."""
+    if not isinstance(value, str) or not value:
+        return None
+    return _encodable(value[:limit])
+
+
+def clean_name(value: Any) -> str | None:
+    """A display name: cleaned, without control or bidi-override characters, trimmed."""
+    text = clean(value, MAX_NAME_CHARS * 2)
+    if text is None:
+        return None
+    text = _NAME_JUNK.sub("", text).strip()[:MAX_NAME_CHARS]
+    return text or None
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATES.sub("\ufffd", text)
+    return text
 
 
 def _message(
     m: Mapping[str, Any],
-    names: dict[str, str],
-    value_where: str,
-    k: int,
+    contacts: list[_Contact],
+    where: str,
     received_ms: int | None,
     position: int,
 ) -> InboundMessage:
-    where = f"{value_where}.messages[{k}]"
+    """One message; ParseError only when it has no id or no sender (it cannot be kept)."""
     wamid = _str(m.get("id"), f"{where}.id")
-    sender = _str(m.get("from"), f"{where}.from")
-    if not _DIGITS.fullmatch(sender):
-        raise ParseError(f"{where}.from must be a phone number in digits")
-    at = _refine(_timestamp(m.get("timestamp"), f"{where}.timestamp"), received_ms, position)
-    kind = _str(m.get("type"), f"{where}.type")
-    # wa_id and `from` usually agree; when they do not and there is one contact, it is them.
-    name = names.get(sender) or (next(iter(names.values())) if len(names) == 1 else None)
-    msg_type, text, media, extra = _content(m, kind, where)
-    extra = {**extra, **_context(m)}
-    return InboundMessage(
-        wa_message_id=wamid,
-        user_id=sender,
-        user_name=name or "+" + sender,
-        phone="+" + sender,
-        type=msg_type,
-        text=text,
-        at=at,
-        media=media,
-        extra=extra or None,
+    if len(wamid) > MAX_ID_CHARS:
+        raise ParseError(f"{where}.id is too long")
+    phone = _opt_str(m.get("from"))
+    if phone is not None and not _DIGITS.fullmatch(phone):
+        phone = None
+    bsuid = _opt_str(m.get("from_user_id"))
+    if bsuid is not None and not _BSUID.fullmatch(bsuid):
+        bsuid = None
+    contact = _contact_for(contacts, phone, bsuid)
+    if contact is not None:
+        phone = phone or contact.wa_id
+        bsuid = bsuid or contact.user_id
+    if phone is None and bsuid is None:
+        raise ParseError(f"{where} names no sender (from or from_user_id)")
+    identities = tuple(
+        identity
+        for identity in (f"phone:{phone}" if phone else None, f"bsuid:{bsuid}" if bsuid else None)
+        if identity
     )
+    kind = clean(m.get("type"), 64) or "unknown"
+    name = contact.name or contact.username if contact is not None else None
+    # In body order whatever else is wrong with it: WhatsApp's time, made precise by ours.
+    arrived = received_ms if received_ms is not None else int(time.time() * 1000)
+    try:
+        at = _refine(_timestamp(m.get("timestamp"), f"{where}.timestamp"), received_ms, position)
+        problem = None
+    except ParseError as e:
+        at, problem = arrived + position, e
+    base = InboundMessage(
+        wa_message_id=wamid,
+        user_id=phone or str(bsuid),
+        user_name=name,
+        phone="+" + phone if phone else "",
+        type="unsupported",
+        text=None,
+        at=at,
+        identities=identities,
+    )
+    try:
+        if problem is not None:
+            raise problem
+        msg_type, text, media, extra = _content(m, kind, where)
+        extra = {**extra, **_context(m)}
+    except ParseError as e:
+        # Kept, with why: the customer wrote something, and an agent should know.
+        return _replace(base, extra={"original_type": kind, "reason": str(e)[:300]})
+    if contact is not None and contact.username:
+        extra["username"] = contact.username
+    return _replace(base, type=msg_type, text=text, media=media, extra=extra or None)
+
+
+def _replace(message: InboundMessage, **changes: Any) -> InboundMessage:
+    return dataclasses.replace(message, **changes)
 
 
 Content = tuple[str, str | None, Media | None, dict[str, Any]]
@@ -171,9 +293,17 @@ Content = tuple[str, str | None, Media | None, dict[str, Any]]
 
 def _content(m: Mapping[str, Any], kind: str, where: str) -> Content:
     """The stored type, text, media and extras of one message, by its WhatsApp type."""
+    errors = m.get("errors")
+    if errors is not None and not isinstance(m.get(kind), dict):
+        # WhatsApp could not deliver the content (131000 "unsupported webhook payload",
+        # 131051 "message type unknown"): whatever the type says, keep what it told us.
+        return "unsupported", None, None, {"original_type": kind, "errors": _errors(errors)}
     if kind == "text":
         body = _obj(m.get("text"), f"{where}.text")
-        return "text", _str(body.get("body"), f"{where}.text.body", empty_ok=True), None, {}
+        text = _str(body.get("body"), f"{where}.text.body", empty_ok=True)
+        return "text", text[:MAX_TEXT_CHARS], None, {}
+    if kind == "system":
+        return _system(_obj(m.get("system"), f"{where}.system"))
     if kind in MEDIA_TYPES:
         return _media(m, kind, where)
     if kind == "location":
@@ -213,6 +343,16 @@ def _media(m: Mapping[str, Any], kind: str, where: str) -> Content:
     return kind, None, media, extra
 
 
+def _system(body: Mapping[str, Any]) -> Content:
+    """A notice about the customer (changed their number or their user id): shown in the
+    thread, never answered by the AI, and it carries no profile name."""
+    extra: dict[str, Any] = {"system_type": _opt_str(body.get("type"))}
+    for key in ("wa_id", "new_wa_id", "user_id", "customer"):
+        if value := _opt_str(body.get(key)):
+            extra[key] = value
+    return "system", _opt_str(body.get("body")), None, extra
+
+
 def _location(loc: Mapping[str, Any], where: str) -> Content:
     lat = _number(loc.get("latitude"), f"{where}.latitude")
     lng = _number(loc.get("longitude"), f"{where}.longitude")
@@ -248,8 +388,8 @@ def _context(m: Mapping[str, Any]) -> dict[str, Any]:
     """What the message replies to, and the ad it came from, when WhatsApp says so."""
     extra: dict[str, Any] = {}
     context = m.get("context")
-    if isinstance(context, dict) and isinstance(context.get("id"), str):
-        extra["reply_to"] = context["id"]
+    if isinstance(context, dict) and (reply_to := clean(context.get("id"), MAX_ID_CHARS)):
+        extra["reply_to"] = reply_to
     referral = m.get("referral")
     if isinstance(referral, dict):
         extra["referral"] = {
@@ -266,23 +406,39 @@ def _errors(raw: Any) -> list[dict[str, Any]]:
     errors = []
     for item in raw[:MAX_ERRORS]:
         if isinstance(item, dict):
-            errors.append({"code": item.get("code"), "title": _opt_str(item.get("title"))})
+            errors.append(
+                {
+                    "code": _code(item.get("code")),
+                    "title": _opt_str(item.get("title")),
+                    "message": _opt_str(item.get("message")),
+                }
+            )
     return errors
+
+
+def _code(value: Any) -> int | str:
+    """An error code as WhatsApp sent it, kept exactly: huge integers as their digits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if abs(value) <= MAX_SAFE_INT else str(value)
+    if isinstance(value, str) and value:
+        return _encodable(value[:64])
+    return "unknown"
 
 
 def _status(s: Mapping[str, Any], where: str) -> StatusUpdate | None:
     wamid = _str(s.get("id"), f"{where}.id")
     status = _str(s.get("status"), f"{where}.status")
-    at = _timestamp(s.get("timestamp"), f"{where}.timestamp")
     if status not in KNOWN_STATUSES:
         return None
+    try:
+        at = _timestamp(s.get("timestamp"), f"{where}.timestamp")
+    except ParseError:
+        at = int(time.time() * 1000)  # the status itself is what matters, not its time
     error = None
     errors = s.get("errors")
     if isinstance(errors, list) and errors and isinstance(errors[0], dict):
         first = errors[0]
-        code = first.get("code")
-        if not isinstance(code, int | str):
-            code = "unknown"
+        code = _code(first.get("code"))
         error = MessageError(code=code, title=describe_error(code, _opt_str(first.get("title"))))
     return StatusUpdate(
         wa_message_id=wamid,
@@ -313,13 +469,11 @@ def _str(value: Any, where: str, *, empty_ok: bool = False) -> str:
         raise ParseError(f"{where} must be a string")
     if not value and not empty_ok:
         raise ParseError(f"{where} must not be empty")
-    return value
+    return _encodable(value)
 
 
 def _opt_str(value: Any) -> str | None:
-    if not isinstance(value, str) or not value:
-        return None
-    return value[:MAX_EXTRA_CHARS]
+    return clean(value)
 
 
 def _number(value: Any, where: str) -> float:

@@ -6,7 +6,7 @@ import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 
@@ -36,13 +36,73 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached right now (an outage, not a bad request)."""
 
 
+class Unstorable(StoreError):
+    """The store refused what the record holds (too large, an invalid value): the same
+    write would fail again, unlike an outage."""
+
+
+class Superseded(StoreError):
+    """An AI reply to a message that is no longer the one to answer: a newer message of
+    the customer's is waiting, or the work was already done. It is not stored."""
+
+
+class NotRetryable(StoreError):
+    """Only a failed reply can be sent again."""
+
+
+TaskKind = Literal["ai", "send"]
+# pending: waiting (or running, for an AI reply); sending: its POST to WhatsApp may be
+# under way, so it must never be repeated blindly (WhatsApp has no idempotency key).
+TaskState = Literal["pending", "sending"]
+
+
+@dataclass(slots=True, frozen=True)
+class Task:
+    """Work a commit owes: an AI reply to a customer's message, or a WhatsApp send.
+
+    Written in the same transaction as the message that causes it, so it survives any
+    crash; done (deleted) in the same transaction as its outcome. `owner` holds its lease
+    until `lease_until` (ms): until then no other instance takes it.
+    """
+
+    id: str
+    kind: TaskKind
+    conversation_id: str
+    message_id: str
+    state: TaskState
+    owner: str
+    lease_until: int
+    created_at: int
+    attempts: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Leases:
+    """Who this process is when it holds work, and for how long a lease lasts."""
+
+    owner: str = "local"
+    # A lease outlives any one step of a job (an AI call: 20 s per attempt; a send: 15 s)
+    # and is renewed while the job runs; after a crash the work waits at most this long
+    # before another instance takes it (a restarted embedded store takes it at once).
+    lease_ms: int = 60_000
+
+
 @dataclass(slots=True, frozen=True)
 class InboundMessage:
-    """A customer's message as the webhook parsed it, before it is stored."""
+    """A customer's message as the webhook parsed it, before it is stored.
+
+    `user_id` is the identity the customer is stored under when the store knows them by
+    none of their `identities` yet: their phone number in digits, or their business-scoped
+    user id (BSUID) when WhatsApp withholds the number (customers with a username).
+    `identities` are every way this message addresses them (`phone:<digits>`,
+    `bsuid:<id>`): a later message carrying another of them finds the same customer.
+    `user_name` is None when the message carries no profile name (system messages): a known
+    name is then kept, never overwritten.
+    """
 
     wa_message_id: str
     user_id: str
-    user_name: str
+    user_name: str | None
     phone: str
     type: str
     text: str | None
@@ -50,15 +110,23 @@ class InboundMessage:
     media: Media | None = None
     extra: dict[str, Any] | None = None
     channel: str = "whatsapp"
+    identities: tuple[str, ...] = ()
+
+    @property
+    def display_name(self) -> str:
+        """The name a new customer is shown with: their profile name, else their number."""
+        return self.user_name or self.phone or self.user_id
 
 
 @dataclass(slots=True, frozen=True)
 class Saved:
-    """A stored message and its conversation summary as of that write."""
+    """A stored message and its conversation summary as of that write, and the work it
+    owes (an AI reply, a send), already recorded and leased to this process."""
 
     conversation: Conversation
     message: Message
     new_conversation: bool = False
+    task: Task | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -73,26 +141,28 @@ class StatusChange:
 class Change:
     """One entry of the change feed: a conversation summary after a committed write.
 
-    `removed` means the conversation was deleted, so the snapshot must drop it. `local`
-    means this process made the write and has published its event already; other changes
-    came from elsewhere (another instance) and the warmer publishes them. `messages` are
-    the messages written (or given a new delivery status) since the version this process
-    saw before, whole (the summary holds only a preview of the latest), when the feed
-    carries them: this instance's SSE clients then get the very events the writer sent.
+    The feed is the one source of what dashboards are told (server/broadcaster.py): every
+    committed write reaches it once, made here or by another instance. `messages` are the
+    messages the write added (or gave a new delivery status), whole; `removed` means the
+    conversation was deleted; `missed` that messages were written that this process never
+    received (another instance's burst, merged by the listener): open panes must reload.
+    `announce` is False for bulk imports, which the snapshot takes but nobody is told of.
     """
 
     conversation: Conversation
     removed: bool = False
-    local: bool = False
     messages: tuple[FeedMessage, ...] = ()
+    missed: bool = False
+    announce: bool = True
 
 
 @dataclass(slots=True, frozen=True)
 class FeedMessage:
-    """A message a change carries: new (`new_conversation` if it opened the conversation),
-    or already known with a new delivery status."""
+    """A message a change carries: `new` (and `new_conversation` if it opened the
+    conversation), or already known with a new delivery status."""
 
     message: Message
+    new: bool = True
     new_conversation: bool = False
 
 
@@ -140,9 +210,12 @@ UNSET = Unset()
 
 
 class ChatStore(Protocol):
-    """The source of truth for users, conversations and messages."""
+    """The source of truth for users, conversations, messages and the work they owe."""
 
     name: str
+    # True when no other process can use the store while this one runs (the embedded
+    # store locks its file): every lease found at start-up is then from an ended process.
+    exclusive: bool
 
     async def start(self) -> None:
         """Open connections and create what is missing."""
@@ -182,7 +255,8 @@ class ChatStore(Protocol):
         """A page of messages older than `before`, oldest first, and whether more exist."""
 
     async def save_inbound(self, inbound: InboundMessage) -> Saved | None:
-        """Store a customer's message and its summary at once; None if already stored."""
+        """Store a customer's message and its summary at once, with the AI reply it owes
+        (a task, when the AI answers this conversation); None if already stored."""
 
     async def save_outbound(
         self,
@@ -192,8 +266,16 @@ class ChatStore(Protocol):
         text: str,
         agent_id: str | None = None,
         take_over: bool = False,
+        answers: str | None = None,
+        failed: MessageError | None = None,
     ) -> Saved:
-        """Store an AI or agent reply as queued; an agent's reply turns the AI off."""
+        """Store a reply as queued, with its send task, in one write.
+
+        An AI reply (and the note of its failure, stored `failed` and never sent) must
+        answer the conversation's AI task for message `answers` and completes it:
+        Superseded otherwise, AiDisabled once an agent took over. An agent's reply drops
+        the AI task and, with `take_over`, turns the AI off.
+        """
 
     async def set_delivery(
         self,
@@ -203,7 +285,32 @@ class ChatStore(Protocol):
         wa_message_id: str | None = None,
         error: MessageError | None = None,
     ) -> StatusChange | None:
-        """Record the outcome of sending an outbound message (never moves it backwards)."""
+        """Record the outcome of sending an outbound message (never moves it backwards),
+        completing its send task."""
+
+    async def get_message(self, message_id: str) -> Message:
+        """One message; NotFound when there is none."""
+
+    async def claim_tasks(self, *, limit: int, kind: TaskKind, steal: bool = False) -> list[Task]:
+        """Take up to `limit` tasks of a kind whose lease ran out (every one with `steal`,
+        for a store no other process can use), leasing them to this process, oldest first."""
+
+    async def mark_sending(self, task: Task) -> bool:
+        """Record that the send's POST is about to start; False when this process no
+        longer holds the task (another took it, or it is done)."""
+
+    async def renew_tasks(self, task_ids: Sequence[str]) -> None:
+        """Extend the leases this process still holds on these tasks."""
+
+    async def release_tasks(self, task_ids: Sequence[str]) -> None:
+        """Give up the leases this process holds (shutting down): others may take them."""
+
+    async def finish_task(self, task: Task) -> None:
+        """Drop a task that needs no more work (the AI is off; nothing to say), if it is
+        still the same task (an AI task for the same message)."""
+
+    async def retry_send(self, message_id: str) -> Saved:
+        """Queue a failed reply again, with a new send task; NotRetryable otherwise."""
 
     async def apply_status(
         self, wa_message_id: str, status: str, error: MessageError | None
@@ -221,6 +328,10 @@ class ChatStore(Protocol):
         mark_read: bool = False,
     ) -> Conversation:
         """Change a conversation's status, AI switch, assignee or unread count."""
+
+    async def delete_conversation(self, conversation_id: str) -> Conversation:
+        """Erase a conversation with its messages and the work they owe; every instance
+        drops it from its list (the feed carries the deletion). NotFound if none."""
 
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]

@@ -1,6 +1,6 @@
 """The production store: Cloud Firestore (or its emulator).
 
-Data model (DESIGN.md "Stores"):
+Data model (docs/ARCHITECTURE.md and docs/PRODUCTION.md describe how it is used):
 
 - `users/{user_id}`: name, phone, channel, created_at, and `latest_conversation_id`, so the
   one-open-conversation rule is a read of the user document inside the save transaction.
@@ -11,6 +11,13 @@ Data model (DESIGN.md "Stores"):
   server/store/rules.py (times as integer ms), with its own id in the `id` field: a
   collection-group query finds it by id and orders ties by it like the snapshot does.
 - `users/{user_id}/conversations/{conversation_id}/messages/{message_id}`.
+- `identities/{identity}`: `{"user_id"}` for every way a customer was addressed
+  (`phone:<digits>`, `bsuid:<business-scoped user id>`): a customer known by their
+  number who later writes with a username (or the other way round) stays one customer.
+  A user document lists its identities, so the usual message (a number that is a user
+  id) costs no extra read.
+- `outbox/{task_id}`: the work a commit owes (server/store/rules.py, "the outbox"),
+  written in the same transaction; leased to one instance at a time through transactions.
 - `wamids/{message_id_for_wamid(wamid)}`: `{"path": <message document path>}`. A small
   top-level index: it makes a redelivered webhook a one-document read (and a `create()` that
   fails even if the customer's conversation changed in between), and it finds the message a
@@ -44,9 +51,8 @@ import os
 import random
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextvars import ContextVar
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -54,10 +60,10 @@ from typing import Any, Final, TypeVar
 import structlog
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
-from google.cloud.firestore_v1 import FieldFilter, async_transactional
+from google.cloud.firestore_v1 import FieldFilter
 
 from server.config import Settings
-from server.models import Conversation, Message, MessageError, now_ms
+from server.models import CONVERSATION_STATUSES, Conversation, Message, MessageError, now_ms
 from server.store import rules
 from server.store.base import (
     UNSET,
@@ -66,13 +72,17 @@ from server.store.base import (
     ChangeListener,
     FeedMessage,
     InboundMessage,
+    Leases,
     NotFound,
     Saved,
     StatusChange,
     StoreError,
     StoreUnavailable,
+    Task,
+    TaskKind,
     UnknownMessage,
     Unset,
+    Unstorable,
     message_id_for_wamid,
 )
 
@@ -83,26 +93,52 @@ T = TypeVar("T")
 USERS: Final = "users"
 # The field every conversation write sets to Firestore's commit time; the listener's.
 FEED_AT: Final = "feed_at"
+# Counts the message writes a conversation's document carried: an instance whose listener
+# merged more of them than the document keeps sees the gap and has the open panes reload.
+FEED_SEQ: Final = "feed_seq"
 CONVERSATIONS: Final = "conversations"
 MESSAGES: Final = "messages"
 WAMIDS: Final = "wamids"
+IDENTITIES: Final = "identities"
+OUTBOX: Final = "outbox"
 # A document that never exists: reading it is the cheapest round trip (one read).
 HEALTH_DOC: Final = "_livechat/health"
 
 # Every store call gives up after this long: a webhook must answer Meta long before Meta's
 # own 20 s timeout, and a page past the window must not hang while Firestore is down.
 OP_TIMEOUT_S: Final = 10.0
+# Each RPC of a transaction (begin, commit) is bounded on its own too, with no hidden
+# retries, and a rollback (only a courtesy: Firestore drops an abandoned transaction's
+# locks when it expires) gets one short try.
+CALL_TIMEOUT_S: Final = 5.0
+ROLLBACK_TIMEOUT_S: Final = 1.0
 # A health read answers in milliseconds when Firestore is up (an unreachable one fails at
 # once). The first read of a freshly started emulator takes about 2 s: allow for it.
 PING_TIMEOUT_S: Final = 5.0
 # A listener's first snapshot: the changes of the last MARK_MARGIN_MS, normally in well
 # under a second; a freshly started emulator takes a few seconds to answer at all.
 FIRST_SNAPSHOT_TIMEOUT_S: Final = 30.0
-# How far before this machine's "now" the first listener's mark is set: it covers a
-# difference between this clock and Firestore's (the window, read right after, covers what
-# came before). A listener that replaces another starts at the other's last read time,
-# Firestore's own clock: no margin, no gap.
-MARK_MARGIN_MS: Final = 10_000
+# How far before its start a listener's mark is set. `feed_at` is a server timestamp, and
+# Firestore stamps it with the time it *processed the request*, not the commit time
+# ("REQUEST_TIME: the time at which the server processed the request", Firestore API
+# reference, Value.timestamp_value / ServerValue): a commit that is slow to land can carry
+# a time before the last read time of a listener that never saw it. A new listener (first
+# start, hand-over, or replacing a dead one) therefore starts this long before the
+# previous one's last read time (the first one: before Firestore's own time, read from the
+# server), longer than any commit can take (our commits are bounded at CALL_TIMEOUT_S; the
+# longest commit deadline Firestore allows a transaction is 60 s of idle time). What it
+# delivers twice is dropped by version.
+MARK_MARGIN_MS: Final = 60_000
+# Each instance writes a heartbeat this often into the listened collection group; a
+# listener that has not delivered this instance's own beat for STALL_AFTER_S is silent
+# while it says it is active (the client library can do that, googleapis/python-firestore
+# #18 and #399) and is replaced: a silent stall is found within STALL_AFTER_S + a beat.
+HEARTBEAT_S: Final = 10.0
+STALL_AFTER_S: Final = 30.0
+HEARTBEATS: Final = "heartbeats"
+# Anti-entropy: the most recently committed conversations re-read and compared with
+# what was delivered, in case any path missed one.
+REPAIR_READS: Final = 200
 # Once a listener's result set holds this many conversations it moves to a newer mark:
 # the client's per-change sort stays cheap (about 8 us a document).
 RELISTEN_DOCS: Final = 1_000
@@ -114,18 +150,14 @@ LOAD_CHUNK: Final = 1_000
 # Messages a conversation's document carries whole (see _document): more than a listener
 # merges into one change of a conversation at any realistic message rate.
 FEED_MESSAGES_KEPT: Final = 5
-# Echoes of local writes kept: enough for every write that can still be waiting for its
-# commit's answer (OP_TIMEOUT_S at the highest write rates).
-ECHOES_KEPT: Final = 10_000
+# Characters of a message's text a document carries (WhatsApp's own limit for a text it
+# sends): five of them stay far under a document's 1 MiB.
+FEED_TEXT_CHARS: Final = 4096
 # Versions remembered to drop a change delivered twice (by two listeners in a hand-over).
 VERSIONS_KEPT: Final = 100_000
 # Stopping a listener normally takes well under a second (the library waits up to 1 s for
 # its thread); past this it is stuck and left behind on its daemon thread.
 STOP_TIMEOUT_S: Final = 5.0
-# (conversation id, updated_at) pairs this process wrote, to mark their echo on the feed as
-# local. A bulk import of 20,000 conversations fits; an evicted pair only means the hub
-# dedupes the event instead (by message id or by conversation version).
-LOCAL_WRITES: Final = 50_000
 # Firestore accepts at most 500 writes in one batch.
 BATCH_WRITES: Final = 500
 # Batches committed at once by a bulk import: enough to hide round trips, few enough not
@@ -145,9 +177,11 @@ PATHS_CACHED: Final = 20_000
 TRANSACTION_ATTEMPTS: Final = 3
 
 # The versions marked local by the transaction running in this task (see _transact).
-_MARKS: ContextVar[list[Conversation] | None] = ContextVar("firestore_marks", default=None)
 
+# Worth another try later: the webhook answers 503 and Meta redelivers. Aborted is
+# contention that outlasted the transaction's own retries.
 _UNAVAILABLE: Final = (
+    gexc.Aborted,
     gexc.ServiceUnavailable,
     gexc.DeadlineExceeded,
     gexc.RetryError,
@@ -205,8 +239,13 @@ class FirestoreStore:
     """ChatStore on Cloud Firestore: AsyncClient for reads and writes, a listener for the feed."""
 
     name = "firestore"
+    exclusive = False  # several instances share it: leases decide who works
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, leases: Leases | None = None, *, ai_replies: bool = True
+    ) -> None:
+        self.leases = leases or Leases()
+        self.ai_replies = ai_replies
         self.project = settings.google_cloud_project
         self.emulator_host = settings.firestore_emulator_host
         self._db: Any = None
@@ -218,13 +257,26 @@ class FirestoreStore:
         # The version (updated_at) of each conversation the feed delivered last: a change
         # delivered by two listeners during a hand-over reaches the subscribers once.
         self._versions: OrderedDict[str, int] = OrderedDict()
-        self._local: OrderedDict[tuple[str, int], None] = OrderedDict()
-        # The latest echoes of local writes, in case their write fails after all (_unmark).
-        self._echoed: OrderedDict[tuple[str, int], Change] = OrderedDict()
+        # This instance's heartbeats: the oldest beat not yet seen (number, when), and the
+        # newest its listener delivered.
+        self._beat_sent: tuple[int, float] | None = None
+        self._beat_seen = 0
+        # Conversations whose deletion reached the feed (marked, then removed: told once).
+        self._deleted: OrderedDict[str, None] = OrderedDict()
+        # The last read time of a stopped listener: a new one catches up from there.
+        self._resume_from: datetime | None = None
+        self._beats = 0
+        self._beat_at = float("-inf")
+        # Conversations the anti-entropy pass delivered (something else had missed them).
+        self.repairs = 0
+        # The feed_seq of each conversation's document as last seen (to see gaps).
+        self._seqs: OrderedDict[str, int] = OrderedDict()
         self._paths: OrderedDict[str, str] = OrderedDict()
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._closed = False
         self.reads = Reads()
+        # Documents written by transactions, by kind (conversation, message, user, ...).
+        self.writes: Counter[str] = Counter()
         # Clients replaced by recover(), with when: closed once no call can still use them.
         self._retired: list[tuple[float, Any]] = []
         # Serialises listen/unlisten (the supervisor and close may race on shutdown).
@@ -311,47 +363,106 @@ class FirestoreStore:
             raise StoreUnavailable(f"firestore did not answer ({what})") from e
         except _UNAVAILABLE as e:
             raise StoreUnavailable(f"firestore unavailable ({what}): {type(e).__name__}") from e
+        except gexc.InvalidArgument as e:  # a document over 1 MiB, a value out of range
+            raise Unstorable(f"firestore refused {what}: {type(e).__name__}") from e
         except gexc.GoogleAPICallError as e:
             raise StoreError(f"firestore refused {what}: {type(e).__name__}") from e
 
-    async def _transact(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """Run `fn(transaction)` in a transaction; run it again when contention aborts it.
+    async def _transact(
+        self,
+        what: str,
+        fn: Callable[[Any, _Stamps], Awaitable[T]],
+        changes: Callable[[T], Sequence[Change]] = lambda _: (),
+    ) -> T:
+        """Run `fn(transaction, stamps)` in a transaction; again when contention aborts it.
 
-        Once it commits, the conversations it wrote are on the change feed before this
-        returns, as with SQLite: a list read right after a write sees it (the listener's
-        echo, ~150 ms later, is then dropped as a version already delivered). When it
-        fails, the versions it marked local are forgotten: a commit that timed out here may
-        still have landed, and its echo must then be published like another instance's
-        change, or no dashboard would hear of it (the caller publishes only what it saved,
-        and the webhook's redelivery is a duplicate).
+        Once it commits, what it wrote is on the change feed before this returns, as with
+        SQLite: a list read right after a write sees it, and the dashboards are told. The
+        listener's echo (about 150 ms later) is then dropped as a version already
+        delivered. A commit that failed here but landed after all is delivered by its echo,
+        like another instance's write: one way or the other, every version once.
         """
-        marked: list[Conversation] = []
-        token = _MARKS.set(marked)
-        try:
-            result = await self._transact_once(what, fn)
-        except BaseException:
-            self._unmark([(c.id, c.updated_at) for c in marked])
-            raise
-        finally:
-            _MARKS.reset(token)
-        # A transaction function may have run more than once: its last run committed.
-        self._committed({c.id: c for c in marked}.values())
+        stamps = _Stamps()
+
+        async def attempt(tx: Any) -> T:
+            stamps.clear()  # a function run again after an abort: its last run commits
+            return await fn(tx, stamps)
+
+        result = await self._transact_once(what, attempt)
+        self._emit_local(changes(result), stamps)
         return result
 
     async def _transact_once(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """One transaction with every RPC bounded: begin, the reads in `fn`, commit and
+        rollback each get CALL_TIMEOUT_S and no hidden retries, and the whole is bounded by
+        OP_TIMEOUT_S. (The client library's transaction runner takes no retry or timeout:
+        its rollback retries for up to a minute, on the caller's time, even after the
+        caller gave up.) Contention (Aborted) is tried again, TRANSACTION_ATTEMPTS times,
+        keeping the first attempt's place in line as the library does."""
+        api = self._client._firestore_api
+        database = self._client._database_string
+        metadata = self._client._rpc_metadata
+        retry_id: bytes | None = None
         async with self._guard(what):
             for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+                tx = self._client.transaction()
+                options = tx._options_protobuf(retry_id)
+                begun = await api.begin_transaction(
+                    request={"database": database, "options": options},
+                    metadata=metadata,
+                    retry=None,
+                    timeout=CALL_TIMEOUT_S,
+                )
+                tx._id = begun.transaction
+                retry_id = retry_id or tx._id
                 try:
-                    result: T = await async_transactional(fn)(self._client.transaction())
+                    result = await fn(tx)
+                    await api.commit(
+                        request={
+                            "database": database,
+                            "writes": tx._write_pbs,
+                            "transaction": tx._id,
+                        },
+                        metadata=metadata,
+                        retry=None,
+                        timeout=CALL_TIMEOUT_S,
+                    )
                 except gexc.Aborted:
+                    await self._rollback(tx)
                     if attempt == TRANSACTION_ATTEMPTS:
                         raise
                     await asyncio.sleep(random.uniform(0.01, 0.05) * attempt)
                     continue
-                except ValueError as e:  # the client's "commit retries exhausted"
-                    raise StoreUnavailable(f"firestore transaction kept aborting ({what})") from e
+                except BaseException:
+                    await asyncio.shield(self._rollback(tx))
+                    raise
+                self._count_writes(tx._write_pbs)
+                tx._clean_up()
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _count_writes(self, write_pbs: Sequence[Any]) -> None:
+        """Count committed document writes by kind, as Firestore bills them."""
+        for pb in write_pbs:
+            if pb.update.name:
+                self.writes[_kind_of(pb.update.name)] += 1
+            else:  # deletes are billed apart, at a ninth of a write
+                self.writes[_kind_of(pb.delete) + " (delete)"] += 1
+
+    async def _rollback(self, tx: Any) -> None:
+        """Let Firestore release the transaction's locks at once (they expire anyway):
+        one try, bounded; it must never hold up the caller."""
+        try:
+            await self._client._firestore_api.rollback(
+                request={"database": self._client._database_string, "transaction": tx._id},
+                metadata=self._client._rpc_metadata,
+                retry=None,
+                timeout=ROLLBACK_TIMEOUT_S,
+            )
+        except Exception as e:
+            log.info("firestore.rollback_failed", error=type(e).__name__)
+        finally:
+            tx._clean_up()
 
     def _lock(self, user_id: str) -> asyncio.Lock:
         """The in-process lock serialising writes to one customer's documents."""
@@ -397,7 +508,7 @@ class FirestoreStore:
             await self._stop_feeds(self._feeds)
             if self._closed:
                 return
-            mark = datetime.now(UTC) - timedelta(milliseconds=MARK_MARGIN_MS)
+            mark = await self._server_time() - timedelta(milliseconds=MARK_MARGIN_MS)
             feed = await self._start_feed(mark)
             await self._first_snapshot(feed)
 
@@ -411,10 +522,12 @@ class FirestoreStore:
         """
         async with self._feed_lock:
             old = list(self._feeds)
-            if self._closed or not old:
+            last = (old[-1].read_time or old[-1].mark) if old else self._resume_from
+            if self._closed or last is None:
                 return
-            # Every commit up to the newest listener's last read time has been delivered.
-            feed = await self._start_feed(old[-1].read_time or old[-1].mark)
+            # Every commit up to the newest listener's last read time has been delivered,
+            # except one still landing with an earlier request time: hence the margin.
+            feed = await self._start_feed(last - timedelta(milliseconds=MARK_MARGIN_MS))
             try:
                 await self._first_snapshot(feed)
             except StoreUnavailable:
@@ -422,6 +535,90 @@ class FirestoreStore:
                 raise
             await self._stop_feeds(old)
             log.info("firestore.advanced", generation=feed.generation, mark=feed.mark.isoformat())
+
+    async def catch_up(self) -> None:
+        """Replace a listener that died or went silent by one that starts from its last
+        read time (less the margin): nothing is reloaded and nothing is missed."""
+        await self.advance()
+        self._beat_sent = None  # the new listener is judged on beats from now on
+        log.info("firestore.listener_replaced", generation=self._generation)
+
+    async def _server_time(self) -> datetime:
+        """Firestore's clock: the read time of a one-document read."""
+        async with self._guard("read the server's time"):
+            snap = await self._client.document(HEALTH_DOC).get(retry=None, timeout=PING_TIMEOUT_S)
+        self.reads.health += 1
+        read_time: datetime | None = snap.read_time
+        return read_time if read_time is not None else datetime.now(UTC)
+
+    @property
+    def stalled(self) -> bool:
+        """True when the listener has not delivered this instance's heartbeat for
+        STALL_AFTER_S: it says it streams but delivers nothing."""
+        sent = self._beat_sent
+        return (
+            sent is not None
+            and self._beat_seen < sent[0]
+            and time.monotonic() - sent[1] > STALL_AFTER_S
+        )
+
+    async def heartbeat(self) -> None:
+        """Write this instance's heartbeat (every HEARTBEAT_S) where its own listener must
+        see it."""
+        if time.monotonic() - self._beat_at < HEARTBEAT_S:
+            return
+        self._beat_at = time.monotonic()
+        self._beats += 1
+        beat = self._beats
+        ref = (
+            self._client.collection(HEARTBEATS)
+            .document(self.leases.owner)
+            .collection(CONVERSATIONS)
+            .document("heartbeat")
+        )
+        async with self._guard("heartbeat"):
+            await ref.set(
+                {"heartbeat": self.leases.owner, "beat": beat, FEED_AT: firestore.SERVER_TIMESTAMP},
+                retry=None,
+                timeout=PING_TIMEOUT_S,
+            )
+        if self._beat_sent is None or self._beat_seen >= self._beat_sent[0]:
+            # The clock of a stall starts at the oldest beat not yet seen.
+            self._beat_sent = (beat, time.monotonic())
+
+    async def repair(self) -> int:
+        """Anti-entropy: re-read the most recently committed conversations and deliver
+        any version this process never delivered (a path missed it). How many."""
+        query = (
+            self._client.collection_group(CONVERSATIONS)
+            .order_by(FEED_AT, direction=firestore.Query.DESCENDING)
+            .limit(REPAIR_READS)
+        )
+        async with self._guard("repair"):
+            docs = [d.to_dict() or {} for d in await query.get()]
+        self.reads.direct += max(1, len(docs))
+        repaired: list[Change] = []
+        for doc in docs:
+            if doc.get("heartbeat"):
+                continue
+            try:
+                conversation = rules.conversation_from_doc(doc)
+            except (KeyError, TypeError, ValueError):
+                continue
+            seen = self._versions.get(conversation.id)
+            if seen is not None and seen >= conversation.updated_at:
+                continue
+            if seen is None and now_ms() - conversation.updated_at < MARK_MARGIN_MS:
+                continue  # too recent to tell: the listener may still be bringing it
+            if self._first_delivery(conversation):
+                seq = doc.get(FEED_SEQ)
+                if isinstance(seq, int):
+                    self._note_seq(conversation.id, seq)
+                repaired.append(Change(conversation, missed=seen is not None))
+        if repaired and not self._closed:
+            self.repairs += len(repaired)
+            self._subscribers.emit(repaired)
+        return len(repaired)
 
     async def unlisten(self) -> None:
         """Stop the listener (during an outage its client would spin reconnecting)."""
@@ -460,6 +657,10 @@ class FirestoreStore:
     async def _stop_feeds(self, feeds: list[_Feed]) -> None:
         for feed in list(feeds):
             self._feeds.remove(feed)
+            # Where a later listener can pick up without a reload (catch_up).
+            last = feed.read_time or feed.mark
+            if self._resume_from is None or last > self._resume_from:
+                self._resume_from = last
             if not feed.first.done():
                 feed.first.set_exception(StoreUnavailable("the listener was stopped"))
                 feed.first.exception()  # retrieved: nobody may be waiting for it
@@ -501,6 +702,10 @@ class FirestoreStore:
         self.reads.listener += sum(1 for removed, _ in batch if not removed)
         changes: list[Change] = []
         for removed, doc in batch:
+            if doc and doc.get("heartbeat"):
+                if doc["heartbeat"] == self.leases.owner and isinstance(doc.get("beat"), int):
+                    self._beat_seen = max(self._beat_seen, doc["beat"])
+                continue
             change = self._change(removed, doc or {}, feed.started - MARK_MARGIN_MS)
             if change is not None:
                 changes.append(change)
@@ -510,32 +715,47 @@ class FirestoreStore:
             feed.first.set_result(None)
 
     def _change(self, removed: bool, doc: dict[str, Any], since: int) -> Change | None:
-        """The Change of one document; None for a malformed one or a version already seen.
+        """The Change of one document; None for a malformed one or one already delivered.
 
-        It carries the messages written since the version this process saw last (or, for a
-        conversation it has not seen yet, those stamped after `since`).
+        It carries the messages written after the last this process delivered (by the
+        document's message count; for a conversation it has not seen yet, those stamped
+        after `since`).
         """
         try:
             conversation = rules.conversation_from_doc(doc)
         except (KeyError, TypeError, ValueError) as e:
             log.warning("firestore.bad_document", error=repr(e))
             return None
-        if removed:  # deleted (a change never leaves `feed_at > mark`)
+        if removed or doc.get("deleted"):
+            # Marked deleted (a deletion goes through the feed first, so every instance
+            # hears of it however old the conversation), or gone: once either way.
+            if conversation.id in self._deleted:
+                return None
+            self._deleted[conversation.id] = None
+            if len(self._deleted) > VERSIONS_KEPT:
+                self._deleted.popitem(last=False)
             self._versions.pop(conversation.id, None)
+            self._seqs.pop(conversation.id, None)
             return Change(conversation, removed=True)
+        last_seq = self._seqs.get(conversation.id)
         seen = self._versions.get(conversation.id)
-        if not self._first_delivery(conversation):
+        missed = _missed(doc, last_seq)
+        messages = _feed_messages(doc, last_seq, since if seen is None else seen)
+        seq = doc.get(FEED_SEQ)
+        if isinstance(seq, int):
+            self._note_seq(conversation.id, seq)
+        if not self._first_delivery(conversation) and not messages:
             return None  # delivered already: by this process's commit, or another listener
-        key = (conversation.id, conversation.updated_at)
-        local = key in self._local
-        messages = _feed_messages(doc, since if seen is None else seen)
-        change = Change(conversation, local=local, messages=messages)
-        if local:
-            del self._local[key]
-            self._echoed[key] = change
-            if len(self._echoed) > ECHOES_KEPT:
-                self._echoed.popitem(last=False)
-        return change
+        return Change(conversation, messages=messages, missed=missed)
+
+    def _note_seq(self, conversation_id: str, seq: int) -> None:
+        """Remember the newest message count of a conversation this process delivered."""
+        last = self._seqs.get(conversation_id)
+        if last is None or seq > last:
+            self._seqs[conversation_id] = seq
+            self._seqs.move_to_end(conversation_id)
+            if len(self._seqs) > VERSIONS_KEPT:
+                self._seqs.popitem(last=False)
 
     def _first_delivery(self, conversation: Conversation) -> bool:
         """Record that this version reached the feed; False if it (or a newer one) had."""
@@ -548,46 +768,34 @@ class FirestoreStore:
             self._versions.popitem(last=False)
         return True
 
-    def _committed(self, conversations: Iterable[Conversation]) -> None:
-        """Put this process's committed writes on the feed at once (their echo comes later)."""
-        changes = []
-        for conversation in conversations:
-            self._local.pop((conversation.id, conversation.updated_at), None)
-            if self._first_delivery(conversation):  # unless its echo was quicker
-                changes.append(Change(conversation, local=True))
-        if changes and not self._closed:
-            self._subscribers.emit(changes)
+    def _emit_local(self, changes: Sequence[Change], stamps: _Stamps | None) -> None:
+        """Put this process's committed writes on the feed at once (their echo comes later
+        and is dropped), unless the echo was quicker.
 
-    def _unmark(self, marks: list[tuple[str, int]]) -> None:
-        """A write failed here, though it may have landed: its echo is nobody's to publish.
-
-        An echo still to come will count as another instance's change (published by the
-        warmer); one that already came as local is delivered again, as not local.
+        A write read its conversation in its transaction: when that version carried
+        messages this process never delivered (another instance wrote them and the
+        listener has not brought them yet), they would now never come, so open panes are
+        told to reload (`missed`).
         """
-        again: list[Change] = []
-        for key in marks:
-            if key in self._local:  # its echo has not come yet
-                del self._local[key]
+        out: list[Change] = []
+        for change in changes:
+            conversation = change.conversation
+            if change.removed:
+                if conversation.id not in self._deleted:
+                    self._deleted[conversation.id] = None
+                    out.append(change)
                 continue
-            echoed = self._echoed.pop(key, None)
-            if echoed is not None:
-                again.append(dataclasses.replace(echoed, local=False))
-        if again and not self._closed:
-            self._subscribers.emit(again)
-
-    def _remember_local(self, conversation: Conversation) -> None:
-        """Remember a version this process writes, so its echo on the feed counts as local.
-
-        `updated_at` grows strictly with every write of a conversation (rules.after_message,
-        and each write reads the previous version in its transaction), so two instances
-        never write the same (id, updated_at): the pair names this process's write exactly.
-        """
-        self._local[(conversation.id, conversation.updated_at)] = None
-        marked = _MARKS.get()
-        if marked is not None:
-            marked.append(conversation)
-        while len(self._local) > LOCAL_WRITES:
-            self._local.popitem(last=False)
+            stamp = stamps.get(conversation.id) if stamps is not None else None
+            missed = False
+            if stamp is not None:
+                read, written = stamp
+                last = self._seqs.get(conversation.id)
+                missed = last is not None and read > last
+                self._note_seq(conversation.id, written)
+            if self._first_delivery(conversation):
+                out.append(dataclasses.replace(change, missed=True) if missed else change)
+        if out and not self._closed:
+            self._subscribers.emit(out)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -660,6 +868,8 @@ class FirestoreStore:
     async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
         """How many conversations (with that status and assignee): one aggregation query."""
         query = self._filtered(status, assignee)
+        if status is None:  # not the heartbeats that share the collection group's name
+            query = query.where(filter=FieldFilter("status", "in", list(CONVERSATION_STATUSES)))
         async with self._guard("count"):
             result = await query.count(alias="n").get()
         n = int(result[0][0].value)
@@ -748,45 +958,97 @@ class FirestoreStore:
         self.reads.direct += max(1, len(snaps))
         return (snaps[0].to_dict() or {}) if snaps else {}
 
+    async def _customer(self, inbound: InboundMessage, tx: Any) -> tuple[str, Any]:
+        """The customer a message is from, and their user document (read in `tx`).
+
+        A number that is a user's id finds them at once (one read, needed anyway);
+        otherwise each identity the message carries is looked up; a customer found by
+        none is new, under the message's own id.
+        """
+        db = self._client
+        phone_user = next(
+            (i.split(":", 1)[1] for i in inbound.identities if i.startswith("phone:")), None
+        )
+        if phone_user is None and not inbound.identities:
+            phone_user = inbound.user_id
+        first = None
+        if phone_user is not None:
+            first = await db.collection(USERS).document(phone_user).get(transaction=tx)
+            self.reads.direct += 1
+            if first.exists:
+                return phone_user, first
+        for identity in inbound.identities:
+            found = await db.collection(IDENTITIES).document(identity).get(transaction=tx)
+            self.reads.direct += 1
+            user_id = found.get("user_id") if found.exists else None
+            if isinstance(user_id, str) and user_id:
+                user = await db.collection(USERS).document(user_id).get(transaction=tx)
+                self.reads.direct += 1
+                return user_id, user
+        if first is not None and phone_user == inbound.user_id:
+            return inbound.user_id, first  # a new customer, read above
+        user = await db.collection(USERS).document(inbound.user_id).get(transaction=tx)
+        self.reads.direct += 1
+        return inbound.user_id, user
+
+    def _task_ref(self, task_id: str) -> Any:
+        return self._client.collection(OUTBOX).document(task_id)
+
     async def save_inbound(self, inbound: InboundMessage) -> Saved | None:
-        """Store a customer's message and its summary in one transaction; None when a repeat."""
+        """Store a customer's message, its summary and the AI reply it owes in one
+        transaction; None when a repeat."""
         db = self._client
         message_id = message_id_for_wamid(inbound.wa_message_id)
         wamid_ref = db.collection(WAMIDS).document(message_id)
-        user_ref = db.collection(USERS).document(inbound.user_id)
 
-        async def write(tx: Any) -> Saved | None:
-            self.reads.direct += 1
-            user = await user_ref.get(transaction=tx)
+        async def write(tx: Any, stamps: _Stamps) -> Saved | None:
+            user_id, user = await self._customer(inbound, tx)
+            user_ref = db.collection(USERS).document(user_id)
+            customer = dataclasses.replace(inbound, user_id=user_id)
             previous = await self._latest_conversation(user_ref, user, tx)
             latest = rules.conversation_from_doc(previous) if previous else None
             now = now_ms()
             created = rules.needs_new_conversation(latest)
             if created or latest is None:
-                latest = rules.open_conversation(inbound, now)
+                latest = rules.open_conversation(customer, now, latest)
                 previous = {}
             else:
-                latest = latest.with_changes(user_name=inbound.user_name, phone=inbound.phone)
-            message = rules.inbound_message(inbound, latest.id)
+                latest = rules.with_customer(customer, latest)
+            message = rules.inbound_message(customer, latest.id)
             conversation = rules.after_message(latest, message, now)
             conversation_ref = user_ref.collection(CONVERSATIONS).document(conversation.id)
             message_ref = conversation_ref.collection(MESSAGES).document(message.id)
             self._remember_path(conversation.id, conversation_ref.path)
+            known = (user.to_dict() or {}).get("identities") if user.exists else None
+            known = set(known) if isinstance(known, list) else set()
+            fresh = [i for i in customer.identities if i not in known]
             profile: dict[str, Any] = {
-                "name": inbound.user_name,
-                "phone": inbound.phone,
-                "channel": inbound.channel,
+                "name": conversation.user_name,
+                "phone": conversation.phone,
+                "channel": customer.channel,
                 "latest_conversation_id": conversation.id,
             }
+            if fresh:
+                profile["identities"] = sorted(known | set(fresh))
             if not user.exists:
                 profile["created_at"] = now
-            self._remember_local(conversation)
-            tx.set(user_ref, profile, merge=True)
-            tx.set(conversation_ref, _document(conversation, previous, message, created))
+            held = user.to_dict() or {} if user.exists else {}
+            if any(held.get(k) != v for k, v in profile.items()):
+                tx.set(user_ref, profile, merge=True)  # only when it changes: a write each
+            for identity in fresh:
+                tx.set(db.collection(IDENTITIES).document(identity), {"user_id": user_id})
+            tx.set(
+                conversation_ref,
+                _document(conversation, previous, stamps, message, new_conversation=created),
+            )
             # create(): a redelivery racing this one fails the commit, never writes twice.
             tx.create(message_ref, rules.message_to_doc(message))
             tx.create(wamid_ref, {"path": message_ref.path})
-            return Saved(conversation, message, new_conversation=created)
+            task = None
+            if rules.wants_ai(conversation, message, self.ai_replies):
+                task = rules.ai_task(conversation, message, self.leases, now)
+                tx.set(self._task_ref(task.id), rules.task_to_doc(task))
+            return Saved(conversation, message, new_conversation=created, task=task)
 
         # A redelivery is caught by this plain read, outside the transaction: reading a
         # missing document inside one locks it, and the emulator then makes concurrent
@@ -799,7 +1061,7 @@ class FirestoreStore:
             return None
         try:
             async with self._lock(inbound.user_id):
-                return await self._transact("save inbound", write)
+                return await self._transact("save inbound", write, rules.saved_changes)
         except StoreError as e:
             if isinstance(e.__cause__, gexc.AlreadyExists):
                 return None
@@ -813,66 +1075,237 @@ class FirestoreStore:
         text: str,
         agent_id: str | None = None,
         take_over: bool = False,
+        answers: str | None = None,
+        failed: MessageError | None = None,
     ) -> Saved:
-        """Store an AI or agent reply as queued, with its summary, in one transaction."""
+        """Store a reply as queued with its send task (or a note, failed), in one
+        transaction."""
 
         path = await self._conversation_path(conversation_id)
+        ai_task_ref = self._task_ref(rules.ai_task_id(conversation_id))
 
-        async def write(tx: Any) -> Saved:
+        async def write(tx: Any, stamps: _Stamps) -> Saved:
             snap = await self._conversation_doc(conversation_id, tx)
+            ai_task = None
+            if answers is not None:
+                held = await ai_task_ref.get(transaction=tx)
+                self.reads.direct += 1
+                ai_task = rules.task_from_doc(held.to_dict()) if held.exists else None
             previous = snap.to_dict() or {}
             conversation = rules.conversation_from_doc(previous)
             rules.check_reply(conversation, sender)
+            rules.check_answer(ai_task, sender, answers)
             now = rules.reply_time(conversation, now_ms())
-            message = rules.outbound_message(conversation_id, sender, text, agent_id, now)
+            message = rules.outbound_message(conversation_id, sender, text, agent_id, now, failed)
             conversation = rules.after_message(conversation, message, now)
             if take_over:
                 conversation = conversation.with_changes(ai_enabled=False)
-            self._remember_local(conversation)
-            tx.set(snap.reference, _document(conversation, previous, message))
+            tx.set(snap.reference, _document(conversation, previous, stamps, message))
             tx.create(
                 snap.reference.collection(MESSAGES).document(message.id),
                 rules.message_to_doc(message),
             )
-            return Saved(conversation, message)
+            if answers is not None or sender == "agent":
+                tx.delete(ai_task_ref)  # answered, or an agent took over
+            task = None
+            if failed is None:
+                task = rules.send_task(message, self.leases, now)
+                tx.set(self._task_ref(task.id), rules.task_to_doc(task))
+            return Saved(conversation, message, task=task)
 
         async with self._lock(_user_of(path)):
-            return await self._transact("save outbound", write)
+            return await self._transact("save outbound", write, rules.saved_changes)
+
+    async def _message_ref(self, message_id: str) -> Any:
+        """A message's document reference, found by its id; NotFound if none."""
+        query = (
+            self._client.collection_group(MESSAGES)
+            .where(filter=FieldFilter("id", "==", message_id))
+            .limit(1)
+        )
+        async with self._guard("find message"):
+            found = await query.get()
+        self.reads.direct += max(1, len(found))
+        if not found:
+            raise NotFound(f"no message {message_id!r}")
+        return found[0].reference
+
+    async def get_message(self, message_id: str) -> Message:
+        """One message."""
+        ref = await self._message_ref(message_id)
+        async with self._guard("get message"):
+            snap = await ref.get()
+        self.reads.direct += 1
+        if not snap.exists:
+            raise NotFound(f"no message {message_id!r}")
+        return rules.message_from_doc(snap.to_dict())
+
+    async def _task_write(
+        self, what: str, task_id: str, change: Callable[[Task], Task | None]
+    ) -> Task | None:
+        """Read a task and write what `change` makes of it, in one transaction (None:
+        leave it as it is). The new task, or None."""
+        ref = self._task_ref(task_id)
+
+        async def write(tx: Any, stamps: _Stamps) -> Task | None:
+            snap = await ref.get(transaction=tx)
+            self.reads.direct += 1
+            if not snap.exists:
+                return None
+            updated = change(rules.task_from_doc(snap.to_dict()))
+            if updated is not None:
+                tx.set(ref, rules.task_to_doc(updated))
+            return updated
+
+        return await self._transact(what, write)
+
+    async def claim_tasks(self, *, limit: int, kind: TaskKind, steal: bool = False) -> list[Task]:
+        """Lease up to `limit` tasks whose lease ran out, each in its own transaction (so
+        two instances sweeping at once never take the same one)."""
+        now = now_ms()
+        query = self._client.collection(OUTBOX).where(filter=FieldFilter("kind", "==", kind))
+        if not steal:
+            query = query.where(filter=FieldFilter("lease_until", "<=", now))
+        query = query.order_by("lease_until").limit(limit)
+        async with self._guard("find due tasks"):
+            due = await query.get()
+        self.reads.direct += max(1, len(due))
+        owner = self.leases.owner
+
+        def take(task: Task) -> Task | None:
+            at = now_ms()
+            if not rules.claimable(task, owner, at, steal):
+                return None
+            return rules.leased(task, self.leases, at, attempts=task.attempts + 1)
+
+        claimed = []
+        for snap in due:
+            task = await self._task_write("claim task", snap.id, take)
+            if task is not None:
+                claimed.append(task)
+        return claimed
+
+    async def mark_sending(self, task: Task) -> bool:
+        """Record that the POST is about to start, while this process holds the task."""
+        owner = self.leases.owner
+
+        def sending(held: Task) -> Task | None:
+            at = now_ms()
+            if held.state != "pending" or not rules.claimable(held, owner, at, steal=False):
+                return None
+            return rules.leased(held, self.leases, at, state="sending")
+
+        return await self._task_write("mark sending", task.id, sending) is not None
+
+    async def renew_tasks(self, task_ids: Sequence[str]) -> None:
+        """Extend this process's leases on these tasks."""
+        owner = self.leases.owner
+        for task_id in task_ids:
+            await self._task_write(
+                "renew task",
+                task_id,
+                lambda held: (
+                    rules.leased(held, self.leases, now_ms()) if held.owner == owner else None
+                ),
+            )
+
+    async def release_tasks(self, task_ids: Sequence[str]) -> None:
+        """Give up this process's leases on these tasks."""
+        owner = self.leases.owner
+        for task_id in task_ids:
+            await self._task_write(
+                "release task",
+                task_id,
+                lambda held: (
+                    dataclasses.replace(held, lease_until=0) if held.owner == owner else None
+                ),
+            )
+
+    async def finish_task(self, task: Task) -> None:
+        """Drop the task if it is still the same one."""
+        ref = self._task_ref(task.id)
+
+        async def write(tx: Any, stamps: _Stamps) -> None:
+            snap = await ref.get(transaction=tx)
+            self.reads.direct += 1
+            if snap.exists and snap.get("message_id") == task.message_id:
+                tx.delete(ref)
+
+        await self._transact("finish task", write)
+
+    async def retry_send(self, message_id: str) -> Saved:
+        """Queue a failed reply again with a new send task."""
+        message_ref = await self._message_ref(message_id)
+        conversation_ref = message_ref.parent.parent
+
+        async def write(tx: Any, stamps: _Stamps) -> Saved:
+            snap = await message_ref.get(transaction=tx)
+            conversation_snap = await conversation_ref.get(transaction=tx)
+            self.reads.direct += 2
+            if not snap.exists or not conversation_snap.exists:
+                raise NotFound(f"no message {message_id!r}")
+            queued = rules.retried(rules.message_from_doc(snap.to_dict()))
+            previous = conversation_snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
+            after = rules.after_status(conversation, queued, now_ms())
+            tx.set(message_ref, rules.message_to_doc(queued))
+            tx.set(conversation_ref, _document(after, previous, stamps, queued, new=False))
+            task = rules.send_task(queued, self.leases, now_ms())
+            tx.set(self._task_ref(task.id), rules.task_to_doc(task))
+            return Saved(after, queued, task=task)
+
+        async with self._lock(_user_of(message_ref.path)):
+            return await self._transact(
+                "retry send",
+                write,
+                lambda s: rules.status_changes(StatusChange(s.conversation, s.message)),
+            )
 
     async def _deliver_status(
         self,
         tx: Any,
+        stamps: _Stamps,
         message_snap: Any,
         status: str,
         wa_message_id: str | None,
         error: MessageError | None,
+        finish: bool = False,
     ) -> StatusChange | None:
-        """Move a message's delivery status forward, and its conversation's tick with it."""
+        """Move a message's delivery status forward, and its conversation's tick with it
+        (`finish`: the send's outcome, which completes its task)."""
         if not message_snap.exists:
             return None
         message = rules.message_from_doc(message_snap.to_dict())
+        task_ref = self._task_ref(rules.send_task_id(message.id))
         updated = rules.with_delivery(message, status, wa_message_id, error)
         if updated is None:
+            if finish:
+                tx.delete(task_ref)
             return None
         conversation_ref = message_snap.reference.parent.parent
         conversation_snap = await conversation_ref.get(transaction=tx)
         self.reads.direct += 1
+        if finish:
+            tx.delete(task_ref)  # after the reads: a transaction reads before it writes
         if not conversation_snap.exists:
             return None
         previous = conversation_snap.to_dict() or {}
         conversation = rules.conversation_from_doc(previous)
-        after = rules.after_status(conversation, updated, now_ms())
+        now = now_ms()
+        after = rules.after_status(conversation, updated, now)
+        if after is conversation:
+            # Not its latest message: the list row stays, but the document still carries
+            # the tick (a new version), so other instances' open panes see it too.
+            after = conversation.with_changes(updated_at=max(now, conversation.updated_at + 1))
         tx.set(message_snap.reference, rules.message_to_doc(updated))
         if updated.wa_message_id and updated.wa_message_id != message.wa_message_id:
             wamid_ref = self._client.collection(WAMIDS).document(
                 message_id_for_wamid(updated.wa_message_id)
             )
             tx.set(wamid_ref, {"path": message_snap.reference.path})
-        if after is not conversation:
-            self._remember_local(after)
-            # Its latest message changed: the document carries it, error included, so
-            # other instances can show the new ticks in an open conversation too.
-            tx.set(conversation_ref, _document(after, previous, updated))
+        # The document carries the message, error included, so other instances can show
+        # the new ticks in an open conversation too.
+        tx.set(conversation_ref, _document(after, previous, stamps, updated, new=False))
         return StatusChange(after, updated)
 
     async def set_delivery(
@@ -894,7 +1327,9 @@ class FirestoreStore:
         self.reads.direct += max(1, len(found))
         if not found:
             return None
-        return await self._set_status(found[0].reference.path, status, wa_message_id, error)
+        return await self._set_status(
+            found[0].reference.path, status, wa_message_id, error, finish=True
+        )
 
     async def _set_status(
         self,
@@ -902,16 +1337,19 @@ class FirestoreStore:
         status: str,
         wa_message_id: str | None,
         error: MessageError | None,
+        finish: bool = False,
     ) -> StatusChange | None:
         message_ref = self._client.document(message_path)
 
-        async def write(tx: Any) -> StatusChange | None:
+        async def write(tx: Any, stamps: _Stamps) -> StatusChange | None:
             snap = await message_ref.get(transaction=tx)
             self.reads.direct += 1
-            return await self._deliver_status(tx, snap, status, wa_message_id, error)
+            return await self._deliver_status(
+                tx, stamps, snap, status, wa_message_id, error, finish
+            )
 
         async with self._lock(_user_of(message_path)):
-            return await self._transact("set status", write)
+            return await self._transact("set status", write, rules.status_changes)
 
     async def apply_status(
         self, wa_message_id: str, status: str, error: MessageError | None
@@ -939,7 +1377,7 @@ class FirestoreStore:
 
         path = await self._conversation_path(conversation_id)
 
-        async def write(tx: Any) -> Conversation:
+        async def write(tx: Any, stamps: _Stamps) -> Conversation:
             snap = await self._conversation_doc(conversation_id, tx)
             previous = snap.to_dict() or {}
             conversation = rules.conversation_from_doc(previous)
@@ -951,14 +1389,60 @@ class FirestoreStore:
                 mark_read=mark_read,
                 now=now_ms(),
             )
-            self._remember_local(updated)
             # The messages carried so far stay: a mark-read right after a message must
             # not take it away from instances whose listener merges the two writes.
-            tx.set(snap.reference, _document(updated, previous))
+            tx.set(snap.reference, _document(updated, previous, stamps))
             return updated
 
         async with self._lock(_user_of(path)):
-            return await self._transact("update conversation", write)
+            return await self._transact("update conversation", write, rules.conversation_changes)
+
+    async def delete_conversation(self, conversation_id: str) -> Conversation:
+        """Erase a conversation: first marked deleted through the feed (a new version, so
+        every instance's listener delivers it, however old the conversation), then its
+        messages, their WhatsApp-id pointers, its tasks and the document itself."""
+        path = await self._conversation_path(conversation_id)
+        conversation_ref = self._client.document(path)
+
+        async def mark(tx: Any, stamps: _Stamps) -> Conversation:
+            snap = await conversation_ref.get(transaction=tx)
+            self.reads.direct += 1
+            if not snap.exists:
+                raise NotFound(f"no conversation {conversation_id!r}")
+            previous = snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
+            gone = conversation.with_changes(updated_at=max(now_ms(), conversation.updated_at + 1))
+            doc = _document(gone, previous, stamps)
+            doc["deleted"] = True
+            tx.set(conversation_ref, doc)
+            return gone
+
+        async with self._lock(_user_of(path)):
+            conversation = await self._transact(
+                "delete conversation", mark, lambda c: [Change(c, removed=True)]
+            )
+        async with self._guard("delete messages"):
+            messages = await conversation_ref.collection(MESSAGES).get()
+        self.reads.direct += max(1, len(messages))
+        refs = [conversation_ref.collection(MESSAGES).document(m.id) for m in messages]
+        for m in messages:
+            data = m.to_dict() or {}
+            if data.get("wa_message_id"):
+                refs.append(
+                    self._client.collection(WAMIDS).document(
+                        message_id_for_wamid(data["wa_message_id"])
+                    )
+                )
+            refs.append(self._task_ref(rules.send_task_id(m.id)))
+        refs += [self._task_ref(rules.ai_task_id(conversation_id)), conversation_ref]
+        for start in range(0, len(refs), BATCH_WRITES):
+            batch = self._client.batch()
+            for ref in refs[start : start + BATCH_WRITES]:
+                batch.delete(ref)
+            async with self._guard("delete conversation"):
+                await batch.commit()
+        self._paths.pop(conversation_id, None)
+        return conversation
 
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]
@@ -985,8 +1469,7 @@ class FirestoreStore:
         # Written now: their version is newer than any an instance may hold from before.
         stamped = [c.with_changes(updated_at=max(c.updated_at, now)) for c in conversations]
         for c in stamped:
-            self._remember_local(c)
-            writes.append((self._conversation_ref(c.user_id, c.id), _document(c, {}), False))
+            writes.append((self._conversation_ref(c.user_id, c.id), _document(c, {}, None), False))
         for m in messages:
             ref = self._conversation_ref(owner[m.conversation_id], m.conversation_id)
             message_ref = ref.collection(MESSAGES).document(m.id)
@@ -1008,7 +1491,7 @@ class FirestoreStore:
         await asyncio.gather(
             *(commit(writes[i : i + BATCH_WRITES]) for i in range(0, len(writes), BATCH_WRITES))
         )
-        self._committed(stamped)
+        self._emit_local([Change(c, announce=False) for c in stamped], None)
         log.info(
             "firestore.imported",
             conversations=len(conversations),
@@ -1062,16 +1545,35 @@ def _close_channel(client: Any) -> None:
         client._firestore_api.transport.close()
 
 
+def _kind_of(path: str) -> str:
+    """The kind of document a path names: its collection, messages apart from their
+    conversation."""
+    parts = path.split("/documents/", 1)[-1].split("/")
+    return parts[-2] if len(parts) >= 2 else "unknown"
+
+
 def _user_of(path: str) -> str:
     """The user id in a document path under users/{user_id}/..."""
     return path.split("/", 2)[1]
 
 
+class _Stamps(dict[str, tuple[int, int]]):
+    """What one transaction did to its conversations' message counts: for each, the count
+    it read and the count it wrote (`feed_seq`). Passed to the write, returned with it."""
+
+    def wrote(self, conversation_id: str, read: int, written: int) -> None:
+        """Record a conversation document written by this transaction."""
+        self[conversation_id] = (read, written)
+
+
 def _document(
     conversation: Conversation,
     previous: dict[str, Any],
+    stamps: _Stamps | None,
     message: Message | None = None,
+    *,
     new_conversation: bool = False,
+    new: bool = True,
 ) -> dict[str, Any]:
     """A conversation's document, carrying its latest messages whole for other instances.
 
@@ -1082,34 +1584,84 @@ def _document(
     doc = rules.conversation_to_doc(conversation)
     carried = previous.get("feed_messages")
     entries = [e for e in carried if isinstance(e, dict)] if isinstance(carried, list) else []
+    read = previous.get(FEED_SEQ)
+    read = read if isinstance(read, int) else 0
+    seq = read
     if message is not None:
+        seq += 1
+        carried = rules.message_to_doc(message)
+        if message.text is not None and len(message.text) > FEED_TEXT_CHARS:
+            # A document holds at most 1 MiB; five long texts must not reach it. Another
+            # instance gets the start and has open panes read the whole message.
+            carried["text"] = message.text[:FEED_TEXT_CHARS]
+            carried["truncated"] = True
         entries.append(
             {
-                "message": rules.message_to_doc(message),
+                "message": carried,
+                "new": new,
                 "new_conversation": new_conversation,
                 "version": conversation.updated_at,
+                "seq": seq,
             }
         )
     doc["feed_messages"] = entries[-FEED_MESSAGES_KEPT:]
+    doc[FEED_SEQ] = seq
+    if stamps is not None:
+        stamps.wrote(conversation.id, read, seq)
     doc[FEED_AT] = firestore.SERVER_TIMESTAMP
     return doc
 
 
-def _feed_messages(doc: dict[str, Any], after: int) -> tuple[FeedMessage, ...]:
-    """The messages a conversation's document carries from versions newer than `after`."""
+def _feed_messages(
+    doc: dict[str, Any], after_seq: int | None, after_version: int
+) -> tuple[FeedMessage, ...]:
+    """The messages a conversation's document carries that were written after message
+    count `after_seq` (or, where counts are unknown, after version `after_version`)."""
     carried = doc.get("feed_messages")
     if not isinstance(carried, list):
         return ()
     out: list[FeedMessage] = []
     for entry in carried:
         try:
-            if int(entry["version"]) <= after:
+            seq = entry.get("seq")
+            if after_seq is not None and isinstance(seq, int):
+                if seq <= after_seq:
+                    continue
+            elif int(entry["version"]) <= after_version:
                 continue
             message = rules.message_from_doc(entry["message"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue  # one malformed entry must not hide the others
-        out.append(FeedMessage(message, bool(entry.get("new_conversation"))))
+        new = entry.get("new")
+        if not isinstance(new, bool):  # written before entries said so
+            new = message.status in ("received", "queued")
+        out.append(
+            FeedMessage(message, new=new, new_conversation=bool(entry.get("new_conversation")))
+        )
     return tuple(out)
+
+
+def _missed(doc: dict[str, Any], last_seq: int | None) -> bool:
+    """True when message writes happened between the last one this process saw and the
+    oldest the document still carries (more were merged into one change than it keeps),
+    or one it carries lost the end of a long text."""
+    seq = doc.get(FEED_SEQ)
+    carried = doc.get("feed_messages")
+    if isinstance(carried, list) and any(
+        isinstance(e, dict)
+        and isinstance(e.get("message"), dict)
+        and e["message"].get("truncated")
+        and (last_seq is None or not isinstance(e.get("seq"), int) or e["seq"] > last_seq)
+        for e in carried
+    ):
+        return True
+    if last_seq is None or not isinstance(seq, int) or seq <= last_seq:
+        return False
+    kept = (
+        [e.get("seq") for e in carried if isinstance(e, dict)] if isinstance(carried, list) else []
+    )
+    oldest = min((s for s in kept if isinstance(s, int)), default=seq + 1)
+    return oldest > last_seq + 1
 
 
 def _conversations(docs: Any) -> list[Conversation]:

@@ -17,7 +17,32 @@ from server.models import (
     Message,
     MessageError,
 )
-from server.store.base import AiDisabled, InboundMessage, Unset, message_id_for_wamid, new_id
+from server.store.base import (
+    AiDisabled,
+    Change,
+    FeedMessage,
+    InboundMessage,
+    Leases,
+    NotRetryable,
+    Saved,
+    StatusChange,
+    Superseded,
+    Task,
+    Unset,
+    message_id_for_wamid,
+    new_id,
+)
+
+# Messages that call for no answer of their own: a reaction is a reaction, and a system
+# notice (the customer changed their number) was not written by the customer.
+NO_REPLY_TYPES = frozenset({"reaction", "system"})
+# What a send cut off mid-POST is marked with: WhatsApp has no idempotency key, so it may
+# or may not have gone out; an agent decides whether to send it again.
+INTERRUPTED = MessageError(
+    code="interrupted",
+    title="Sending was interrupted (the server stopped): it may not have reached the customer."
+    " Retry to send it again.",
+)
 
 
 def is_forward(current: str, new: str) -> bool:
@@ -42,13 +67,17 @@ def inbound_message(inbound: InboundMessage, conversation_id: str) -> Message:
     )
 
 
-def open_conversation(inbound: InboundMessage, now: int) -> Conversation:
-    """A new open conversation for a customer who has none open."""
+def open_conversation(
+    inbound: InboundMessage, now: int, previous: Conversation | None = None
+) -> Conversation:
+    """A new open conversation for a customer who has none open (their name and number as
+    known from their previous conversation when this message does not say)."""
+    name, phone = customer(inbound, previous)
     return Conversation(
         id=new_id("c", now),
         user_id=inbound.user_id,
-        user_name=inbound.user_name,
-        phone=inbound.phone,
+        user_name=name,
+        phone=phone,
         channel=inbound.channel,
         status="open",
         unread_count=0,
@@ -59,6 +88,22 @@ def open_conversation(inbound: InboundMessage, now: int) -> Conversation:
         last_message=None,
         updated_at=now,
     )
+
+
+def customer(inbound: InboundMessage, known: Conversation | None) -> tuple[str, str]:
+    """The customer's name and number after this message: what it says, else what is
+    known (a system message carries no name; a customer with a username, no number)."""
+    if known is None:
+        return inbound.display_name, inbound.phone
+    return inbound.user_name or known.user_name, inbound.phone or known.phone
+
+
+def with_customer(inbound: InboundMessage, conversation: Conversation) -> Conversation:
+    """The conversation with the customer's name and number as this message tells them."""
+    name, phone = customer(inbound, conversation)
+    if (name, phone) == (conversation.user_name, conversation.phone):
+        return conversation
+    return conversation.with_changes(user_name=name, phone=phone)
 
 
 def needs_new_conversation(latest: Conversation | None) -> bool:
@@ -126,9 +171,15 @@ def reply_time(conversation: Conversation, now: int) -> int:
 
 
 def outbound_message(
-    conversation_id: str, sender: str, text: str, agent_id: str | None, now: int
+    conversation_id: str,
+    sender: str,
+    text: str,
+    agent_id: str | None,
+    now: int,
+    failed: MessageError | None = None,
 ) -> Message:
-    """The stored form of an AI or agent reply, queued for WhatsApp."""
+    """The stored form of an AI or agent reply, queued for WhatsApp (or a note that is
+    never sent, stored failed with why)."""
     return Message(
         id=new_id("m", now),
         conversation_id=conversation_id,
@@ -137,8 +188,120 @@ def outbound_message(
         type="text",
         text=text,
         at=now,
-        status="queued",
+        status="failed" if failed else "queued",
         agent_id=agent_id,
+        error=failed,
+    )
+
+
+# -- the outbox: work a commit owes, recorded in the same transaction -----------------
+
+
+def ai_task_id(conversation_id: str) -> str:
+    """One AI task per conversation: a newer message of the customer's replaces the older
+    one's, so a burst gets one answer that sees it all."""
+    return f"ai:{conversation_id}"
+
+
+def send_task_id(message_id: str) -> str:
+    """One send task per outbound message."""
+    return f"send:{message_id}"
+
+
+def wants_ai(conversation: Conversation, message: Message, ai_replies: bool) -> bool:
+    """Whether a customer's message calls for an AI reply."""
+    return ai_replies and conversation.ai_enabled and message.type not in NO_REPLY_TYPES
+
+
+def ai_task(conversation: Conversation, message: Message, leases: Leases, now: int) -> Task:
+    """The AI reply a customer's message owes, leased to this process."""
+    return Task(
+        id=ai_task_id(conversation.id),
+        kind="ai",
+        conversation_id=conversation.id,
+        message_id=message.id,
+        state="pending",
+        owner=leases.owner,
+        lease_until=now + leases.lease_ms,
+        created_at=now,
+    )
+
+
+def send_task(message: Message, leases: Leases, now: int) -> Task:
+    """The WhatsApp send a stored reply owes, leased to this process."""
+    return Task(
+        id=send_task_id(message.id),
+        kind="send",
+        conversation_id=message.conversation_id,
+        message_id=message.id,
+        state="pending",
+        owner=leases.owner,
+        lease_until=now + leases.lease_ms,
+        created_at=now,
+    )
+
+
+def check_answer(task: Task | None, sender: str, answers: str | None) -> None:
+    """An AI reply (or the note of its failure) is stored only while it answers the
+    conversation's pending AI task: a newer message, or another instance, may have taken it."""
+    if sender == "agent" or answers is None:
+        return
+    if task is None or task.message_id != answers:
+        raise Superseded("a newer message is waiting for the AI, or it was answered")
+
+
+def claimable(task: Task, owner: str, now: int, steal: bool) -> bool:
+    """Whether this process may take the task: its lease ran out (or it is ours, or the
+    store is ours alone and every lease in it is from a process that has ended)."""
+    return steal or task.owner == owner or task.lease_until <= now
+
+
+def leased(task: Task, leases: Leases, now: int, **changes: object) -> Task:
+    """The task held by this process for another lease."""
+    return replace(
+        task,
+        owner=leases.owner,
+        lease_until=now + leases.lease_ms,
+        **changes,  # type: ignore[arg-type]
+    )
+
+
+def retried(message: Message) -> Message:
+    """A failed reply queued again for sending; only a failed (or unsent) reply can be."""
+    if message.direction != "out" or message.sender not in ("agent", "ai"):
+        raise NotRetryable("only an agent's or the AI's reply can be sent again")
+    if message.status not in ("failed", "not_sent"):
+        raise NotRetryable(f"the reply is {message.status}, not failed")
+    return replace(message, status="queued", error=None, attempt=message.attempt + 1)
+
+
+def task_to_doc(task: Task) -> dict[str, Any]:
+    """A task as a flat document."""
+    return {
+        "id": task.id,
+        "kind": task.kind,
+        "conversation_id": task.conversation_id,
+        "message_id": task.message_id,
+        "state": task.state,
+        "owner": task.owner,
+        "lease_until": task.lease_until,
+        "created_at": task.created_at,
+        "attempts": task.attempts,
+    }
+
+
+def task_from_doc(d: dict[str, Any]) -> Task:
+    """A task from its flat document."""
+    return Task(
+        id=d["id"],
+        kind=d["kind"],
+        conversation_id=d["conversation_id"],
+        message_id=d["message_id"],
+        state=d["state"],
+        owner=d.get("owner") or "",
+        lease_until=int(d.get("lease_until") or 0),
+        created_at=int(d.get("created_at") or 0),
+        attempts=int(d.get("attempts") or 0),
     )
 
 
@@ -164,6 +327,29 @@ def with_delivery(
         wa_message_id=wa_message_id or message.wa_message_id,
         error=error if error is not None else message.error,
     )
+
+
+# -- what each write tells the change feed (both stores) -------------------------------
+
+
+def saved_changes(saved: Saved | None) -> list[Change]:
+    """A new message (a customer's, a reply, a note) and its conversation."""
+    if saved is None:
+        return []
+    carried = FeedMessage(saved.message, new=True, new_conversation=saved.new_conversation)
+    return [Change(saved.conversation, messages=(carried,))]
+
+
+def status_changes(change: StatusChange | None) -> list[Change]:
+    """A message's new delivery status (its conversation's tick, when it is the latest)."""
+    if change is None:
+        return []
+    return [Change(change.conversation, messages=(FeedMessage(change.message, new=False),))]
+
+
+def conversation_changes(conversation: Conversation) -> list[Change]:
+    """A conversation changed by an agent (read, status, AI switch, assignee)."""
+    return [Change(conversation)]
 
 
 # The flat document form shared by both stores: plain JSON types, times as integer ms.
@@ -249,6 +435,7 @@ def message_to_doc(m: Message) -> dict[str, Any]:
         "error": m.error.to_json() if m.error else None,
         "wa_message_id": m.wa_message_id,
         "extra": m.extra,
+        "attempt": m.attempt,
     }
 
 
@@ -270,4 +457,5 @@ def message_from_doc(d: dict[str, Any]) -> Message:
         error=MessageError(code=error["code"], title=error["title"]) if error else None,
         wa_message_id=d.get("wa_message_id"),
         extra=d.get("extra"),
+        attempt=int(d.get("attempt") or 0),
     )

@@ -7,11 +7,13 @@ After each commit the store calls its listeners on the event loop: that is the c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import fcntl
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import orjson
 import structlog
@@ -24,10 +26,13 @@ from server.store.base import (
     ChangeFeed,
     ChangeListener,
     InboundMessage,
+    Leases,
     NotFound,
     Saved,
     StatusChange,
     StoreUnavailable,
+    Task,
+    TaskKind,
     UnknownMessage,
     Unset,
 )
@@ -66,6 +71,18 @@ CREATE TABLE IF NOT EXISTS messages (
     doc TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, at DESC, id DESC);
+CREATE TABLE IF NOT EXISTS user_identities (
+    identity TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    lease_until INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_by_lease ON outbox (kind, lease_until);
 """
 
 
@@ -85,13 +102,22 @@ def _where_assignee(where: list[str], args: list[Any], assignee: str | Unset | N
         args.append(assignee)
 
 
+def _no_changes(_: object) -> list[Change]:
+    return []
+
+
 class SqliteStore:
     """ChatStore on an embedded SQLite file (or ':memory:')."""
 
     name = "sqlite"
+    exclusive = True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, leases: Leases | None = None, *, ai_replies: bool = True) -> None:
         self.path = path
+        self.leases = leases or Leases()
+        # Whether customers' messages owe an AI reply (no task is recorded when the AI is off).
+        self.ai_replies = ai_replies
+        self._lock_file: IO[bytes] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
         self._subscribers = ChangeFeed()
@@ -106,16 +132,33 @@ class SqliteStore:
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the database, set WAL mode and create the schema."""
+        """Lock the file for this process, open it in WAL mode and create the schema."""
         self._loop = asyncio.get_running_loop()
+        await self._run(self._lock)
         await self._run(self._open)
+
+    def _lock(self) -> None:
+        """One server per database file: its leases are then all this process's, and a
+        second server on the same file would send every queued reply twice. The lock is
+        the kernel's (flock): it goes with the process, even on kill -9."""
+        if self.path == ":memory:" or self.path.startswith("file:"):
+            return
+        handle = open(self.path + ".lock", "wb")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            handle.close()
+            raise StoreUnavailable(f"another server is using {self.path}") from e
+        self._lock_file = handle
 
     def _open(self) -> None:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable across application crashes in WAL mode; only a power cut can
-        # lose the last transactions, and Meta redelivers any webhook we did not answer.
-        conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit is on the disk (fsync of the WAL) before the webhook is answered
+        # 200; Meta never redelivers what was answered, so NORMAL's window (the last
+        # commits lost on a power cut) would lose customers' messages. Group commit keeps
+        # it one fsync per batch of writes (docs/BENCHMARKS.md has the figures).
+        conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
@@ -128,6 +171,9 @@ class SqliteStore:
             await self._run(self._conn.close)
             self._conn = None
         await asyncio.to_thread(self._executor.shutdown, wait=True)
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the flock
+            self._lock_file = None
 
     async def ping(self) -> None:
         """Raise StoreUnavailable when the database cannot answer."""
@@ -336,8 +382,51 @@ class SqliteStore:
             else:
                 future.set_result(result)
 
+    def _user_for(self, inbound: InboundMessage) -> str:
+        """The customer a message is from: whoever one of its identities already names,
+        else a new customer under the message's own id. Every identity it carries is
+        remembered for that customer, so a later message addressing them either way (a
+        number, a business-scoped user id, or both) lands in the same conversation."""
+        db = self._db
+        identities = inbound.identities or (f"phone:{inbound.user_id}",)
+        user_id = inbound.user_id
+        for identity in identities:
+            row = db.execute(
+                "SELECT user_id FROM user_identities WHERE identity = ?", (identity,)
+            ).fetchone()
+            if row is not None:
+                user_id = row[0]
+                break
+        db.executemany(
+            "INSERT OR IGNORE INTO user_identities (identity, user_id) VALUES (?, ?)",
+            [(identity, user_id) for identity in identities],
+        )
+        return user_id
+
+    def _put_task(self, task: Task) -> None:
+        self._db.execute(
+            "INSERT INTO outbox (id, kind, lease_until, created_at, doc) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET lease_until = excluded.lease_until,"
+            " doc = excluded.doc",
+            (
+                task.id,
+                task.kind,
+                task.lease_until,
+                task.created_at,
+                _dump(rules.task_to_doc(task)),
+            ),
+        )
+
+    def _task(self, task_id: str) -> Task | None:
+        row = self._db.execute("SELECT doc FROM outbox WHERE id = ?", (task_id,)).fetchone()
+        return rules.task_from_doc(orjson.loads(row[0])) if row else None
+
+    def _drop_task(self, task_id: str) -> None:
+        self._db.execute("DELETE FROM outbox WHERE id = ?", (task_id,))
+
     async def save_inbound(self, inbound: InboundMessage) -> Saved | None:
-        """Store a customer's message and its summary in one transaction."""
+        """Store a customer's message, its summary and the AI reply it owes in one
+        transaction."""
 
         def write() -> Saved | None:
             db = self._db
@@ -346,29 +435,34 @@ class SqliteStore:
             ).fetchone():
                 return None
             now = now_ms()
-            db.execute(
-                "INSERT INTO users (id, name, phone, channel, created_at) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT(id) DO UPDATE SET name = excluded.name, phone = excluded.phone",
-                (inbound.user_id, inbound.user_name, inbound.phone, inbound.channel, now),
-            )
+            customer = dataclasses.replace(inbound, user_id=self._user_for(inbound))
             row = db.execute(
                 "SELECT doc FROM conversations WHERE user_id = ?"
                 " ORDER BY created_at DESC, id DESC LIMIT 1",
-                (inbound.user_id,),
+                (customer.user_id,),
             ).fetchone()
             latest = rules.conversation_from_doc(orjson.loads(row[0])) if row else None
             created = rules.needs_new_conversation(latest)
             if created or latest is None:
-                latest = rules.open_conversation(inbound, now)
+                latest = rules.open_conversation(customer, now, latest)
             else:
-                latest = latest.with_changes(user_name=inbound.user_name, phone=inbound.phone)
-            message = rules.inbound_message(inbound, latest.id)
+                latest = rules.with_customer(customer, latest)
+            db.execute(
+                "INSERT INTO users (id, name, phone, channel, created_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT(id) DO UPDATE SET name = excluded.name, phone = excluded.phone",
+                (customer.user_id, latest.user_name, latest.phone, customer.channel, now),
+            )
+            message = rules.inbound_message(customer, latest.id)
             conversation = rules.after_message(latest, message, now)
             self._put_conversation(conversation)
             self._put_message(message, insert=True)
-            return Saved(conversation, message, new_conversation=created)
+            task = None
+            if rules.wants_ai(conversation, message, self.ai_replies):
+                task = rules.ai_task(conversation, message, self.leases, now)
+                self._put_task(task)
+            return Saved(conversation, message, new_conversation=created, task=task)
 
-        return await self._write(write, lambda s: [Change(s.conversation, local=True)] if s else [])
+        return await self._write(write, rules.saved_changes)
 
     async def save_outbound(
         self,
@@ -378,22 +472,134 @@ class SqliteStore:
         text: str,
         agent_id: str | None = None,
         take_over: bool = False,
+        answers: str | None = None,
+        failed: MessageError | None = None,
     ) -> Saved:
-        """Store an AI or agent reply as queued."""
+        """Store a reply as queued with its send task (or a note, failed), in one write."""
 
         def write() -> Saved:
             conversation = self._conversation(conversation_id)
+            ai_task_id = rules.ai_task_id(conversation_id)
             rules.check_reply(conversation, sender)
+            rules.check_answer(self._task(ai_task_id), sender, answers)
             now = rules.reply_time(conversation, now_ms())
-            message = rules.outbound_message(conversation_id, sender, text, agent_id, now)
+            message = rules.outbound_message(conversation_id, sender, text, agent_id, now, failed)
             conversation = rules.after_message(conversation, message, now)
             if take_over:
                 conversation = conversation.with_changes(ai_enabled=False)
             self._put_conversation(conversation)
             self._put_message(message, insert=True)
-            return Saved(conversation, message)
+            if answers is not None or sender == "agent":
+                self._drop_task(ai_task_id)  # answered, or an agent took over
+            task = None
+            if failed is None:
+                task = rules.send_task(message, self.leases, now)
+                self._put_task(task)
+            return Saved(conversation, message, task=task)
 
-        return await self._write(write, lambda s: [Change(s.conversation, local=True)])
+        return await self._write(write, rules.saved_changes)
+
+    async def get_message(self, message_id: str) -> Message:
+        """One message."""
+
+        def read() -> Message:
+            message = self._message("id", message_id)
+            if message is None:
+                raise NotFound(f"no message {message_id!r}")
+            return message
+
+        return await self._run(read)
+
+    async def claim_tasks(self, *, limit: int, kind: TaskKind, steal: bool = False) -> list[Task]:
+        """Lease up to `limit` tasks whose lease ran out (all of them with `steal`)."""
+
+        def write() -> list[Task]:
+            now = now_ms()
+            sql = "SELECT doc FROM outbox WHERE kind = ?"
+            args: list[Any] = [kind]
+            if not steal:
+                sql += " AND lease_until <= ?"
+                args.append(now)
+            sql += " ORDER BY created_at, id LIMIT ?"
+            rows = self._db.execute(sql, [*args, limit]).fetchall()
+            claimed = []
+            for (doc,) in rows:
+                task = rules.task_from_doc(orjson.loads(doc))
+                task = rules.leased(task, self.leases, now, attempts=task.attempts + 1)
+                self._put_task(task)
+                claimed.append(task)
+            return claimed
+
+        return await self._write(write, _no_changes)
+
+    async def mark_sending(self, task: Task) -> bool:
+        """Record that the POST is about to start, while this process holds the task."""
+
+        def write() -> bool:
+            now = now_ms()
+            held = self._task(task.id)
+            if held is None or held.state != "pending":
+                return False
+            if not rules.claimable(held, self.leases.owner, now, steal=False):
+                return False
+            self._put_task(rules.leased(held, self.leases, now, state="sending"))
+            return True
+
+        return await self._write(write, _no_changes)
+
+    async def renew_tasks(self, task_ids: Sequence[str]) -> None:
+        """Extend this process's leases on these tasks."""
+
+        def write() -> None:
+            now = now_ms()
+            for task_id in task_ids:
+                held = self._task(task_id)
+                if held is not None and held.owner == self.leases.owner:
+                    self._put_task(rules.leased(held, self.leases, now))
+
+        await self._write(write, _no_changes)
+
+    async def release_tasks(self, task_ids: Sequence[str]) -> None:
+        """Give up this process's leases on these tasks."""
+
+        def write() -> None:
+            for task_id in task_ids:
+                held = self._task(task_id)
+                if held is not None and held.owner == self.leases.owner:
+                    self._put_task(dataclasses.replace(held, lease_until=0))
+
+        await self._write(write, _no_changes)
+
+    async def finish_task(self, task: Task) -> None:
+        """Drop the task if it is still the same one."""
+
+        def write() -> None:
+            held = self._task(task.id)
+            if held is not None and held.message_id == task.message_id:
+                self._drop_task(task.id)
+
+        await self._write(write, _no_changes)
+
+    async def retry_send(self, message_id: str) -> Saved:
+        """Queue a failed reply again with a new send task."""
+
+        def write() -> Saved:
+            message = self._message("id", message_id)
+            if message is None:
+                raise NotFound(f"no message {message_id!r}")
+            queued = rules.retried(message)
+            self._put_message(queued, insert=False)
+            conversation = self._conversation(message.conversation_id)
+            after = rules.after_status(conversation, queued, now_ms())
+            if after is not conversation:
+                self._put_conversation(after)
+            task = rules.send_task(queued, self.leases, now_ms())
+            self._put_task(task)
+            return Saved(after, queued, task=task)
+
+        return await self._write(
+            write, lambda s: rules.status_changes(StatusChange(s.conversation, s.message))
+        )
 
     def _message(self, where: str, arg: str) -> Message | None:
         row = self._db.execute(f"SELECT doc FROM messages WHERE {where} = ?", (arg,)).fetchone()
@@ -408,6 +614,8 @@ class SqliteStore:
     ) -> StatusChange | None:
         if message is None:
             return None
+        if message.direction == "out" and status != "queued":
+            self._drop_task(rules.send_task_id(message.id))  # the send's outcome is in
         updated = rules.with_delivery(message, status, wa_message_id, error)
         if updated is None:
             return None
@@ -417,18 +625,6 @@ class SqliteStore:
         if after is not conversation:
             self._put_conversation(after)
         return StatusChange(after, updated)
-
-    @staticmethod
-    def _status_changes(result: StatusChange | None) -> list[Change]:
-        if result is None:
-            return []
-        last = result.conversation.last_message
-        # Only the list's tick changed when this was the last message; otherwise nothing.
-        return (
-            [Change(result.conversation, local=True)]
-            if last and last.id == result.message.id
-            else []
-        )
 
     async def set_delivery(
         self,
@@ -441,7 +637,7 @@ class SqliteStore:
         """Record the outcome of sending an outbound message."""
         return await self._write(
             lambda: self._deliver(self._message("id", message_id), status, wa_message_id, error),
-            self._status_changes,
+            rules.status_changes,
         )
 
     async def apply_status(
@@ -455,7 +651,7 @@ class SqliteStore:
                 raise UnknownMessage(f"no message with WhatsApp id {wa_message_id!r}")
             return self._deliver(message, status, None, error)
 
-        return await self._write(write, self._status_changes)
+        return await self._write(write, rules.status_changes)
 
     async def update_conversation(
         self,
@@ -481,7 +677,30 @@ class SqliteStore:
             self._put_conversation(updated)
             return updated
 
-        return await self._write(write, lambda c: [Change(c, local=True)])
+        return await self._write(write, rules.conversation_changes)
+
+    async def delete_conversation(self, conversation_id: str) -> Conversation:
+        """Erase a conversation, its messages and their tasks in one transaction."""
+
+        def write() -> Conversation:
+            conversation = self._conversation(conversation_id)
+            db = self._db
+            message_ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM messages WHERE conversation_id = ?", (conversation_id,)
+                )
+            ]
+            db.executemany(
+                "DELETE FROM outbox WHERE id = ?",
+                [(rules.send_task_id(m),) for m in message_ids]
+                + [(rules.ai_task_id(conversation_id),)],
+            )
+            db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+            return conversation
+
+        return await self._write(write, lambda c: [Change(c, removed=True)])
 
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]
@@ -519,4 +738,4 @@ class SqliteStore:
                 ],
             )
 
-        await self._write(write, lambda _: [Change(c, local=True) for c in conversations])
+        await self._write(write, lambda _: [Change(c, announce=False) for c in conversations])

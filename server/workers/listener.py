@@ -1,6 +1,6 @@
 """The listener's supervisor: keeps a store's realtime listener alive, and honest when it is not.
 
-The Firestore client's listener cannot be trusted to look after itself (DESIGN.md): on a lost
+The Firestore client's listener cannot be trusted to look after itself: on a lost
 connection it reconnects in a tight loop that burns a whole core, and errors it does not
 retry close it without telling anyone. So the supervisor
 
@@ -8,9 +8,15 @@ retry close it without telling anyone. So the supervisor
 - checks every CHECK_INTERVAL_S that the listener is still streaming and that the store
   answers a one-document health read, and moves the listener on to a newer start when
   its result set has grown (the store hands over with no gap);
-- on a failure marks the snapshot stale (pages are still served, with `"stale": true`,
-  and /readyz reports degraded), stops the listener so it cannot spin, and probes the store
-  with exponential backoff and jitter;
+- writes a heartbeat that the listener must deliver back; a listener that died, or went
+  silent while it says it streams, is replaced by one that catches up from its last read
+  time: a blip costs no reload and no `resync`;
+- every REPAIR_EVERY_S re-reads the most recently committed conversations and delivers
+  any version some path missed (anti-entropy, counted in `firestore.repaired`);
+- only after OUTAGE_AFTER consecutive failures declares an outage: marks the snapshot
+  stale (pages are still served, with `"stale": true`, and /readyz says degraded), stops
+  the listener so it cannot spin, and probes the store with exponential backoff and
+  jitter;
 - once the store answers, listens again, reloads the snapshot and tells every SSE client to
   `resync` (events during the outage were never seen here, so they cannot be replayed).
 """
@@ -19,14 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable
+from typing import Final, Protocol, runtime_checkable
 
 import structlog
 
+from server.snapshot import Snapshot
 from server.store.base import StoreError
-
-if TYPE_CHECKING:
-    from server.workers.warmer import Warmer
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +45,11 @@ BACKOFF_START_S: Final = 0.5
 BACKOFF_MAX_S: Final = 3.0
 # Jitter spreads the probes of many instances that lost the store at the same moment.
 JITTER: Final = 0.2
+# Consecutive failed checks (health reads, listener replacements) before an outage is
+# declared: one slow read or one dropped stream is a blip, not an outage.
+OUTAGE_AFTER: Final = 3
+# How often the anti-entropy pass runs (REPAIR_READS document reads each time).
+REPAIR_EVERY_S: Final = 120.0
 
 
 @runtime_checkable
@@ -68,6 +78,19 @@ class ListenedStore(Protocol):
     async def recover(self) -> None:
         """Ping through fresh connections, which replace the old ones once they answer."""
 
+    async def catch_up(self) -> None:
+        """Replace the listener by one starting from its last read time (no reload)."""
+
+    @property
+    def stalled(self) -> bool:
+        """True when the listener has not delivered this instance's heartbeat in time."""
+
+    async def heartbeat(self) -> None:
+        """Write this instance's heartbeat when one is due; its listener must deliver it."""
+
+    async def repair(self) -> int:
+        """Deliver recently committed versions that no path delivered; how many."""
+
     async def ping(self) -> None:
         """Raise StoreUnavailable when the store cannot be reached."""
 
@@ -75,9 +98,19 @@ class ListenedStore(Protocol):
 class ListenerSupervisor:
     """Runs until cancelled: listen, load, watch; on failure back off, listen again, resync."""
 
-    def __init__(self, store: ListenedStore, warmer: Warmer) -> None:
+    def __init__(
+        self,
+        store: ListenedStore,
+        snapshot: Snapshot,
+        load: Callable[[], Awaitable[None]],
+        resync: Callable[[], None],
+    ) -> None:
         self.store = store
-        self.warmer = warmer
+        self.snapshot = snapshot
+        self._load = load
+        self._resync = resync
+        # Listeners replaced without an outage (died, or silent).
+        self.replacements = 0
         self.outages = 0
         # True from an outage of a ready snapshot until the snapshot is fresh again.
         self._served_stale = False
@@ -91,7 +124,7 @@ class ListenerSupervisor:
                 try:
                     await probe()
                     await self.store.listen()
-                    await self.warmer.load_once()
+                    await self._load()
                 except Exception as e:
                     if not isinstance(e, StoreError):  # a bug: logged, handled as an outage
                         log.exception("firestore.listen_error")
@@ -105,7 +138,7 @@ class ListenerSupervisor:
                     self._served_stale = False
                     log.info("firestore.recovered", outages=self.outages)
                     # Events of the outage were never seen here: dashboards must reload.
-                    self.warmer.hub.publish("resync", {})
+                    self._resync()
                 delay = BACKOFF_START_S
                 reason = await self._watch()
                 await self._outage(reason)
@@ -114,15 +147,37 @@ class ListenerSupervisor:
             await asyncio.shield(self.store.unlisten())
 
     async def _watch(self) -> str:
-        """Return why the listener stopped being trustworthy (it never returns while healthy)."""
+        """Return why the store is out (it never returns while the store answers)."""
+        loop = asyncio.get_running_loop()
+        failures = 0
+        last_error = ""
+        next_repair = loop.time()
         while True:
             await asyncio.sleep(CHECK_INTERVAL_S)
-            if not self.store.listening:
-                return "the listener stopped"
+            if failures >= OUTAGE_AFTER:
+                return last_error
             try:
                 await self.store.ping()
+                if not self.store.listening or self.store.stalled:
+                    why = "stalled" if self.store.listening else "stopped"
+                    log.warning("firestore.listener_lost", why=why)
+                    await self.store.catch_up()
+                    self.replacements += 1
+                await self.store.heartbeat()
+                if loop.time() >= next_repair:
+                    next_repair = loop.time() + REPAIR_EVERY_S
+                    repaired = await self.store.repair()
+                    log.info("firestore.repaired", conversations=repaired)
             except StoreError as e:
-                return str(e)
+                failures += 1
+                last_error = str(e)
+                log.warning("firestore.check_failed", error=last_error, failures=failures)
+                # Stop the listener at once: against an unreachable store its client
+                # reconnects in a loop that burns a core. If the next check passes, a new
+                # one catches up from where this one stopped: no reload, no resync.
+                await self.store.unlisten()
+                continue
+            failures = 0
             if self.store.needs_advance:
                 try:
                     await self.store.advance()
@@ -133,7 +188,7 @@ class ListenerSupervisor:
 
     async def _outage(self, reason: str) -> None:
         """Serve the last good snapshot as stale and stop the listener so it cannot spin."""
-        snapshot = self.warmer.snapshot
+        snapshot = self.snapshot
         if snapshot.fresh or not snapshot.ready:
             self.outages += 1
             log.warning("firestore.outage", reason=reason, snapshot_ready=snapshot.ready)

@@ -1,7 +1,7 @@
 """The warmer: loads the snapshot from the store and keeps it current from the change feed.
 
-The change feed is the only way the snapshot changes. Changes made by another instance
-(seen on the feed but never published here) are published to this instance's clients.
+The change feed is the only way the snapshot changes (and, through the broadcaster, the
+only source of what dashboards are told).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from typing import Final
 
 import structlog
 
-from server.hub import Hub
-from server.inbox import Inbox
+from server.broadcaster import Broadcaster
 from server.snapshot import Snapshot
-from server.store.base import Change, ChatStore, Saved, StatusChange, StoreError
+from server.store.base import Change, ChatStore, StoreError
 from server.workers.listener import ListenedStore, ListenerSupervisor
 
 log = structlog.get_logger(__name__)
@@ -30,11 +29,10 @@ BACKOFF_MAX_S: Final = 30.0
 class Warmer:
     """Owns the snapshot's lifecycle: first load, incremental changes, resync."""
 
-    def __init__(self, store: ChatStore, snapshot: Snapshot, inbox: Inbox) -> None:
+    def __init__(self, store: ChatStore, snapshot: Snapshot, broadcaster: Broadcaster) -> None:
         self.store = store
         self.snapshot = snapshot
-        self.inbox = inbox
-        self.hub: Hub = inbox.hub
+        self.broadcaster = broadcaster
         # The snapshot's bound (None: it holds every conversation) is what is loaded.
         self.window = snapshot.window
         self._unsubscribe: Callable[[], None] | None = None
@@ -50,7 +48,9 @@ class Warmer:
         self._unsubscribe = self.store.subscribe(self._on_changes)
         try:
             if isinstance(self.store, ListenedStore):
-                await ListenerSupervisor(self.store, self).run()
+                await ListenerSupervisor(
+                    self.store, self.snapshot, self.load_once, self.broadcaster.resync
+                ).run()
             else:
                 await self.load()
                 await asyncio.Event().wait()  # the feed does the rest; we stay to be cancelled
@@ -103,32 +103,9 @@ class Warmer:
             return
         started = time.perf_counter()
         applied = self.snapshot.apply(changes)
-        for change in changes:
-            if not change.local and not change.removed:
-                self._publish_foreign(change)
         log.info(
             "snapshot.applied",
             changes=len(changes),
             applied=applied,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
-
-    def _publish_foreign(self, change: Change) -> None:
-        """Publish a change another instance made (the hub drops what was published here).
-
-        Each new message it carries goes out as the writer sent it; a known reply's new
-        delivery status as `message_status`; a change with no new message (read, resolved,
-        AI switch, assignee) as `conversation_updated`.
-        """
-        conversation = change.conversation
-        announced = False
-        for carried in change.messages:
-            message = carried.message
-            if not self.hub.seen(f"msg:{message.id}"):
-                opened = carried.new_conversation
-                self.inbox.publish_message(Saved(conversation, message, new_conversation=opened))
-                announced = True
-            elif message.direction == "out":
-                self.inbox.publish_status(StatusChange(conversation, message))
-        if not announced:
-            self.inbox.publish_conversation(conversation)

@@ -61,6 +61,8 @@ export const api = {
   messages: (id, { before, limit = 50 } = {}) =>
     call("GET", `${conv(id)}/messages${query({ limit, before })}`),
   send: (id, text) => call("POST", `${conv(id)}/messages`, { text }),
+  retry: (id, messageId) =>
+    call("POST", `${conv(id)}/messages/${encodeURIComponent(messageId)}/retry`),
   markRead: (id) => call("POST", `${conv(id)}/read`),
   update: (id, changes) => call("PATCH", conv(id), changes),
 };

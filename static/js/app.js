@@ -9,6 +9,7 @@ import { connectEvents } from "./live.js";
 import {
   appendPage,
   applyMessageStatus,
+  removeChat,
   applyNewMessage,
   emptyList,
   findChat,
@@ -93,6 +94,10 @@ let clockTimer = null;
 
 const chatList = createChatList(ui.chatList, { onOpen: (id) => openConversation(id) });
 const thread = createThread(ui.messageList);
+ui.messageList.addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-retry]");
+  if (button) retryReply(button.dataset.retry);
+});
 
 // ---------- drawing ----------
 
@@ -232,6 +237,10 @@ async function loadList() {
   } finally {
     if (seq === state.listSeq) state.listLoading = false;
     draw();
+    // A screen taller than the first page: the next one follows (measured once drawn).
+    requestAnimationFrame(() => {
+      if (seq === state.listSeq && sentinelNear()) loadMore();
+    });
   }
 }
 
@@ -417,6 +426,19 @@ async function sendReply() {
   }
 }
 
+/** Send a failed reply again: the server queues it anew; its ticks follow as events. */
+async function retryReply(messageId) {
+  const id = state.activeId;
+  if (!id) return;
+  try {
+    const message = await api.retry(id, messageId);
+    if (state.activeId === id) state.thread = upsertMessage(state.thread, message);
+    draw();
+  } catch (e) {
+    handleError(e, "The reply could not be sent again");
+  }
+}
+
 async function updateConversation(changes, failure) {
   const id = state.activeId;
   if (!id) return;
@@ -462,6 +484,20 @@ function onEvent(name, data) {
     case "message_status":
       state.list = applyMessageStatus(state.list, data);
       state.thread = applyStatus(state.thread, data);
+      break;
+    case "conversation_deleted":
+      state.list = removeChat(state.list, data.conversation_id);
+      if (data.conversation_id === state.activeId) {
+        state.activeId = null;
+        state.activeChat = null;
+        state.thread = emptyThread(null);
+        thread.clear();
+        setView("list");
+      }
+      break;
+    case "conversation_resync":
+      // Messages of this conversation reached the server only as a summary: read them.
+      if (data.conversation_id === state.activeId) reloadConversation();
       break;
     case "resync":
       // The server could not replay what this page missed: read everything again.
@@ -607,11 +643,18 @@ for (const tab of ui.tabs) {
 }
 
 ui.loadMore.addEventListener("click", () => loadMore());
+const SCROLL_AHEAD_PX = 240;
+// The observer's entry can describe a layout from before the first page was drawn (a busy
+// machine delivers it late): the sentinel's place is checked again when it arrives.
+function sentinelNear() {
+  const bottom = ui.listScroll.getBoundingClientRect().bottom + SCROLL_AHEAD_PX;
+  return state.list.pages > 0 && ui.sentinel.getBoundingClientRect().top <= bottom;
+}
 new IntersectionObserver(
   (entries) => {
-    if (entries.some((e) => e.isIntersecting)) loadMore();
+    if (entries.some((e) => e.isIntersecting) && sentinelNear()) loadMore();
   },
-  { root: ui.listScroll, rootMargin: "0px 0px 240px 0px" },
+  { root: ui.listScroll, rootMargin: `0px 0px ${SCROLL_AHEAD_PX}px 0px` },
 ).observe(ui.sentinel);
 
 ui.messages.addEventListener("scroll", () => {

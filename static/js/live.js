@@ -5,6 +5,8 @@ export const EVENTS = [
   "new_conversation",
   "conversation_updated",
   "message_status",
+  "conversation_resync",
+  "conversation_deleted",
   "resync",
 ];
 

@@ -221,3 +221,21 @@ test("assigning a chat away moves it out of Mine, and one assigned to me moves i
   const unassigned = upsertChat(back, chat("c9", 4, { assignee: null }), { kind: "update" });
   assert.deepEqual(unassigned.chats.map((c) => c.id), ["c2"]);
 });
+
+test("a deleted conversation leaves the list and the total", async () => {
+  const { removeChat, firstPage } = await import("../../static/js/state/chats.js");
+  const page = {
+    chats: [
+      { id: "a", status: "open", last_activity: "2026-01-02T00:00:00.000Z" },
+      { id: "b", status: "open", last_activity: "2026-01-01T00:00:00.000Z" },
+    ],
+    total: 2,
+    has_more: false,
+    next_cursor: null,
+  };
+  let list = firstPage({ status: "open", q: "" }, page);
+  list = removeChat(list, "a");
+  assert.deepEqual(list.chats.map((c) => c.id), ["b"]);
+  assert.equal(list.total, 1);
+  assert.equal(removeChat(list, "zzz"), list);
+});

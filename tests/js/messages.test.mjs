@@ -65,6 +65,21 @@ test("the reply's own answer (queued) does not undo a status the stream already 
   assert.equal(t.messages[0].error.code, "not_configured");
 });
 
+test("a retry starts the statuses over; the old attempt's late statuses are ignored", () => {
+  const error = { code: "interrupted", title: "x" };
+  let t = upsertMessage(emptyThread("c1"), msg("o1", 1, { direction: "out", sender: "agent", status: "failed", error }));
+  t = upsertMessage(t, msg("o1", 1, { direction: "out", sender: "agent", status: "queued", attempt: 1 }));
+  assert.equal(t.messages[0].status, "queued");
+  assert.equal(t.messages[0].error, null);
+  t = applyStatus(t, { conversation_id: "c1", message_id: "o1", status: "failed", error, attempt: 0 });
+  assert.equal(t.messages[0].status, "queued");
+  t = applyStatus(t, { conversation_id: "c1", message_id: "o1", status: "sent", attempt: 1 });
+  assert.equal(t.messages[0].status, "sent");
+  t = upsertMessage(emptyThread("c1"), msg("o2", 1, { direction: "out", sender: "agent", status: "failed", error }));
+  t = applyStatus(t, { conversation_id: "c1", message_id: "o2", status: "queued", attempt: 1, error: null });
+  assert.equal(t.messages[0].status, "queued");
+});
+
 test("mergeStatus ranks like the server", () => {
   assert.equal(mergeStatus("sent", "delivered"), "delivered");
   assert.equal(mergeStatus("read", "sent"), "read");

@@ -202,6 +202,12 @@ export function applyMessageStatus(state, event) {
   return { ...state, chats };
 }
 
+/** A conversation was deleted: it leaves the list and the total. */
+export function removeChat(state, id) {
+  if (!state.chats.some((c) => c.id === id)) return state;
+  return { ...state, chats: state.chats.filter((c) => c.id !== id), total: Math.max(0, state.total - 1) };
+}
+
 /** Patch one chat in place without moving it (used for local, optimistic changes). */
 export function patchChat(state, id, changes) {
   const index = state.chats.findIndex((c) => c.id === id);

@@ -31,9 +31,13 @@ function compareMessages(a, b) {
   return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
 }
 
-/** Two copies of one message: the newest content with the furthest status. */
+/** Two copies of one message: the newest content with the furthest status (a newer
+ * attempt, an agent's retry, starts its statuses over). */
 function mergeMessage(old, incoming) {
   if (!old) return incoming;
+  const attempt = (m) => m.attempt ?? 0;
+  if (attempt(incoming) > attempt(old)) return { ...old, ...incoming, error: incoming.error ?? null };
+  if (attempt(incoming) < attempt(old)) return old;
   const status = mergeStatus(old.status, incoming.status);
   const error = status === incoming.status ? incoming.error ?? old.error : old.error;
   return { ...old, ...incoming, status, error: error ?? null };
@@ -89,6 +93,13 @@ export function applyStatus(thread, event) {
   const index = thread.messages.findIndex((m) => m.id === event.message_id);
   if (index === -1) return thread;
   const old = thread.messages[index];
+  const attempt = event.attempt ?? 0;
+  if (attempt > (old.attempt ?? 0)) {
+    const messages = thread.messages.slice();
+    messages[index] = { ...old, attempt, status: event.status, error: event.error ?? null };
+    return { ...thread, messages };
+  }
+  if (attempt < (old.attempt ?? 0)) return thread;
   const status = mergeStatus(old.status, event.status);
   if (status === old.status && !(status === event.status && event.error)) return thread;
   const messages = thread.messages.slice();

@@ -37,6 +37,11 @@ function placeholder(message) {
   ];
 }
 
+/** A failed reply an agent can send again (a note of the AI's failure is never sent). */
+function retryable(message) {
+  return message.direction === "out" && (message.sender === "agent" || message.sender === "ai");
+}
+
 function bubble(message, { showAuthor, customerName, names }) {
   const who = speaker(message.sender);
   const failed = isFailure(message.status);
@@ -72,7 +77,16 @@ function bubble(message, { showAuthor, customerName, names }) {
     },
     // The author line lines up with the text: right for Arabic, left for English.
     h("div", { class: "bubble", "data-dir": textDirection(message.text || message.media?.caption) }, body),
-    failed ? h("p", { class: "msg-error", role: "note", dir: "auto" }, errorText(message.error)) : null,
+    failed
+      ? h(
+          "p",
+          { class: "msg-error", role: "note", dir: "auto" },
+          errorText(message.error),
+          retryable(message)
+            ? h("button", { type: "button", class: "retry", "data-retry": message.id }, "Retry")
+            : null,
+        )
+      : null,
   );
 }
 
