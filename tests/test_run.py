@@ -149,6 +149,16 @@ async def test_run_demo_serves_demo_data_and_prints_its_sign_in_on_a_terminal(tm
             await output.wait_for(r'"event":\s*"webhook.received"')
             await output.wait_for(r'"event":\s*"sse.broadcast"')
             await asyncio.sleep(0.5)  # the AI job's lines too
+
+        # A request too broken to route: aiohttp's own error comes out as a JSON line too.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n")
+        await writer.drain()
+        assert b" 400 " in (await reader.read(100)).split(b"\r\n")[0]
+        writer.close()
+        line = await output.wait_for(r'\{[^\n]*"logger": "aiohttp\.server"[^\n]*\}')
+        record = json.loads(line.group(0))
+        assert record["level"] == "error" and "Error handling request" in record["event"]
         assert (tmp_path / "livechat-demo.db").exists()
     finally:
         stop(proc)
