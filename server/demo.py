@@ -241,16 +241,24 @@ async def seed_demo(store: ChatStore, count: int, batch: int = 5000) -> int:
 
 
 async def seed_demo_agents(store: AgentStore, password: str | None) -> int:
-    """The demo team, when the store has no agents yet; returns how many were added.
+    """The demo team; returns how many agents were added or given the password.
 
-    Every demo agent has `password` (one hash, computed off the event loop); without one
-    nobody can sign in as them.
+    Every demo agent has `password` (one hash, computed off the event loop), also when the
+    store kept them from an earlier run (the password printed at start-up is the one that
+    works); without a password, new demo agents get one nobody can type.
     """
-    if await store.list_agents():
-        return 0
     password_hash = await asyncio.to_thread(hash_password, password) if password else NO_PASSWORD
     now = now_ms()
+    changed = 0
     for agent_id, email, name, role in DEMO_AGENTS:
+        held = await store.get_agent(agent_id)
+        if held is not None:
+            if password:
+                await store.update_agent(agent_id, password_hash=password_hash)
+                changed += 1
+            continue
+        if await store.agent_by_email(email) is not None:
+            continue  # someone made an account with this address: it stays theirs
         await store.add_agent(
             Agent(
                 id=agent_id,
@@ -262,4 +270,5 @@ async def seed_demo_agents(store: AgentStore, password: str | None) -> int:
                 created_at=now,
             )
         )
-    return len(DEMO_AGENTS)
+        changed += 1
+    return changed

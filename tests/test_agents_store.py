@@ -121,3 +121,17 @@ async def test_two_instances_adding_one_email_at_once_make_one_agent(agents, tea
     )
     assert sum(isinstance(r, AgentExists) for r in results) == 1
     assert len(await agents.list_agents()) == 1
+
+
+async def test_the_demo_team_takes_the_password_of_each_start(agents):
+    from server.demo import DEMO_ADMIN_EMAIL, DEMO_AGENTS, seed_demo_agents
+    from server.passwords import verify_password
+
+    assert await seed_demo_agents(agents, "first demo password") == len(DEMO_AGENTS)
+    # Started again on the same store: the newly printed password is the one that works.
+    assert await seed_demo_agents(agents, "second demo password") == len(DEMO_AGENTS)
+    admin = await agents.agent_by_email(DEMO_ADMIN_EMAIL)
+    assert admin.role == "admin"
+    assert verify_password(admin.password_hash, "second demo password")
+    assert not verify_password(admin.password_hash, "first demo password")
+    assert len(await agents.list_agents()) == len(DEMO_AGENTS)
