@@ -53,6 +53,8 @@ TOKENS: Final = "agent_tokens"
 VERSION_DOC: Final = "_livechat/auth"
 # As the chat store: a sign-in must not hang while Firestore is down.
 OP_TIMEOUT_S: Final = 10.0
+# The version poll's read answers in milliseconds when Firestore is up.
+VERSION_TIMEOUT_S: Final = 5.0
 # Firestore accepts at most 500 writes in one transaction; an agent with more sessions
 # than this has the rest ended by expiry (each session is also checked against the agent).
 MAX_SESSIONS_ENDED: Final = 400
@@ -143,9 +145,12 @@ class FirestoreAgents:
     # -- reads --------------------------------------------------------------------------
 
     async def auth_version(self) -> int:
-        """The revocation counter: one document read."""
+        """The revocation counter: one document read, not retried (it is read again within
+        a second anyway, and retries would keep a call open through an outage)."""
         async with self._guard("auth version"):
-            snap = await self._client.document(VERSION_DOC).get()
+            snap = await self._client.document(VERSION_DOC).get(
+                retry=None, timeout=VERSION_TIMEOUT_S
+            )
         return int(snap.get("version") or 0) if snap.exists else 0
 
     async def list_agents(self) -> list[Agent]:
