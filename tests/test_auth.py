@@ -15,6 +15,7 @@ from server.access import Access, UndeclaredRoute
 from server.app import create_app
 from server.demo import build_demo
 from server.handlers.auth import COOKIE
+from server.ratelimit import SignInLimiter
 from tests.accounts import PASSWORD, add_agent, base_url
 from tests.conftest import AUTH, STORE_KINDS, TOKEN
 
@@ -167,18 +168,19 @@ async def test_wrong_passwords_are_401_and_the_11th_within_a_minute_is_429(clien
 
 
 async def test_too_many_failures_from_one_address_lock_the_address_with_growing_waits(client):
-    limiter = client.app[keys.ACCOUNTS].limiter
+    # The server's limiter with a clock the test moves, and 5 tries per address instead of
+    # 30 (each refused try costs a password hash: a tenth of a second).
     now = [1000.0]
-    limiter._clock = lambda: now[0]  # the limiter's clock, moved by the test
+    client.app[keys.ACCOUNTS].limiter = SignInLimiter(address_limit=5, clock=lambda: now[0])
     url = base_url(client) + "/api/auth/login"
     async with aiohttp.ClientSession() as sprayer:
-        for i in range(30):
+        for i in range(5):
             resp = await sprayer.post(url, json={"email": f"u{i}@example.com", "password": "x"})
             assert resp.status == 401
         resp = await sprayer.post(url, json={"email": "u99@example.com", "password": "x"})
         assert resp.status == 429 and int(resp.headers["Retry-After"]) == 60
         now[0] += 61
-        for i in range(30):
+        for i in range(5):
             resp = await sprayer.post(url, json={"email": f"v{i}@example.com", "password": "x"})
             assert resp.status == 401
         resp = await sprayer.post(url, json={"email": "v99@example.com", "password": "x"})
@@ -475,3 +477,29 @@ async def test_security_headers_on_pages_api_answers_and_errors(make_client, set
     prod = await make_client(production)
     resp = await prod.get("/healthz")
     assert resp.headers["Strict-Transport-Security"].startswith("max-age=")
+
+
+def test_the_limits_count_failures_per_account_and_per_address_and_forget_after_a_success():
+    now = [0.0]
+    limiter = SignInLimiter(clock=lambda: now[0])
+    for i in range(29):
+        limiter.failed(f"user{i}@example.com", "198.51.100.7")
+    assert limiter.retry_after(None, "198.51.100.7") is None
+    limiter.failed("user29@example.com", "198.51.100.7")  # the 30th from one address
+    assert limiter.retry_after("anyone@example.com", "198.51.100.7") == 60
+    assert limiter.retry_after("anyone@example.com", "203.0.113.9") is None
+    for _ in range(9):
+        limiter.failed("reem@example.com", "203.0.113.9")
+    limiter.succeeded("reem@example.com")  # a success forgets the account's failures
+    limiter.failed("reem@example.com", "203.0.113.9")
+    assert limiter.retry_after("reem@example.com", "203.0.113.10") is None
+    now[0] += 30  # failures older than the minute no longer count
+    for _ in range(9):
+        limiter.failed("sami@example.com", "203.0.113.11")
+    now[0] += 61
+    limiter.failed("sami@example.com", "203.0.113.11")
+    assert limiter.retry_after("sami@example.com", "203.0.113.12") is None
+    bounded = SignInLimiter(max_keys=100)
+    for i in range(1000):
+        bounded.failed(f"spray{i}@example.com", f"10.0.{i // 250}.{i % 250}")
+    assert len(bounded._accounts._records) <= 100 and len(bounded._addresses._records) <= 100
