@@ -1,4 +1,5 @@
-"""Command line: serve the Live Chat server (default), or simulate WhatsApp traffic."""
+"""Command line: serve the Live Chat server (default), simulate WhatsApp traffic, or manage
+the agents who sign in."""
 
 from __future__ import annotations
 
@@ -11,13 +12,11 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from aiohttp import web
-
 from server.accounts import InvalidAccount, check_email, new_agent, new_password_hash, new_token
-from server.app import create_app
-from server.config import ConfigError, Settings
+from server.config import VARIABLES, ConfigError, Settings
 from server.demo import DEMO_ADMIN_EMAIL
 from server.logging import configure_logging
+from server.serve import serve as run_server
 from server.store import make_agent_store
 from server.store.agents import AgentExists, AgentStore
 from server.store.base import NotFound, StoreError
@@ -28,35 +27,29 @@ DEMO_APP_SECRET = "demo-app-secret"
 
 
 def serve_parser(parser: argparse.ArgumentParser) -> None:
-    """Flags of the server; each overrides its environment variable."""
-    parser.add_argument("--host", help="interface to listen on (HOST)")
-    parser.add_argument("--port", type=int, help="port to listen on (PORT)")
-    parser.add_argument("--db", help="SQLite file of the embedded store (LIVECHAT_DB)")
-    parser.add_argument("--store", choices=("sqlite", "firestore"), help="LIVECHAT_STORE")
-    parser.add_argument("--demo", action="store_true", help="seed demo data and serve it")
-    parser.add_argument(
-        "--demo-conversations", type=int, metavar="N", help="how many demo conversations (300)"
-    )
-    parser.add_argument("--log-format", choices=("console", "json"), help="LOG_FORMAT")
-    parser.add_argument(
-        "--allow-remote",
-        action="store_true",
-        help="in development, listen on a non-loopback address (LIVECHAT_ALLOW_REMOTE)",
-    )
+    """Flags of the server, one per setting that has one; each overrides its variable."""
+    for variable in VARIABLES:
+        if variable.flag is None:
+            continue
+        help_text = variable.help.replace("%", "%%")  # argparse %-formats help
+        if variable.switch:
+            parser.add_argument(
+                variable.flag, dest=variable.key, action="store_true", default=None, help=help_text
+            )
+        else:
+            parser.add_argument(
+                variable.flag,
+                dest=variable.key,
+                type=variable.convert,
+                choices=variable.choices,
+                metavar=None if variable.choices else variable.flag[2:].upper().replace("-", "_"),
+                help=help_text,
+            )
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run the server until interrupted."""
-    overrides = {
-        "host": args.host,
-        "port": args.port,
-        "db": args.db,
-        "store": args.store,
-        "log_format": args.log_format,
-        "demo_conversations": args.demo_conversations,
-        "demo": True if args.demo else None,
-        "allow_remote": True if args.allow_remote else None,
-    }
+    """Run the server until SIGTERM or SIGINT; 0 once it has stopped gracefully."""
+    overrides = {v.key: getattr(args, v.key) for v in VARIABLES if v.flag is not None}
     try:
         settings = Settings.from_env(**overrides)
         fresh_demo_db = settings.demo and args.db is None and "LIVECHAT_DB" not in os.environ
@@ -75,36 +68,52 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, settings.log_level, settings.secret_key.encode())
+    configure_logging(
+        settings.log_format,
+        settings.log_level,
+        secret_values=(
+            settings.secret_key,
+            settings.whatsapp_app_secret or "",
+            settings.whatsapp_verify_token or "",
+            settings.whatsapp_token or "",
+            settings.ai_api_key or "",
+            settings.api_token or "",
+            # A generated password is printed for the developer below, never logged.
+            settings.demo_password or "",
+        ),
+        redact_key=settings.secret_key.encode(),
+    )
+    # Under LOG_FORMAT=json stdout carries log lines only; the greeting goes to stderr.
+    out = sys.stderr if settings.log_format == "json" else sys.stdout
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{host}:{settings.port}/"
-    print(f"Live Chat on {url}", flush=True)
-    if settings.demo:
-        print(f"  sign in as {DEMO_ADMIN_EMAIL} (an admin)", flush=True)
+
+    def greet() -> None:
+        print(f"Live Chat on {url}", file=out, flush=True)
+        if not settings.demo:
+            return
+        print(f"  sign in as {DEMO_ADMIN_EMAIL} (an admin)", file=out, flush=True)
         # A generated secret goes to a person at a terminal, never into a log file.
-        if sys.stdout.isatty():
-            print(f"  password: {settings.demo_password}", flush=True)
+        if out.isatty():
+            print(f"  password: {settings.demo_password}", file=out, flush=True)
         else:
             print(
                 "  the password is shown only on a terminal; set one with"
                 f" `python run.py agents set-password {DEMO_ADMIN_EMAIL} --db {settings.db}`",
+                file=out,
                 flush=True,
             )
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=5.0,
-    )
+
+    try:
+        asyncio.run(run_server(settings, listening=greet))
+    except OSError as e:
+        print(f"cannot serve on {settings.host}:{settings.port}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def simulate(argv: Sequence[str]) -> int:
     """`run.py simulate`: signed WhatsApp webhooks to a running server; 0 when all got 200."""
-    import asyncio
-
     from server.simulate import WEBHOOK_PATH, is_loopback, parse_args, report
     from server.simulate import simulate as run_simulation
 
@@ -290,7 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return agents(argv[1:])
     if argv and argv[0] == "serve":
         argv = argv[1:]
-    parser = argparse.ArgumentParser(description="Live Chat server")
+    parser = argparse.ArgumentParser(
+        description="Live Chat server. Commands: serve (the default), simulate "
+        "(signed WhatsApp webhooks to a running server; see `simulate --help`), agents "
+        "(the accounts agents sign in with; see `agents --help`).",
+    )
     serve_parser(parser)
     return serve(parser.parse_args(argv))
 

@@ -454,6 +454,7 @@ def ours_main(settings_kwargs: dict[str, Any], conn: Connection) -> None:
     from server import keys
     from server.app import create_app
     from server.config import Settings
+    from server.serve import AccessLog
 
     async def main() -> None:
         app = create_app(Settings(**settings_kwargs).validated())
@@ -467,7 +468,7 @@ def ours_main(settings_kwargs: dict[str, Any], conn: Connection) -> None:
         async def warm() -> None:
             await asyncio.wait_for(app[keys.WARMER].loaded.wait(), 600)
 
-        await serve(app, conn, warm())
+        await serve(app, conn, warm(), AccessLog)
 
     asyncio.run(main())
 

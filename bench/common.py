@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -91,9 +92,21 @@ def quiet_logs() -> None:
     configure_logging("json", "info")
 
 
-async def serve(app: web.Application, conn: Connection, ready: Awaitable[Any] | None) -> None:
-    """Serve `app` on a free loopback port; send the port once ready; stop when told."""
-    runner = web.AppRunner(app, access_log=None)
+async def serve(
+    app: web.Application,
+    conn: Connection,
+    ready: Awaitable[Any] | None,
+    access_log_class: type[AbstractAccessLogger] | None = None,
+) -> None:
+    """Serve `app` on a free loopback port; send the port once ready; stop when told.
+
+    With `access_log_class` each request writes an access line (the real app's, as in
+    production); without it none (the floor).
+    """
+    if access_log_class is None:
+        runner = web.AppRunner(app, access_log=None)
+    else:
+        runner = web.AppRunner(app, access_log_class=access_log_class)
     await runner.setup()
     site = web.TCPSite(runner, HOST, 0, backlog=1024)
     await site.start()
@@ -115,6 +128,7 @@ def app_server_main(settings_kwargs: dict[str, Any], conn: Connection) -> None:
     from server import keys
     from server.app import create_app
     from server.config import Settings
+    from server.serve import AccessLog
 
     async def main() -> None:
         app = create_app(Settings(**settings_kwargs).validated())
@@ -122,7 +136,7 @@ def app_server_main(settings_kwargs: dict[str, Any], conn: Connection) -> None:
         async def warm() -> None:
             await asyncio.wait_for(app[keys.WARMER].loaded.wait(), START_TIMEOUT_S)
 
-        await serve(app, conn, warm())
+        await serve(app, conn, warm(), AccessLog)
 
     asyncio.run(main())
 

@@ -27,10 +27,16 @@ class Access(enum.Enum):
 
 @dataclass(slots=True, frozen=True)
 class Policy:
-    """A route's declaration."""
+    """A route's declaration.
+
+    `max_upload`: a route that takes files as a multipart form streams them to its handler
+    (which reads them in bounded chunks) instead of having the body read up front; this
+    bounds the declared size of such a body.
+    """
 
     access: Access
     max_body: int = API_BODY
+    max_upload: int | None = None
 
 
 class UndeclaredRoute(RuntimeError):

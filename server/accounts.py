@@ -49,6 +49,11 @@ AUTH_POLL_S: Final = 0.5
 SESSION_TTL_MS: Final = 7 * 24 * 3600 * 1000
 # Sessions and tokens held in memory (valid ones and unknown ones): a bounded LRU.
 CACHE_SIZE: Final = 10_000
+# Unknown cookies and tokens one address may present a minute before its lookups wait: a
+# dashboard with an expired cookie presents a few; a script guessing tokens, thousands.
+# Counted apart from wrong passwords, so a misconfigured script cannot lock its office out
+# of signing in.
+CREDENTIAL_LIMIT: Final = 100
 # Passwords verified at once: each Argon2 verification takes 64 MiB for about 0.15 s.
 HASHING_AT_ONCE: Final = 2
 SESSION_BYTES: Final = 32
@@ -219,6 +224,7 @@ class Accounts:
         self.hub = hub
         self.settings = settings
         self.limiter = limiter or SignInLimiter()
+        self.credentials = SignInLimiter(address_limit=CREDENTIAL_LIMIT)
         self._clock = clock
         self._machine = settings.api_token.encode() if settings.api_token else None
         self._agents: dict[str, Agent] = {}
@@ -465,11 +471,11 @@ class Accounts:
 
     def refused_credential(self, address: str) -> None:
         """An unknown cookie or token was presented: it counts against the address."""
-        self.limiter.failed(None, address)
+        self.credentials.failed(None, address)
 
     def credential_wait(self, address: str) -> int | None:
         """Seconds an address must wait before its unknown credentials are looked up again."""
-        return self.limiter.retry_after(None, address)
+        return self.credentials.retry_after(None, address)
 
     async def sign_out(self, principal: Principal) -> None:
         """End a session on every instance (its open streams too)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Final
 
 import aiohttp
@@ -26,22 +26,24 @@ from server.handlers.hardening import body_middleware, security_headers
 from server.hub import Hub
 from server.inbox import Inbox
 from server.integrations.ai import make_responder
-from server.integrations.whatsapp import make_sender
+from server.integrations.templates import TemplateCatalog
+from server.integrations.whatsapp import WhatsAppClient, make_sender
 from server.logging import RequestIds
+from server.media import MediaIndex, make_media_store
+from server.metrics import CountingSender, Metrics, State
+from server.replies import Replies
 from server.routes import add_routes, check_routes
+from server.shutdown import Shutdown, stop_accepting
 from server.snapshot import Snapshot
 from server.store import make_agent_store, make_store
 from server.store.base import StoreError
 from server.workers.ai import AiReplies
+from server.workers.media import MediaDownloads
 from server.workers.outbox import Lanes, Outbox
 from server.workers.warmer import Warmer
 
 log = structlog.get_logger(__name__)
 
-# Background jobs (AI replies, WhatsApp sends) get this long to finish on shutdown. What
-# is cut off is not lost: its task stays in the store and is resumed (a send cut off
-# mid-POST is marked interrupted for an agent to retry).
-JOBS_DRAIN_S: Final = 10.0
 # Outbound connections per pool. WhatsApp sends and AI calls each have their own pool, so
 # AI calls stuck on a slow provider never hold the connections an agent's reply needs.
 WHATSAPP_CONNECTIONS: Final = 64
@@ -62,12 +64,20 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.STREAMS] = weakref.WeakSet()
     window = settings.firestore_window if settings.store == "firestore" else None
     app[keys.SNAPSHOT] = Snapshot(complete=window is None, window=window)
+    app[keys.MEDIA_INDEX] = MediaIndex()
+    app[keys.SHUTDOWN] = Shutdown()
+    app[keys.METRICS] = metrics = Metrics()
+    metrics.watch(
+        State(app[keys.HUB], app[keys.SNAPSHOT], lambda: app.get(keys.WARMER), _jobs(app))
+    )
 
     app.cleanup_ctx.append(_http_sessions)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_accounts)
+    app.cleanup_ctx.append(_media)
     app.cleanup_ctx.append(_outbox)
     app.cleanup_ctx.append(_inbox)
+    app.cleanup_ctx.append(_templates)
     app.cleanup_ctx.append(_sweeper)
     app.cleanup_ctx.append(_warmer)
     app.on_shutdown.append(_close_streams)
@@ -116,7 +126,6 @@ async def _accounts(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     store = make_agent_store(settings)
     await store.start()
-    task: asyncio.Task[None] | None = None
     try:
         accounts = Accounts(store, settings, app[keys.HUB])
         if settings.demo:
@@ -128,37 +137,53 @@ async def _accounts(app: web.Application) -> AsyncIterator[None]:
             # Not fatal: the poller loads them as soon as the store answers.
             log.warning("accounts.load_failed", error=str(e))
         app[keys.ACCOUNTS] = accounts
-        task = asyncio.create_task(accounts.run(), name="accounts-poller")
-        yield
+        async with _background(accounts.run(), "accounts-poller"):
+            yield
     finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         await store.close()
+
+
+async def _media(app: web.Application) -> AsyncIterator[None]:
+    """The media store (its client may look up credentials: not on the event loop)."""
+    app[keys.MEDIA] = await asyncio.to_thread(make_media_store, app[keys.SETTINGS])
+    yield
 
 
 async def _outbox(app: web.Application) -> AsyncIterator[None]:
     """The lanes of background work and the outbox that feeds them; on the way out,
-    running jobs get JOBS_DRAIN_S and what is left stays pending in the store."""
+    running jobs get LIVECHAT_SHUTDOWN_TIMEOUT and what is left stays pending in the store
+    (a server stopped by a signal has drained them already: server/shutdown.py)."""
     settings = app[keys.SETTINGS]
     outbox = Outbox(app[keys.STORE], Lanes.create(_job_failed), lease_s=settings.outbox_lease_s)
     app[keys.OUTBOX] = outbox
     try:
         yield
     finally:
-        await outbox.close(JOBS_DRAIN_S)
+        await outbox.close(settings.shutdown_timeout_s)
 
 
 async def _inbox(app: web.Application) -> AsyncIterator[None]:
-    """The inbox with its WhatsApp sender and AI replies."""
+    """The inbox with its WhatsApp sender, AI replies and media downloads."""
     settings = app[keys.SETTINGS]
     store = app[keys.STORE]
     outbox = app[keys.OUTBOX]
-    inbox = Inbox(store, outbox, make_sender(settings, app[keys.HTTP]))
+    whatsapp = make_sender(settings, app[keys.HTTP])
+    sender = CountingSender(whatsapp, app[keys.METRICS])
+    inbox = Inbox(
+        store,
+        outbox,
+        sender,
+        app[keys.MEDIA],
+        # Without WhatsApp there is nobody to send blue ticks to.
+        read_receipts=settings.read_receipts and settings.whatsapp_configured,
+    )
     responder = make_responder(settings, app[keys.AI_HTTP])
     if responder is not None:
-        outbox.runners["ai"] = AiReplies(store, inbox, responder, settings).run
+        replies = AiReplies(store, inbox, responder, settings, app[keys.METRICS])
+        outbox.runners["ai"] = replies.run
+    outbox.runners["media"] = MediaDownloads(store, inbox, app[keys.MEDIA], whatsapp).run
+    client = whatsapp if isinstance(whatsapp, WhatsAppClient) else None
+    app[keys.TEMPLATES] = TemplateCatalog(client, settings.whatsapp_business_account_id)
     app[keys.INBOX] = inbox
     try:
         yield
@@ -166,37 +191,56 @@ async def _inbox(app: web.Application) -> AsyncIterator[None]:
         inbox.close()  # before the jobs drain: statuses still waiting give up at once
 
 
-async def _sweeper(app: web.Application) -> AsyncIterator[None]:
-    """The outbox's sweeper: resumes what a crash or a deploy left (cancelled on exit)."""
-    task = asyncio.create_task(app[keys.OUTBOX].run(), name="outbox-sweeper")
+@contextlib.asynccontextmanager
+async def _background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """Run `work` as a task for the app's lifetime; cancel and await it on the way out."""
+    task = asyncio.create_task(work, name=name)
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _templates(app: web.Application) -> AsyncIterator[None]:
+    """The template catalog, and its refresher (on template webhooks)."""
+    catalog = app[keys.TEMPLATES]
+    app[keys.REPLIES] = Replies(app[keys.STORE], app[keys.INBOX], app[keys.MEDIA], catalog)
+    async with _background(catalog.run(), "template-refresher"):
+        yield
+
+
+async def _sweeper(app: web.Application) -> AsyncIterator[None]:
+    """The outbox's sweeper: resumes what a crash or a deploy left."""
+    async with _background(app[keys.OUTBOX].run(), "outbox-sweeper"):
+        yield
 
 
 async def _warmer(app: web.Application) -> AsyncIterator[None]:
-    """The background worker that keeps the snapshot warm; cancelled and awaited on exit."""
+    """The background worker that keeps the snapshot warm."""
     warmer = Warmer(app[keys.STORE], app[keys.SNAPSHOT], app[keys.BROADCASTER])
     app[keys.WARMER] = warmer
-    task = asyncio.create_task(warmer.run(), name="snapshot-warmer")
-    try:
+    async with _background(warmer.run(), "snapshot-warmer"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _close_streams(app: web.Application) -> None:
-    """On shutdown, end every SSE stream at once so the server can stop promptly."""
-    app[keys.HUB].close()
-    streams = app[keys.STREAMS]
-    for stream in list(streams):
-        with contextlib.suppress(RuntimeError):
-            stream.stop_streaming()
+    """On shutdown, end every SSE stream at once so the server can stop promptly (a server
+    stopped by a signal did this already, before its jobs drained)."""
+    stop_accepting(app)
+
+
+def _jobs(app: web.Application) -> Callable[[], dict[str, tuple[int, int]]]:
+    def counts() -> dict[str, tuple[int, int]]:
+        outbox = app.get(keys.OUTBOX)
+        if outbox is None:
+            return {}
+        lanes = {"sends": outbox.lanes.sends, "ai": outbox.lanes.ai}
+        lanes["statuses"] = outbox.lanes.statuses
+        return {name: (lane.active_count, lane.pending_count) for name, lane in lanes.items()}
+
+    return counts
 
 
 def _job_failed(scheduler: aiojobs.Scheduler, context: dict[str, Any]) -> None:

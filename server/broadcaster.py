@@ -24,6 +24,8 @@ def status_event(conversation: Conversation, message: Message) -> dict[str, Any]
         "status": message.status,
         "error": message.error.to_json() if message.error else None,
         "attempt": message.attempt,
+        # Once sent, WhatsApp's id: what customers' reactions and quotes will name.
+        "wa_message_id": message.wa_message_id,
     }
 
 
@@ -53,6 +55,11 @@ class Broadcaster:
                 self.hub.publish(
                     name, {"conversation": summary, "message": message.to_json()}, **where
                 )
+            elif message.direction == "in":
+                # A customer's message whose media was downloaded (or could not be), or
+                # that was marked read: open panes replace their copy.
+                data = {"conversation_id": conversation.id, "message": message.to_json()}
+                self.hub.publish("message_updated", data, **where)
             else:
                 self.hub.publish("message_status", status_event(conversation, message), **where)
         if not change.messages:

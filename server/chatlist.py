@@ -50,16 +50,19 @@ class ChatList:
         status: str | None,
         q: str | None,
         assignee: Assignee = UNSET,
+        number: str | None = None,
     ) -> ServedPage:
         """One page, rendered; NotReady until the snapshot is loaded."""
         started = time.perf_counter()
         if not self.snapshot.ready:
             raise NotReady()
         after = self.decode_cursor(cursor)
-        page = self.snapshot.page(limit=limit, after=after, status=status, q=q, assignee=assignee)
+        page = self.snapshot.page(
+            limit=limit, after=after, status=status, q=q, assignee=assignee, number=number
+        )
         rows: list[Row] = list(page.rows)
         has_more, total, source = page.has_more, page.total, "snapshot"
-        if page.past_window and not q:
+        if page.past_window and not q and not number:
             rows, has_more, total = await self._from_store(rows, after, limit, status, assignee)
             source = "store"
         next_cursor = (

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -16,10 +16,37 @@ STORES: Final = ("sqlite", "firestore")
 ENVIRONMENTS: Final = ("development", "production")
 LOG_FORMATS: Final = ("console", "json")
 AI_PROVIDERS: Final = ("builtin", "openai", "off")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+MEDIA_STORES: Final = ("file", "gcs")
 # Production secrets are at least this long: 32 random characters are beyond guessing,
 # and a short one is a placeholder somebody forgot to replace.
 MIN_SECRET: Final = 32
 LOOPBACK_NAMES: Final = ("localhost",)
+
+
+@dataclass(frozen=True, slots=True)
+class WhatsAppNumber:
+    """A business phone number replies can go out from, with its own token or none (the
+    shared WHATSAPP_TOKEN then)."""
+
+    id: str
+    token: str | None = None
+
+
+def parse_numbers(raw: str) -> tuple[WhatsAppNumber, ...]:
+    """`WHATSAPP_PHONE_NUMBERS`: comma-separated phone number ids, each optionally with its
+    own token after a colon (`106540352242922,106540352242923:EAAG...`)."""
+    numbers = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        number, _, token = item.partition(":")
+        number = number.strip()
+        if not number.isdigit():
+            raise ValueError(f"{number!r} is not a phone number id (digits)")
+        numbers.append(WhatsAppNumber(number, token.strip() or None))
+    return tuple(numbers)
 
 
 class ConfigError(ValueError):
@@ -47,6 +74,23 @@ class Settings:
     whatsapp_token: str | None = None
     whatsapp_phone_number_id: str | None = None
     whatsapp_api_base: str = "https://graph.facebook.com/v21.0"
+    # More business numbers on the same app (WHATSAPP_PHONE_NUMBERS); the first of all is
+    # WHATSAPP_PHONE_NUMBER_ID when set. A conversation answers from the number its
+    # customer wrote to.
+    whatsapp_numbers: tuple[WhatsAppNumber, ...] = ()
+    # The WhatsApp Business Account whose approved templates agents may send.
+    whatsapp_business_account_id: str | None = None
+    # Mark a customer's messages read on WhatsApp (blue ticks) when an agent opens them.
+    read_receipts: bool = True
+    # Where inbound and outbound media files are kept: files under media_dir, or a Cloud
+    # Storage bucket (several instances) with media_dir as each instance's local cache.
+    media_store: str = "file"
+    media_dir: str = "livechat-media"
+    media_bucket: str | None = None
+    # The Cloud Storage JSON API endpoint when not Google's (an emulator).
+    gcs_endpoint: str | None = None
+    # The local cache of a bucket's files, in MiB: what agents opened lately.
+    media_cache_mb: int = 512
     ai_provider: str = "builtin"
     ai_base_url: str = "https://api.openai.com/v1"
     ai_api_key: str | None = None
@@ -66,10 +110,16 @@ class Settings:
     api_token: str | None = None
     instance_id: str = field(default_factory=lambda: secrets.token_hex(3))
     static_dir: str = str(ROOT / "static")
+    # None: /metrics is served on the main port, behind the API token.
+    metrics_port: int | None = None
+    metrics_host: str | None = None
+    # An LLM call takes seconds; a reply cut off half-way is not sent. Orchestrators wait
+    # 30 s (Kubernetes' terminationGracePeriodSeconds) before they kill, 10 s (Cloud Run).
+    shutdown_timeout_s: float = 10.0
     demo: bool = False
     demo_conversations: int = 300
-    # The demo admin's password (run.py generates one); None: the demo admin gets a random
-    # one nobody knows.
+    # The demo admin's password (run.py generates one); None: the demo team gets a password
+    # nobody can type.
     demo_password: str | None = None
     # Development listens on loopback only unless this is set (the dashboard and API are
     # then reachable by anyone who can reach the port).
@@ -88,7 +138,18 @@ class Settings:
     @property
     def whatsapp_configured(self) -> bool:
         """True when outbound messages can really be sent."""
-        return bool(self.whatsapp_token and self.whatsapp_phone_number_id)
+        return bool(self.numbers) and all(n.token for n in self.numbers)
+
+    @property
+    def numbers(self) -> tuple[WhatsAppNumber, ...]:
+        """Every business number, the default (WHATSAPP_PHONE_NUMBER_ID) first, each with
+        the token to use for it."""
+        listed = list(self.whatsapp_numbers)
+        if self.whatsapp_phone_number_id and all(
+            n.id != self.whatsapp_phone_number_id for n in listed
+        ):
+            listed.insert(0, WhatsAppNumber(self.whatsapp_phone_number_id))
+        return tuple(WhatsAppNumber(n.id, n.token or self.whatsapp_token) for n in listed)
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some values replaced (CLI flags, tests), validated again."""
@@ -102,17 +163,26 @@ class Settings:
         _choice("AI_PROVIDER", self.ai_provider, AI_PROVIDERS)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"PORT must be 0..65535, got {self.port}")
-        _choice("LOG_LEVEL", self.log_level, ("debug", "info", "warning", "error"))
+        _choice("LOG_LEVEL", self.log_level, LOG_LEVELS)
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"LIVECHAT_METRICS_PORT must be 0..65535, got {self.metrics_port}")
+        if self.shutdown_timeout_s < 0:
+            raise ConfigError("LIVECHAT_SHUTDOWN_TIMEOUT must not be negative")
         if self.ai_timeout_s <= 0:
             raise ConfigError("AI_TIMEOUT must be a positive number of seconds")
         if self.ai_max_retries < 0:
             raise ConfigError("AI_MAX_RETRIES must not be negative")
         if self.outbox_lease_s < 1:
             raise ConfigError("LIVECHAT_OUTBOX_LEASE must be at least 1 second")
+        _choice("LIVECHAT_MEDIA_STORE", self.media_store, MEDIA_STORES)
+        if self.media_store == "gcs" and not self.media_bucket:
+            raise ConfigError("LIVECHAT_MEDIA_STORE=gcs needs LIVECHAT_MEDIA_BUCKET")
+        if self.media_cache_mb < 1:
+            raise ConfigError("LIVECHAT_MEDIA_CACHE_MB must be at least 1")
         if self.firestore_window < 1:
             raise ConfigError("LIVECHAT_FIRESTORE_WINDOW must be at least 1")
         if self.demo_conversations < 0:
-            raise ConfigError("--demo-conversations must not be negative")
+            raise ConfigError("LIVECHAT_DEMO_CONVERSATIONS must not be negative")
         if self.ai_provider == "openai" and not self.ai_base_url:
             raise ConfigError("AI_PROVIDER=openai needs AI_BASE_URL")
         if self.body_timeout_s <= 0:
@@ -165,14 +235,14 @@ class Settings:
         """Settings from environment variables, then `overrides` (CLI flags) on top."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for name, key, convert in _ENV:
-            raw = env.get(name)
+        for variable in VARIABLES:
+            raw = env.get(variable.name)
             if raw is None or raw == "":
                 continue
             try:
-                values[key] = convert(raw)
+                values[variable.key] = variable.convert(raw)
             except ValueError as e:
-                raise ConfigError(f"{name}={raw!r} is not valid: {e}") from e
+                raise ConfigError(f"{variable.name}={raw!r} is not valid: {e}") from e
         if values.get("env") == "production" and "secret_key" not in values:
             values["secret_key"] = ""  # no random default in production: fail loudly
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -203,37 +273,279 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true or false")
 
 
-_ENV: Final = (
-    ("HOST", "host", str),
-    ("PORT", "port", int),
-    ("LIVECHAT_ENV", "env", str),
-    ("LIVECHAT_STORE", "store", str),
-    ("LIVECHAT_DB", "db", str),
-    ("LIVECHAT_FIRESTORE_WINDOW", "firestore_window", int),
-    ("GOOGLE_CLOUD_PROJECT", "google_cloud_project", str),
-    ("FIRESTORE_EMULATOR_HOST", "firestore_emulator_host", str),
-    ("WHATSAPP_APP_SECRET", "whatsapp_app_secret", str),
-    ("WHATSAPP_VERIFY_TOKEN", "whatsapp_verify_token", str),
-    ("WHATSAPP_TOKEN", "whatsapp_token", str),
-    ("WHATSAPP_PHONE_NUMBER_ID", "whatsapp_phone_number_id", str),
-    ("WHATSAPP_API_BASE", "whatsapp_api_base", str),
-    ("AI_PROVIDER", "ai_provider", str),
-    ("AI_BASE_URL", "ai_base_url", str),
-    ("AI_API_KEY", "ai_api_key", str),
-    ("AI_MODEL", "ai_model", str),
-    ("AI_TIMEOUT", "ai_timeout_s", float),
-    ("AI_MAX_RETRIES", "ai_max_retries", int),
-    ("LIVECHAT_OUTBOX_LEASE", "outbox_lease_s", float),
-    ("LIVECHAT_FAQ", "faq_path", str),
-    ("LOG_FORMAT", "log_format", str),
-    ("LOG_LEVEL", "log_level", str),
-    ("LIVECHAT_SECRET_KEY", "secret_key", str),
-    ("LIVECHAT_API_TOKEN", "api_token", str),
-    ("LIVECHAT_INSTANCE_ID", "instance_id", str),
-    ("LIVECHAT_DEMO", "demo", _bool),
-    ("LIVECHAT_ALLOW_REMOTE", "allow_remote", _bool),
-    ("LIVECHAT_BODY_TIMEOUT", "body_timeout_s", float),
-    ("LIVECHAT_SSE_MAX", "sse_max_streams", int),
-    ("LIVECHAT_SSE_PER_SESSION", "sse_streams_per_session", int),
-    ("LIVECHAT_PROXY_HOPS", "proxy_hops", int),
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One setting as operators see it: its environment variable, flag, default, meaning.
+
+    The README's configuration table and `run.py --help` are both this list (a test checks
+    the README against it), so what is documented is what the code reads.
+    """
+
+    name: str
+    key: str  # the Settings field
+    meaning: str
+    convert: Callable[[str], Any] = str
+    flag: str | None = None
+    # How the default reads when the field's own default is not it (generated, a path).
+    default_text: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def switch(self) -> bool:
+        """True for an on/off setting: its flag takes no value."""
+        return self.convert is _bool
+
+    @property
+    def help(self) -> str:
+        """The flag's --help line: the meaning, the variable and the default."""
+        default = f"; default {self.default}" if self.default else ""
+        return f"{self.meaning} ({self.name}{default})".replace("`", "")
+
+    @property
+    def default(self) -> str:
+        """The default as the README and --help show it ("" when there is none)."""
+        if self.default_text is not None:
+            return self.default_text
+        value = _FIELD_DEFAULTS[self.key]
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "off" if not value else "on"
+        if isinstance(value, float):
+            return f"`{value:g}`"
+        return f"`{value}`"
+
+
+def _field_defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
+
+
+_FIELD_DEFAULTS: Final = _field_defaults()
+
+VARIABLES: Final = (
+    Variable("HOST", "host", "interface to listen on", flag="--host"),
+    Variable("PORT", "port", "port to listen on", int, flag="--port"),
+    Variable(
+        "LIVECHAT_STORE",
+        "store",
+        "`sqlite` (embedded) or `firestore`",
+        flag="--store",
+        choices=STORES,
+    ),
+    Variable(
+        "LIVECHAT_DB",
+        "db",
+        "the SQLite file (`--demo` uses a fresh `livechat-demo.db`)",
+        flag="--db",
+    ),
+    Variable(
+        "LIVECHAT_API_TOKEN",
+        "api_token",
+        "the machine token of integrations and scripts: `Authorization: Bearer` only, never "
+        "a browser sign-in; acts as an agent, never as an admin",
+        default_text="none",
+    ),
+    Variable(
+        "LIVECHAT_SECRET_KEY",
+        "secret_key",
+        "signs list cursors and keys the hash of customer ids in logs; share it across instances",
+        default_text="random per start in development",
+    ),
+    Variable(
+        "LIVECHAT_ENV",
+        "env",
+        "`production` refuses to start with a missing or weak secret, the emulator or an "
+        "`http://` API base",
+        choices=ENVIRONMENTS,
+    ),
+    Variable(
+        "LIVECHAT_ALLOW_REMOTE",
+        "allow_remote",
+        "in development, listen on a non-loopback `HOST` too",
+        _bool,
+        flag="--allow-remote",
+    ),
+    Variable(
+        "LIVECHAT_BODY_TIMEOUT",
+        "body_timeout_s",
+        "seconds for a request body to arrive; a slower one is cut off (408)",
+        float,
+    ),
+    Variable(
+        "LIVECHAT_SSE_MAX",
+        "sse_max_streams",
+        "event streams this instance serves at once (more: 429)",
+        int,
+    ),
+    Variable(
+        "LIVECHAT_SSE_PER_SESSION",
+        "sse_streams_per_session",
+        "event streams per sign-in or token (more: 429)",
+        int,
+    ),
+    Variable(
+        "LIVECHAT_PROXY_HOPS",
+        "proxy_hops",
+        "proxies in front that append to `X-Forwarded-For`, so the sign-in limits count the "
+        "client's address",
+        int,
+    ),
+    Variable(
+        "LIVECHAT_INSTANCE_ID",
+        "instance_id",
+        "names this instance in SSE event ids",
+        default_text="random",
+    ),
+    Variable("GOOGLE_CLOUD_PROJECT", "google_cloud_project", "the Firestore project"),
+    Variable(
+        "FIRESTORE_EMULATOR_HOST",
+        "firestore_emulator_host",
+        "use the Firestore emulator at this `host:port`",
+    ),
+    Variable(
+        "LIVECHAT_FIRESTORE_WINDOW",
+        "firestore_window",
+        "newest conversations each instance keeps in memory; later pages are read from "
+        "Firestore by keyset",
+        int,
+    ),
+    Variable(
+        "WHATSAPP_APP_SECRET", "whatsapp_app_secret", "checks `X-Hub-Signature-256` on webhooks"
+    ),
+    Variable(
+        "WHATSAPP_VERIFY_TOKEN", "whatsapp_verify_token", "the webhook subscription handshake"
+    ),
+    Variable(
+        "WHATSAPP_TOKEN",
+        "whatsapp_token",
+        "sends replies (with `WHATSAPP_PHONE_NUMBER_ID`); without them replies are stored as "
+        "not sent",
+    ),
+    Variable(
+        "WHATSAPP_PHONE_NUMBER_ID",
+        "whatsapp_phone_number_id",
+        "the business number replies are sent from",
+    ),
+    Variable("WHATSAPP_API_BASE", "whatsapp_api_base", "the Graph API base"),
+    Variable(
+        "WHATSAPP_PHONE_NUMBERS",
+        "whatsapp_numbers",
+        "more business numbers on the same app: `id[:token],...` (a number without its own "
+        "token uses `WHATSAPP_TOKEN`); a conversation answers from the number it was written to",
+        parse_numbers,
+        default_text="",
+    ),
+    Variable(
+        "WHATSAPP_BUSINESS_ACCOUNT_ID",
+        "whatsapp_business_account_id",
+        "the WhatsApp Business Account whose approved templates agents may send",
+    ),
+    Variable(
+        "LIVECHAT_READ_RECEIPTS",
+        "read_receipts",
+        "mark a customer's messages read on WhatsApp (blue ticks) when an agent opens them",
+        _bool,
+    ),
+    Variable(
+        "LIVECHAT_MEDIA_STORE",
+        "media_store",
+        "where media files are kept: `file` (under `LIVECHAT_MEDIA_DIR`) or `gcs` (a Cloud "
+        "Storage bucket, for several instances)",
+        choices=MEDIA_STORES,
+    ),
+    Variable(
+        "LIVECHAT_MEDIA_DIR",
+        "media_dir",
+        "the media files; with `gcs`, each instance's cache of the bucket",
+    ),
+    Variable("LIVECHAT_MEDIA_BUCKET", "media_bucket", "the Cloud Storage bucket (with `gcs`)"),
+    Variable(
+        "LIVECHAT_MEDIA_CACHE_MB",
+        "media_cache_mb",
+        "MiB of the bucket each instance keeps on its disk, the least recently opened dropped "
+        "first",
+        int,
+    ),
+    Variable(
+        "STORAGE_EMULATOR_HOST",
+        "gcs_endpoint",
+        "a Cloud Storage JSON API endpoint other than Google's (an emulator)",
+    ),
+    Variable(
+        "AI_PROVIDER",
+        "ai_provider",
+        "`builtin` (offline FAQ), `openai` (any compatible server) or `off`",
+        choices=AI_PROVIDERS,
+    ),
+    Variable("AI_BASE_URL", "ai_base_url", "the chat-completions server"),
+    Variable("AI_API_KEY", "ai_api_key", "the chat-completions server's API key"),
+    Variable("AI_MODEL", "ai_model", "the chat model to ask"),
+    Variable("AI_TIMEOUT", "ai_timeout_s", "seconds per AI call", float),
+    Variable(
+        "AI_MAX_RETRIES",
+        "ai_max_retries",
+        "retries of an AI call after a 429, 5xx or timeout",
+        int,
+    ),
+    Variable(
+        "LIVECHAT_OUTBOX_LEASE",
+        "outbox_lease_s",
+        "seconds an instance holds a pending AI reply or send without renewing it; after a "
+        "crash another instance takes it after this long",
+        float,
+    ),
+    Variable(
+        "LIVECHAT_FAQ",
+        "faq_path",
+        "the built-in responder's answers",
+        default_text="`server/integrations/faq.json`",
+    ),
+    Variable(
+        "LOG_FORMAT",
+        "log_format",
+        "`console`, or `json` lines for log pipelines",
+        flag="--log-format",
+        choices=LOG_FORMATS,
+    ),
+    Variable(
+        "LOG_LEVEL",
+        "log_level",
+        "`debug`, `info`, `warning` or `error`",
+        flag="--log-level",
+        choices=LOG_LEVELS,
+    ),
+    Variable(
+        "LIVECHAT_METRICS_PORT",
+        "metrics_port",
+        "serve `/metrics` on this port, without the token; unset: on `PORT`, with it",
+        int,
+        flag="--metrics-port",
+    ),
+    Variable(
+        "LIVECHAT_METRICS_HOST",
+        "metrics_host",
+        "interface of the metrics port",
+        default_text="`HOST`",
+    ),
+    Variable(
+        "LIVECHAT_SHUTDOWN_TIMEOUT",
+        "shutdown_timeout_s",
+        "seconds running jobs get to finish after SIGTERM or SIGINT",
+        float,
+        flag="--shutdown-timeout",
+    ),
+    Variable(
+        "LIVECHAT_DEMO",
+        "demo",
+        "seed demo data and the demo team into an empty store",
+        _bool,
+        flag="--demo",
+    ),
+    Variable(
+        "LIVECHAT_DEMO_CONVERSATIONS",
+        "demo_conversations",
+        "how many demo conversations",
+        int,
+        flag="--demo-conversations",
+    ),
 )

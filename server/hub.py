@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -159,6 +159,8 @@ class Hub:
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush = 0.0
         self.closed = False
+        # Events published, by name (read by /metrics).
+        self.broadcasts: Counter[str] = Counter()
 
     @property
     def clients(self) -> int:
@@ -188,6 +190,7 @@ class Hub:
         event_id = f"{self.instance_id}-{self._seq}"
         event = Event(self._seq, event_id, name, encode_frame(event_id, name, data))
         self._buffer.append(event)
+        self.broadcasts[name] += 1
         if self._clients:
             stalled: list[Client] = []
             for client in self._clients.values():

@@ -13,15 +13,17 @@ import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 
-from server.models import Conversation, Message, MessageError
+from server.media import MediaStore, MediaStoreError
+from server.models import Conversation, Message, MessageError, preview
 from server.store import rules
 from server.store.base import (
     UNSET,
     ChatStore,
+    Draft,
     InboundMessage,
     NotFound,
     Saved,
@@ -42,6 +44,21 @@ LATE_STATUS_DELAYS_S: Final = (0.5, 1.0, 2.0, 4.0)
 # A send's outcome that the store could not take is tried again after these delays: the
 # message was sent (or refused), and leaving it "sending" would later mark it interrupted.
 OUTCOME_RETRY_DELAYS_S: Final = (0.2, 1.0, 3.0)
+# Opening a conversation looks this far back for the customer's newest message to mark read.
+RECEIPT_LOOKBACK: Final = 20
+# The typing indicator is a courtesy: the AI's reply never waits longer than this for it.
+TYPING_TIMEOUT_S: Final = 3.0
+
+
+async def read_media(media: MediaStore, key: str) -> bytes | None:
+    """The bytes of a stored media file (read off the event loop), or None."""
+    path = await media.local_path(key)
+    if path is None:
+        return None
+    try:
+        return await asyncio.to_thread(path.read_bytes)
+    except FileNotFoundError:
+        return None
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,11 +70,36 @@ class SendResult:
     error: MessageError | None = None
 
 
+class DeliveryError(Exception):
+    """A call to WhatsApp other than a send failed; `error` says why in an agent's words,
+    `transient` whether another try may help."""
+
+    def __init__(self, error: MessageError, *, transient: bool = False) -> None:
+        super().__init__(error.title)
+        self.error = error
+        self.transient = transient
+
+
 class Sender(Protocol):
-    """Sends a text message to a WhatsApp user."""
+    """Sends messages to WhatsApp users and tells WhatsApp what agents read."""
 
     async def send_text(self, to: str, text: str) -> SendResult:
         """Send `text` to `to`: a phone number, or a business-scoped user id."""
+
+    async def send_message(
+        self, to: str, message: Message, *, number: str | None, media_id: str | None = None
+    ) -> SendResult:
+        """Send a stored reply of any kind from the business number `number`."""
+
+    async def upload_media(
+        self, data: bytes, mime_type: str, filename: str | None, *, number: str | None
+    ) -> str:
+        """Upload a file for a send; its WhatsApp media id (DeliveryError otherwise)."""
+
+    async def mark_read(
+        self, wa_message_id: str, *, number: str | None, typing: bool = False
+    ) -> bool:
+        """Mark a customer's message read (and show typing); whether WhatsApp took it."""
 
 
 def recipient(conversation: Conversation) -> str:
@@ -73,14 +115,37 @@ class Responder(Protocol):
         """The reply to send, or None to stay silent."""
 
 
+def quoted(message: Message) -> dict[str, Any]:
+    """A short copy of a message another one quotes, shown above the reply."""
+    text = message.text
+    if text is None and message.media is not None:
+        text = message.media.caption or message.media.filename
+    return {
+        "id": message.id,
+        "sender": message.sender,
+        "type": message.type,
+        "text": preview(text),
+    }
+
+
 class Inbox:
     """Receives, replies and updates: the store (whose feed tells the dashboards), then the
     outbox."""
 
-    def __init__(self, store: ChatStore, outbox: Outbox, sender: Sender) -> None:
+    def __init__(
+        self,
+        store: ChatStore,
+        outbox: Outbox,
+        sender: Sender,
+        media: MediaStore | None = None,
+        *,
+        read_receipts: bool = True,
+    ) -> None:
         self.store = store
         self.outbox = outbox
         self.sender = sender
+        self.media = media
+        self.read_receipts = read_receipts
         self._closing = asyncio.Event()
         outbox.runners["send"] = self.deliver
 
@@ -103,7 +168,13 @@ class Inbox:
                 results.append(await self._save_inbound(inbound))
         finally:
             # Also when a later message could not be saved: what was saved owes its work.
-            owed = {s.task.id: s.task for s in results if s is not None and s.task is not None}
+            owed = {
+                task.id: task
+                for s in results
+                if s is not None
+                for task in (s.task, s.media_task)
+                if task is not None
+            }
             for task in owed.values():
                 await self.outbox.submit(task)
         return results
@@ -112,7 +183,7 @@ class Inbox:
         """Save one message; one the store refuses for what it holds (not an outage) is
         kept once as `unsupported` with the reason, so the rest of its batch stands."""
         try:
-            return await self.store.save_inbound(inbound)
+            return await self.store.save_inbound(await self._with_quote(inbound))
         except StoreError as e:
             if not isinstance(e, Unstorable):
                 raise  # an outage or contention: the webhook answers 503, Meta redelivers
@@ -141,10 +212,24 @@ class Inbox:
         )
         return await self.store.save_inbound(kept)
 
+    async def _with_quote(self, inbound: InboundMessage) -> InboundMessage:
+        """A reply to an earlier message carries a copy of what it quotes, so the thread
+        shows it above the reply even when the quoted message is pages back."""
+        reply_to = (inbound.extra or {}).get("reply_to")
+        if not isinstance(reply_to, str):
+            return inbound
+        target = await self.store.find_message(reply_to)
+        if target is None:
+            return inbound
+        return dataclasses.replace(
+            inbound, extra={**(inbound.extra or {}), "quoted": quoted(target)}
+        )
+
     async def apply_status(
         self, wa_message_id: str, status: str, error: MessageError | None
     ) -> StatusChange | None:
-        """A WhatsApp delivery status; broadcast when it moved the message forward.
+        """A WhatsApp delivery status (the store's feed tells the dashboards when it moved
+        the message forward).
 
         A status for a message not stored (yet) is tried again in its own lane: it can
         overtake the answer of the send that stores the message's WhatsApp id (another
@@ -231,16 +316,99 @@ class Inbox:
         if message.status != "queued":
             await self.store.finish_task(task)  # its outcome is in already
             return
+        media_id = None
+        if message.type in rules.OUTBOUND_MEDIA_TYPES and message.media is not None:
+            # Uploading again is harmless (an unused upload expires at WhatsApp), so it
+            # comes before the mark: a crash during it leaves the send to be tried again.
+            try:
+                media_id = await self._upload(conversation, message)
+            except DeliveryError as e:
+                status = "not_sent" if e.error.code == "not_configured" else "failed"
+                await self._record(conversation, message, SendResult(status, error=e.error))
+                return
         if not await self.store.mark_sending(task):
             return  # another instance holds it now
         try:
-            result = await self.sender.send_text(recipient(conversation), message.text or "")
+            result = await self.sender.send_message(
+                recipient(conversation),
+                message,
+                number=conversation.phone_number_id,
+                media_id=media_id,
+            )
         except Exception as e:
             # A bug in sending, not a WhatsApp answer: the message must not sit in "queued"
             # looking as if it were on its way.
             log.exception("whatsapp.send_error", conversation_id=conversation.id)
             result = SendResult("failed", error=MessageError("internal_error", repr(e)[:300]))
         await self._record(conversation, message, result)
+
+    async def _upload(self, conversation: Conversation, message: Message) -> str:
+        """Upload an agent's file from the media store to WhatsApp; its media id."""
+        media = message.media
+        assert media is not None
+        data = None
+        if self.media is not None:
+            try:
+                data = await read_media(self.media, message.id)
+            except MediaStoreError as e:
+                raise DeliveryError(MessageError("media_store", str(e)), transient=True) from e
+        if data is None:
+            raise DeliveryError(MessageError("media_missing", "the attached file is not stored"))
+        return await self.sender.upload_media(
+            data,
+            media.mime_type or "application/octet-stream",
+            media.filename,
+            number=conversation.phone_number_id,
+        )
+
+    async def send(self, conversation_id: str, draft: Draft, *, agent_id: str | None) -> Saved:
+        """An agent's message of any kind: checked against the customer-service window,
+        saved as queued with its send (taking over from the AI), broadcast, then sent."""
+        saved = await self.store.save_agent_message(conversation_id, draft, agent_id=agent_id)
+        if saved.task is not None:
+            await self.outbox.submit(saved.task)
+        return saved
+
+    async def read(self, conversation_id: str) -> Conversation:
+        """An agent opened the conversation: its unread count goes to 0 on every dashboard
+        and, unless read receipts are off, the customer sees blue ticks.
+
+        Marking the newest message read marks the earlier ones with it (WhatsApp), so one
+        receipt goes out per newly read message: the store moves that message to `read`,
+        and only the write that moved it sends the receipt (two dashboards opening the
+        conversation at once send one).
+        """
+        conversation = await self.update(conversation_id, mark_read=True)
+        if not self.read_receipts:
+            return conversation
+        latest, _ = await self.store.list_messages(conversation_id, RECEIPT_LOOKBACK, None)
+        newest = next((m for m in reversed(latest) if m.direction == "in"), None)
+        if newest is None or newest.wa_message_id is None or newest.status != "received":
+            return conversation
+        change = await self.store.set_delivery(newest.id, status="read")
+        if change is None:
+            return conversation
+        lane = self.outbox.lanes.statuses
+        if room(lane) > 0 and not lane.closed and not self._closing.is_set():
+            await lane.spawn(
+                self.sender.mark_read(newest.wa_message_id, number=conversation.phone_number_id)
+            )
+        return conversation
+
+    async def show_typing(self, conversation: Conversation, message_id: str) -> None:
+        """The customer sees "typing…" while the AI prepares its answer to their message
+        (WhatsApp shows it until the reply, or for 25 s; it marks the message read)."""
+        try:
+            message = await self.store.get_message(message_id)
+        except NotFound:
+            return
+        if message.wa_message_id is None or message.direction != "in":
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TYPING_TIMEOUT_S):
+                await self.sender.mark_read(
+                    message.wa_message_id, number=conversation.phone_number_id, typing=True
+                )
 
     async def _record(
         self, conversation: Conversation, message: Message, result: SendResult

@@ -25,6 +25,7 @@ MESSAGE_TYPES: Final = frozenset(
         "location",
         "interactive",
         "reaction",
+        "template",
         "unsupported",
         "system",
     }
@@ -44,6 +45,9 @@ STATUS_RANK: Final = {
 # The list shows a preview, not the whole text: it keeps the snapshot within its memory
 # budget (1 KiB a conversation) and the page small; the full text is one click away.
 PREVIEW_CHARS: Final = 140
+# WhatsApp's customer-service window: a customer's message opens (or renews) 24 hours in
+# which free-form messages may be sent; after it only an approved template may (131047).
+SERVICE_WINDOW_MS: Final = 24 * 3600 * 1000
 
 
 def now_ms() -> int:
@@ -79,14 +83,26 @@ def preview(text: str | None) -> str | None:
     return text[: PREVIEW_CHARS - 1] + "…"
 
 
+# Where a message's media stands: on its way into the media store, kept there, or given
+# up on (with the reason). None: a reference only (imported data), never downloaded.
+MEDIA_STATES: Final = ("pending", "ready", "failed")
+
+
 @dataclass(slots=True, frozen=True)
 class Media:
-    """A WhatsApp media reference; the bytes stay at Meta until someone downloads them."""
+    """A message's media: WhatsApp's reference (a media id, its MIME type and hash) and,
+    once the bytes are in the media store, its state there and size."""
 
     id: str | None = None
     mime_type: str | None = None
     caption: str | None = None
     filename: str | None = None
+    # The SHA-256 WhatsApp gives for the bytes (the webhook's `sha256`); checked on download.
+    sha256: str | None = None
+    state: str | None = None
+    size: int | None = None
+    # Why the bytes could not be kept (state "failed"), in words an agent can read.
+    error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The API shape."""
@@ -95,6 +111,10 @@ class Media:
             "mime_type": self.mime_type,
             "caption": self.caption,
             "filename": self.filename,
+            "sha256": self.sha256,
+            "state": self.state,
+            "size": self.size,
+            "error": self.error,
         }
 
 
@@ -213,6 +233,16 @@ class Conversation:
     updated_at: int = field(default=0)
     # When the customer last wrote: WhatsApp's 24-hour window for free text starts here.
     last_inbound_at: int | None = None
+    # The business number the customer wrote to (WhatsApp's phone_number_id): replies go
+    # out from it. None for conversations from before numbers were recorded.
+    phone_number_id: str | None = None
+
+    @property
+    def window_closes_at(self) -> int | None:
+        """When the customer-service window closes (ms): free text is refused after it."""
+        if self.last_inbound_at is None:
+            return None
+        return self.last_inbound_at + SERVICE_WINDOW_MS
 
     def to_json(self) -> dict[str, Any]:
         """The API shape."""
@@ -229,6 +259,8 @@ class Conversation:
             "created_at": iso(self.created_at),
             "last_activity": iso(self.last_activity),
             "last_inbound_at": iso(self.last_inbound_at) if self.last_inbound_at else None,
+            "window_closes_at": iso(closes) if (closes := self.window_closes_at) else None,
+            "phone_number_id": self.phone_number_id,
             "last_message": self.last_message.to_json() if self.last_message else None,
         }
 

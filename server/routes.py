@@ -12,14 +12,18 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from server import keys
-from server.access import WEBHOOK_BODY, Access, Policy, UndeclaredRoute
+from server.access import API_BODY, WEBHOOK_BODY, Access, Policy, UndeclaredRoute
 from server.config import Settings
-from server.handlers import agents, auth, chats, events, health, webhook
+from server.handlers import agents, auth, chats, events, health, media, replies, webhook
 from server.handlers.errors import Handler
+from server.handlers.metrics import metrics_handler
 
 OPEN = Policy(Access.OPEN)
 AGENT = Policy(Access.AGENT)
 ADMIN = Policy(Access.ADMIN)
+# An agent's message: JSON, or a file in a multipart form (WhatsApp's largest: a 100 MB
+# document), streamed to the handler.
+MESSAGE = Policy(Access.AGENT, max_upload=replies.MAX_FILE + API_BODY)
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:
@@ -44,7 +48,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     add("GET", "/api/live-chat/conversations/{id}", chats.get_conversation, AGENT)
     add("PATCH", "/api/live-chat/conversations/{id}", chats.patch_conversation, AGENT)
     add("GET", "/api/live-chat/conversations/{id}/messages", chats.list_messages, AGENT)
-    add("POST", "/api/live-chat/conversations/{id}/messages", chats.post_message, AGENT)
+    add("POST", "/api/live-chat/conversations/{id}/messages", chats.post_message, MESSAGE)
     add(
         "POST",
         "/api/live-chat/conversations/{id}/messages/{message_id}/retry",
@@ -54,9 +58,16 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     # Erasing a customer's conversation cannot be undone: admins only.
     add("DELETE", "/api/live-chat/conversations/{id}", chats.delete_conversation, ADMIN)
     add("POST", "/api/live-chat/conversations/{id}/read", chats.mark_read, AGENT)
+    add("GET", "/api/live-chat/media/{message_id}", media.get_media, AGENT)
+    add("GET", "/api/live-chat/templates", chats.list_templates, AGENT)
+    add("GET", "/api/live-chat/numbers", chats.list_numbers, AGENT)
     # The webhook is open to the internet and proves itself by its signature.
     add("GET", "/webhooks/whatsapp", webhook.verify, OPEN)
     add("POST", "/webhooks/whatsapp", webhook.receive, Policy(Access.OPEN, WEBHOOK_BODY))
+    if settings.metrics_port is None:
+        # On the main port the metrics need a credential (the machine token, for a
+        # scraper); on a port of their own (server/serve.py) they need none.
+        add("GET", "/metrics", metrics_handler(app[keys.METRICS]), AGENT)
     static = Path(settings.static_dir)
     if static.is_dir():
         add("GET", "/", _index, OPEN)

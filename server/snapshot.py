@@ -31,7 +31,7 @@ def sort_key(last_activity: int, conversation_id: str) -> tuple[int, str]:
 class Row:
     """One conversation in the snapshot."""
 
-    __slots__ = ("assignee", "body", "id", "key", "search", "status", "updated_at")
+    __slots__ = ("assignee", "body", "id", "key", "number", "search", "status", "updated_at")
 
     def __init__(self, conversation: Conversation) -> None:
         self.id = conversation.id
@@ -42,6 +42,9 @@ class Row:
         self.updated_at = conversation.updated_at
         # Agents search by customer name or phone number; casefold once, here.
         self.search = f"{conversation.user_name}\n{conversation.phone}".casefold()
+        # The business number the customer wrote to (the list's number filter).
+        number = conversation.phone_number_id
+        self.number = sys.intern(number) if number is not None else None
         self.body = dumps(conversation.to_json())
 
     def __lt__(self, other: Row) -> bool:
@@ -215,6 +218,7 @@ class Snapshot:
         status: str | None = None,
         q: str | None = None,
         assignee: Assignee = UNSET,
+        number: str | None = None,
     ) -> Page:
         """Up to `limit` rows after the cursor key `(last_activity, id)`, in list order.
 
@@ -225,20 +229,24 @@ class Snapshot:
         key = sort_key(after[0], after[1]) if after is not None else None
         if isinstance(assignee, Unset):
             index = self._all if status is None else self._by_status[status]
-            return self._page(index.rows, key, limit, q)
+            return self._page(index.rows, key, limit, q, number)
         statuses = CONVERSATION_STATUSES if status is None else (status,)
         groups = [self._by_group.get((s, assignee)) for s in statuses]
         lists = [g.rows for g in groups if g is not None]
         if len(lists) <= 1:
-            return self._page(lists[0] if lists else [], key, limit, q)
-        return self._merged_page(lists, key, limit, q)
+            return self._page(lists[0] if lists else [], key, limit, q, number)
+        return self._merged_page(lists, key, limit, q, number)
 
     def _page(
-        self, rows: list[Row], key: tuple[int, str] | None, limit: int, q: str | None
+        self,
+        rows: list[Row],
+        key: tuple[int, str] | None,
+        limit: int,
+        q: str | None,
+        number: str | None,
     ) -> Page:
-        if q:
-            needle = q.casefold()
-            rows = [r for r in rows if needle in r.search]
+        if q or number:
+            rows = _filtered(rows, q, number)
         start = 0 if key is None else bisect_right(rows, key, key=lambda r: r.key)
         chosen = rows[start : start + limit]
         has_more = start + limit < len(rows)
@@ -248,13 +256,17 @@ class Snapshot:
         return Page(rows=chosen, has_more=has_more, total=len(rows), past_window=past_window)
 
     def _merged_page(
-        self, lists: list[list[Row]], key: tuple[int, str] | None, limit: int, q: str | None
+        self,
+        lists: list[list[Row]],
+        key: tuple[int, str] | None,
+        limit: int,
+        q: str | None,
+        number: str | None,
     ) -> Page:
         """A page over several sorted lists (an assignee across statuses): bisect each, then
         merge only the `limit` rows the page needs."""
-        if q:
-            needle = q.casefold()
-            lists = [[r for r in rows if needle in r.search] for rows in lists]
+        if q or number:
+            lists = [_filtered(rows, q, number) for rows in lists]
         starts = [
             0 if key is None else bisect_right(rows, key, key=lambda r: r.key) for rows in lists
         ]
@@ -265,6 +277,12 @@ class Snapshot:
         past_window = not self.complete and not has_more
         total = sum(len(rows) for rows in lists)
         return Page(rows=chosen, has_more=has_more, total=total, past_window=past_window)
+
+
+def _filtered(rows: list[Row], q: str | None, number: str | None) -> list[Row]:
+    """The rows whose name or phone contains `q` and that were written to `number`."""
+    needle = q.casefold() if q else ""
+    return [r for r in rows if needle in r.search and (number is None or r.number == number)]
 
 
 def render_page(

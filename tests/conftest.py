@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp.test_utils import TestClient
 
 from server import keys
@@ -27,7 +29,16 @@ STORE_KINDS = ["sqlite", pytest.param("firestore", marks=pytest.mark.firestore)]
 
 # The realtime behaviour (webhook, SSE, replies, AI) must hold on both stores: the tests of
 # these modules that run an app run on each, unless they choose their store themselves.
-BOTH_STORES = frozenset({"test_webhook", "test_events", "test_agent_reply", "test_ai_replies"})
+BOTH_STORES = frozenset(
+    {
+        "test_webhook",
+        "test_events",
+        "test_agent_reply",
+        "test_ai_replies",
+        "test_media",
+        "test_replies",
+    }
+)
 
 
 def pytest_generate_tests(metafunc) -> None:
@@ -54,6 +65,7 @@ def settings(request, tmp_path, store_kind) -> Settings:
     """
     s = Settings(
         db=str(tmp_path / "test.db"),
+        media_dir=str(tmp_path / "media"),
         api_token=TOKEN,
         secret_key="test-secret-key",
         whatsapp_app_secret=APP_SECRET,
@@ -131,6 +143,19 @@ async def llm(aiohttp_server):
     from tests.fakes import FakeLLM
 
     return await FakeLLM.serve(aiohttp_server)
+
+
+@pytest.fixture
+def logging_restored():
+    """For a test that configures logging: structlog's defaults and the root logger's
+    handlers and level come back afterwards (a configured logger holds the test's stdout)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

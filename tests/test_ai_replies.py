@@ -70,7 +70,8 @@ async def test_dashboards_see_the_message_before_the_ai_answers(make_client, llm
     assert ai_event.name == "new_message"
     assert ai_event.data["message"]["text"] == llm.reply
     assert ai_event.data["conversation"]["ai_enabled"] is True
-    [sent] = await graph.wait_for_requests(1)
+    await graph.wait_for_requests(2)  # the typing indicator, then the reply
+    [sent] = graph.sends()
     assert sent.json["text"]["body"] == llm.reply
     reply = await wait_for_message(
         client, conversation["id"], lambda x: x["sender"] == "ai" and x["status"] == "sent"

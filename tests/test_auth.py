@@ -15,6 +15,7 @@ from server.access import Access, UndeclaredRoute
 from server.app import create_app
 from server.demo import build_demo
 from server.handlers.auth import COOKIE
+from server.models import now_ms
 from server.ratelimit import SignInLimiter
 from tests.accounts import PASSWORD, add_agent, base_url
 from tests.conftest import AUTH, STORE_KINDS, TOKEN
@@ -32,7 +33,9 @@ async def error_of(resp) -> dict:
 
 
 async def seed(client, count: int = 5):
+    """Demo conversations whose customers wrote a moment ago (the 24-hour window is open)."""
     conversations, messages = build_demo(count)
+    conversations = [replace(c, last_inbound_at=now_ms()) for c in conversations]
     await client.app[keys.STORE].import_conversations(conversations, messages)
     return conversations
 

@@ -29,7 +29,8 @@ from server.integrations.whatsapp_webhook import sign
 from server.store import make_store
 from server.store.base import InboundMessage, Leases
 from tests.conftest import APP_SECRET, STORE_KINDS, TOKEN
-from tests.webhooks import text, webhook
+from tests.media_files import png
+from tests.webhooks import message, text, webhook
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -65,6 +66,7 @@ class Server:
             "LIVECHAT_OUTBOX_LEASE": str(LEASE_S),
             "LIVECHAT_STORE": settings.store,
             "LIVECHAT_DB": settings.db,
+            "LIVECHAT_MEDIA_DIR": str(tmp_path / "media"),
             "WHATSAPP_APP_SECRET": APP_SECRET,
             "WHATSAPP_TOKEN": "t",
             "WHATSAPP_PHONE_NUMBER_ID": "123",
@@ -284,3 +286,31 @@ async def test_a_committed_send_never_attempted_goes_out_once_after_a_restart(
 
 async def _async(value: Any) -> Any:
     return value
+
+
+async def test_killed_mid_download_the_media_still_ends_downloaded(server, graph):
+    photo = png(200, 120)
+    held = graph.add_media(photo, "image/png")
+    media_id = graph.media_id(held)
+    graph.download_delay_s = 30.0  # the download is under way when the server dies
+    await server.start()
+    body = webhook(
+        [message("image", {"id": media_id, "mime_type": "image/png", "sha256": held.sha256})]
+    )
+    assert await server.webhook(body) == 200
+    await until(lambda: _async(bool(graph.downloads)))
+    server.kill()
+    graph.download_delay_s = 0.0
+    await server.start()
+    conversation = await server.only_conversation()
+    # The restarted server takes the task once the dead one's lease runs out (Firestore)
+    # or at once (SQLite); a loaded emulator can take a while.
+    stored = await server.until_message(
+        conversation["id"],
+        lambda m: m["type"] == "image" and m["media"]["state"] in ("ready", "failed"),
+        within=60.0,
+    )
+    assert stored["media"]["state"] == "ready"
+    assert graph.downloads == [media_id, media_id]  # the cut-off one, and the one that kept it
+    async with server.http.get(f"{server.base}/api/live-chat/media/{stored['id']}") as r:
+        assert r.status == 200 and await r.read() == photo

@@ -17,6 +17,7 @@ from server.store.base import InboundMessage, message_id_for_wamid
 from tests.conftest import STORE_KINDS
 from tests.fakes import graph_settings
 from tests.firestore_emulator import Emulator, require_gcloud
+from tests.prometheus import scrape
 from tests.webhooks import (
     SseStream,
     all_messages,
@@ -371,6 +372,11 @@ async def test_the_server_lives_through_a_store_outage_and_resyncs(
     await wait_until(lambda: _holds(client, 40), within=10)
     before = await listed_ids(client)
     assert len(before) == 40
+    m = await scrape(client)
+    assert m("livechat_listener_up") == 1 and m("livechat_snapshot_fresh") == 1
+    assert m("livechat_listener_outages_total") == 0
+    # A listener replaced for going silent on a busy machine also counts as a restart.
+    restarts_before = m("livechat_listener_restarts_total")
 
     # Firestore keeps its data through an outage; the emulator forgets it when it stops.
     # So what it holds is exported just before the outage and imported at the restart:
@@ -382,9 +388,14 @@ async def test_the_server_lives_through_a_store_outage_and_resyncs(
     own_emulator.kill()
     # The supervisor notices within a few health checks. /readyz stays 200 (the snapshot
     # is warm: the load balancer keeps the instance) and says degraded.
-    await wait_until(lambda: _stale(client), within=10, interval=0.2)
+    # Three failed checks in a row (a blip is not an outage): seconds, more on a busy machine.
+    await wait_until(lambda: _stale(client), within=30, interval=0.2)
     degraded = await _readyz(client, 200)
     assert degraded is not None and degraded["status"] == "degraded"
+    m = await scrape(client)
+    assert m("livechat_listener_up") == 0 and m("livechat_snapshot_fresh") == 0
+    assert m("livechat_listener_outages_total") == 1
+    assert m("livechat_snapshot_conversations") == 40
     while time.monotonic() - wall0 < OUTAGE_S:
         resp = await client.get(LIST, params={"limit": "100"})
         assert resp.status == 200
@@ -404,6 +415,10 @@ async def test_the_server_lives_through_a_store_outage_and_resyncs(
     after = await listed_ids(client)
     assert after == stored == before
     assert len(set(after)) == 40
+    m = await scrape(client)
+    assert m("livechat_listener_up") == 1 and m("livechat_snapshot_fresh") == 1
+    assert m("livechat_listener_outages_total") == 1
+    assert m("livechat_listener_restarts_total") >= restarts_before + 1
 
     # The listener works again: a new message reaches the list through the feed.
     m = text("back online", frm="966508888888")
@@ -650,9 +665,10 @@ async def test_a_listener_killed_ten_times_costs_no_reload_no_resync_and_no_chan
             m = text(f"message {i} while A's listener was killed", frm=f"9665000001{i:02d}")
             assert (await post_webhook(b, webhook([m]))).status == 200
             sent.append(message_id_for_wamid(m["id"]))
-            await wait_until(lambda f=feed: _replaced(store, f), within=10, interval=0.1)
+            await wait_until(lambda f=feed: _replaced(store, f), within=30, interval=0.1)
     for mid in sent:
-        await stream.until(is_message(mid), within=10)
+        if not any(is_message(mid)(e) for e in stream.events):
+            await stream.until(is_message(mid), within=20)
     later = await stream.nothing_for(2.0)
     everything = stream.events
     assert not [e for e in everything if e.name == "resync"]
@@ -808,7 +824,14 @@ async def test_three_instances_a_minute_of_mixed_traffic_agree_and_tell_everythi
     assert sent_webhooks > 50 and replies > 20 and statuses > 20
     for stream in streams:
         news = [e.data["message"]["id"] for e in stream.events if is_message_event(e)]
-        assert sorted(news) == sorted(messages), "a message told twice, or never"
+        assert len(news) == len(set(news)), "a message told twice"
+        # A message is told as new_message, or (another instance's burst that this one's
+        # listener merged past what a document carries) its open panes are told to reload.
+        reloaded = {
+            e.data["conversation_id"] for e in stream.events if e.name == "conversation_resync"
+        }
+        untold = {mid for mid in messages if mid not in set(news)}
+        assert {messages[mid]["conversation_id"] for mid in untold} <= reloaded, untold
         ticks = [
             (e.data["message_id"], e.data["attempt"], e.data["status"])
             for e in stream.events
@@ -822,7 +845,8 @@ async def test_three_instances_a_minute_of_mixed_traffic_agree_and_tell_everythi
             elif e.name == "message_status":
                 final[e.data["message_id"]] = e.data["status"]
         for mid, m in messages.items():
-            assert final[mid] == m["status"], (mid, final[mid], m["status"])
+            if m["conversation_id"] not in reloaded:
+                assert final[mid] == m["status"], (mid, final.get(mid), m["status"])
         assert not [e for e in stream.events if e.name == "resync"]
         stream.close()
 

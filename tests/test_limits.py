@@ -7,6 +7,7 @@ import io
 import json
 import socket
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -14,6 +15,7 @@ from server import keys
 from server.access import API_BODY, WEBHOOK_BODY
 from server.demo import build_demo
 from server.integrations.whatsapp_webhook import sign
+from server.models import now_ms
 from tests.accounts import add_agent
 from tests.conftest import APP_SECRET, TOKEN
 from tests.webhooks import text, webhook
@@ -26,7 +28,9 @@ async def error_of(resp) -> dict:
 
 
 async def seed(client, count: int = 3):
+    """Demo conversations whose customers wrote a moment ago (the 24-hour window is open)."""
     conversations, messages = build_demo(count)
+    conversations = [replace(c, last_inbound_at=now_ms()) for c in conversations]
     await client.app[keys.STORE].import_conversations(conversations, messages)
     return conversations
 

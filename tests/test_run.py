@@ -156,7 +156,7 @@ async def test_run_demo_serves_demo_data_and_prints_its_sign_in_on_a_terminal(tm
         await writer.drain()
         assert b" 400 " in (await reader.read(100)).split(b"\r\n")[0]
         writer.close()
-        line = await output.wait_for(r'\{[^\n]*"logger": "aiohttp\.server"[^\n]*\}')
+        line = await output.wait_for(r'\{[^\n]*"logger":\s*"aiohttp\.server"[^\n]*\}')
         record = json.loads(line.group(0))
         assert record["level"] == "error" and "Error handling request" in record["event"]
         assert (tmp_path / "livechat-demo.db").exists()

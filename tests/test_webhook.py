@@ -227,7 +227,9 @@ async def test_a_batch_of_three_messages_and_two_statuses_is_handled_whole(make_
     names = []
     while len(names) < 5:
         event = await stream.next()
-        names.append(event.name)
+        # The image's download (WhatsApp has no such media id here) announces its outcome.
+        if event.name != "message_updated":
+            names.append(event.name)
     assert sorted(names) == sorted(
         ["new_message", "new_conversation", "new_message", "message_status", "message_status"]
     )

@@ -8,7 +8,8 @@ Every route declares a Policy (server/routes.py). The middleware finds the calle
 - else the session cookie the dashboard's sign-in sets (HttpOnly, SameSite=Lax). A browser
   sends it with requests other sites make too, so a cookie-authenticated POST, PATCH or
   DELETE must be JSON (a cross-site form cannot send that without the site's consent) and
-  come from this server's own origin (`Origin`, or `Sec-Fetch-Site: same-origin`).
+  come from this server's own origin (`Origin`, or `Sec-Fetch-Site: same-origin`). The one
+  route that takes files takes them as a multipart form, from this origin only.
 
 The machine token is never accepted as a cookie: people sign in as themselves.
 """
@@ -45,9 +46,11 @@ def client_address(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-def same_origin(request: web.Request) -> bool:
-    """True when a browser write comes from this server's own page, as JSON."""
-    if request.content_type != "application/json":
+def same_origin(request: web.Request, *, uploads: bool = False) -> bool:
+    """True when a browser write comes from this server's own page, as JSON (or, where the
+    route takes files, as a multipart form: then the origin alone must vouch for it)."""
+    ctype = request.content_type
+    if ctype != "application/json" and not (uploads and ctype == "multipart/form-data"):
         return False
     origin = request.headers.get(hdrs.ORIGIN)
     if origin is not None:
@@ -132,7 +135,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return found
     if access is Access.ADMIN and not found.is_admin:
         return json_error(HTTPStatus.FORBIDDEN, "forbidden", "this needs an admin")
-    if found.kind == "session" and request.method in UNSAFE_METHODS and not same_origin(request):
+    uploads = policy is not None and policy.max_upload is not None
+    if (
+        found.kind == "session"
+        and request.method in UNSAFE_METHODS
+        and not same_origin(request, uploads=uploads)
+    ):
         log.warning("auth.cross_origin", path=request.path, method=request.method)
         return _cross_origin()
     request[keys.PRINCIPAL] = found

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from server import keys
 from server.chatlist import NotReady
+from server.handlers import replies
 from server.handlers.errors import BadRequest, json_error, read_json
 from server.models import CONVERSATION_STATUSES, dumps
 from server.snapshot import Assignee
@@ -17,8 +18,6 @@ from server.store.base import UNSET, NotFound, Unset
 LIST_LIMIT: Final = (1, 100, 30)
 MESSAGES_LIMIT: Final = (1, 200, 50)
 MAX_QUERY: Final = 100
-# WhatsApp refuses a text body longer than this.
-MAX_TEXT: Final = 4096
 # Our ids are about 22 characters (server/store/base.py new_id); anything far longer is
 # not one of ours.
 MAX_ID: Final = 64
@@ -68,6 +67,9 @@ async def unified_chats(request: web.Request) -> web.Response:
     if len(q) > MAX_QUERY:
         raise BadRequest(f"q must be at most {MAX_QUERY} characters", "invalid_query")
     assignee = parse_assignee(request)
+    number = request.query.get("number") or None
+    if number is not None and not (number.isascii() and number.isdigit() and len(number) <= 20):
+        raise BadRequest("number must be a phone number id (digits)", "invalid_number")
     try:
         page = await request.app[keys.CHATLIST].page(
             limit=limit,
@@ -75,6 +77,7 @@ async def unified_chats(request: web.Request) -> web.Response:
             status=None if status == "all" else status,
             q=q or None,
             assignee=assignee,
+            number=number,
         )
     except NotReady:
         return json_error(
@@ -120,21 +123,10 @@ async def list_messages(request: web.Request) -> web.Response:
 
 
 async def post_message(request: web.Request) -> web.Response:
-    """POST an agent's reply: saved, broadcast, sent to WhatsApp; turns the AI off."""
-    conversation_id = request.match_info["id"]
-    body = await read_json(request)
-    unknown = set(body) - {"text"}
-    if unknown:
-        # agent_id among them: a reply is the signed-in agent's, never whom the client names.
-        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}", "invalid_field")
-    text = body.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise BadRequest("text must be a non-empty string", "invalid_text")
-    if len(text) > MAX_TEXT:
-        raise BadRequest(f"text must be at most {MAX_TEXT} characters", "invalid_text")
-    saved = await request.app[keys.INBOX].reply(
-        conversation_id, text, sender="agent", agent_id=request[keys.PRINCIPAL].agent_id
-    )
+    """POST an agent's message (text, a file, a template or a reaction, optionally as a
+    reply to a message): saved, broadcast, sent to WhatsApp; turns the AI off. Free-form
+    messages outside the customer-service window are 422 `window_closed`."""
+    saved = await replies.post(request, request.match_info["id"])
     return json_bytes(dumps(saved.message.to_json()), status=HTTPStatus.CREATED)
 
 
@@ -155,8 +147,9 @@ async def delete_conversation(request: web.Request) -> web.Response:
 
 
 async def mark_read(request: web.Request) -> web.Response:
-    """POST read: the unread count goes to 0 on every dashboard."""
-    conversation = await request.app[keys.INBOX].update(request.match_info["id"], mark_read=True)
+    """POST read: the unread count goes to 0 on every dashboard, and the customer sees
+    blue ticks (unless LIVECHAT_READ_RECEIPTS is off)."""
+    conversation = await request.app[keys.INBOX].read(request.match_info["id"])
     return json_bytes(dumps(conversation.to_json()))
 
 
@@ -198,3 +191,23 @@ async def _assignee(request: web.Request, value: object) -> str | None:
     if agent.disabled:
         raise BadRequest("that agent is disabled", "unknown_assignee")
     return agent.id
+
+
+async def list_templates(request: web.Request) -> web.Response:
+    """GET the account's message templates (`?refresh=1` reads them from WhatsApp now)."""
+    catalog = request.app[keys.TEMPLATES]
+    templates = await catalog.templates(refresh=request.query.get("refresh") == "1")
+    return json_bytes(
+        dumps(
+            {
+                "templates": [t.to_json() for t in templates if t.approved],
+                "configured": catalog.configured,
+            }
+        )
+    )
+
+
+async def list_numbers(request: web.Request) -> web.Response:
+    """GET the business numbers replies go out from (the list's number filter)."""
+    numbers = request.app[keys.SETTINGS].numbers
+    return json_bytes(dumps({"numbers": [{"id": n.id} for n in numbers]}))

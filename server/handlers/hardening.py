@@ -43,6 +43,15 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     policy = request.app[keys.ROUTES].get(request.match_info.route)
     limit = policy.max_body if policy is not None else API_BODY
     length = request.content_length
+    if (
+        policy is not None
+        and policy.max_upload is not None
+        and request.content_type.startswith("multipart/")
+    ):
+        # A file upload: streamed to the handler, which reads it in bounded chunks.
+        if length is not None and length > policy.max_upload:
+            return await _last_answer(request, _too_large(policy.max_upload))
+        return await handler(request)
     if length is not None and length > limit:
         return await _last_answer(request, _too_large(limit))
     limited = request.clone(client_max_size=limit)
@@ -92,6 +101,9 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
     headers["Cross-Origin-Opener-Policy"] = "same-origin"
     if request.app[keys.SETTINGS].env == "production":
         headers["Strict-Transport-Security"] = HSTS
-    if request.path.startswith("/api/") and "no-store" not in headers.get("Cache-Control", ""):
+    cache = headers.get("Cache-Control", "")
+    if request.path.startswith("/api/") and "no-store" not in cache and "private" not in cache:
         # Answers full of customers' names, numbers and messages: no cache may keep them.
+        # A handler that allows only the agent's own browser to keep an answer says
+        # `private` (a media file, which never changes once kept).
         headers["Cache-Control"] = "no-store"

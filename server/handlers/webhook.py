@@ -48,9 +48,11 @@ async def receive(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     raw = await request.read()
     secret = request.app[keys.SETTINGS].whatsapp_app_secret
+    metrics = request.app[keys.METRICS]
     if not signature_ok(secret, raw, request.headers.get("X-Hub-Signature-256")):
         reason = "no_secret_configured" if not secret else "bad_signature"
         log.warning("webhook.unauthorized", reason=reason, body_bytes=len(raw))
+        metrics.webhook_refused.labels("bad_signature").inc()
         return json_error(
             HTTPStatus.UNAUTHORIZED, "invalid_signature", "X-Hub-Signature-256 is missing or wrong"
         )
@@ -59,11 +61,16 @@ async def receive(request: web.Request) -> web.StreamResponse:
     except ParseError as e:
         reason = str(e)[:MAX_REASON_CHARS]
         log.warning("webhook.malformed", reason=reason, body_bytes=len(raw))
+        metrics.webhook_refused.labels("malformed").inc()
         return json_error(HTTPStatus.BAD_REQUEST, "invalid_webhook", reason)
     for reason in parsed.refused:
         log.warning("webhook.refused", reason=reason[:MAX_REASON_CHARS])
+    if parsed.template_updates:
+        request.app[keys.TEMPLATES].changed()  # approved, rejected, paused: read them again
     inbox = request.app[keys.INBOX]
     duplicates = (await inbox.receive_all(parsed.messages)).count(None)
+    metrics.webhook_messages.labels("received").inc(len(parsed.messages) - duplicates)
+    metrics.webhook_messages.labels("duplicate").inc(duplicates)
     applied = 0
     for status in parsed.statuses:
         if await inbox.apply_status(status.wa_message_id, status.status, status.error):
@@ -75,6 +82,7 @@ async def receive(request: web.Request) -> web.StreamResponse:
         statuses_applied=applied,
         duplicates=duplicates,
         ignored=parsed.ignored,
+        template_updates=parsed.template_updates,
         refused=len(parsed.refused),
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
     )

@@ -35,6 +35,8 @@ SIGNATURE_PREFIX: Final = "sha256="
 # then) is ignored rather than refused, since refusing makes Meta redeliver for days.
 KNOWN_STATUSES: Final = frozenset({"sent", "delivered", "read", "played", "failed"})
 MEDIA_TYPES: Final = ("image", "audio", "video", "document", "sticker")
+# The webhook field of a template's review outcome (approved, rejected, paused, ...).
+TEMPLATE_FIELD: Final = "message_template_status_update"
 # Bounds on what we copy into `extra` from fields the customer or an ad controls.
 MAX_EXTRA_CHARS: Final = 1000
 MAX_ERRORS: Final = 5
@@ -85,6 +87,8 @@ class Parsed:
     statuses: list[StatusUpdate] = field(default_factory=list)
     # Updates we do not act on (other webhook fields, unknown statuses), counted for the log.
     ignored: int = 0
+    # `message_template_status_update` changes: a template was approved, rejected, paused...
+    template_updates: int = 0
     # Messages and statuses that could not be kept at all, with why (no id, no sender).
     refused: list[str] = field(default_factory=list)
 
@@ -127,6 +131,9 @@ def parse_payload(body: Any, received_ms: int | None = None) -> Parsed:
         for j, change_raw in enumerate(changes):
             where = f"entry[{i}].changes[{j}]"
             change = _obj(change_raw, where)
+            if change.get("field") == TEMPLATE_FIELD:
+                parsed.template_updates += 1
+                continue
             if change.get("field") != "messages":
                 parsed.ignored += 1
                 continue
@@ -139,11 +146,16 @@ def _parse_value(
     value: Mapping[str, Any], where: str, parsed: Parsed, received_ms: int | None
 ) -> None:
     contacts = _contacts(_list(value.get("contacts", []), f"{where}.contacts"))
+    metadata = value.get("metadata")
+    number = clean(metadata.get("phone_number_id"), 64) if isinstance(metadata, dict) else None
+    number = number if number and _DIGITS.fullmatch(number) else None
     for k, raw in enumerate(_list(value.get("messages", []), f"{where}.messages")):
         m_where = f"{where}.messages[{k}]"
         try:
             m = _obj(raw, m_where)
             message = _message(m, contacts, m_where, received_ms, len(parsed.messages))
+            if number:
+                message = _replace(message, phone_number_id=number)
         except ParseError as e:
             parsed.refused.append(str(e))
             continue
@@ -332,6 +344,7 @@ def _media(m: Mapping[str, Any], kind: str, where: str) -> Content:
         mime_type=_opt_str(body.get("mime_type")),
         caption=_opt_str(body.get("caption")),
         filename=_opt_str(body.get("filename")),
+        sha256=clean(body.get("sha256"), 128),
     )
     extra: dict[str, Any] = {}
     if kind == "sticker":

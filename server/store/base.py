@@ -50,7 +50,14 @@ class NotRetryable(StoreError):
     """Only a failed reply can be sent again."""
 
 
-TaskKind = Literal["ai", "send"]
+class WindowClosed(StoreError):
+    """Free-form messages to a customer whose customer-service window has closed: WhatsApp
+    refuses them (131047), so they are refused before they are stored or sent."""
+
+
+# ai: an AI reply owed; send: a WhatsApp send owed; media: an inbound media file to
+# download into the media store.
+TaskKind = Literal["ai", "send", "media"]
 # pending: waiting (or running, for an AI reply); sending: its POST to WhatsApp may be
 # under way, so it must never be repeated blindly (WhatsApp has no idempotency key).
 TaskState = Literal["pending", "sending"]
@@ -111,11 +118,31 @@ class InboundMessage:
     extra: dict[str, Any] | None = None
     channel: str = "whatsapp"
     identities: tuple[str, ...] = ()
+    # The business number the message was sent to (`metadata.phone_number_id`).
+    phone_number_id: str | None = None
 
     @property
     def display_name(self) -> str:
         """The name a new customer is shown with: their profile name, else their number."""
         return self.user_name or self.phone or self.user_id
+
+
+@dataclass(slots=True, frozen=True)
+class Draft:
+    """What an agent sends, before it is stored: text, a media file already in the media
+    store, a template (its rendered text in `text`), or a reaction (`text` is the emoji).
+
+    `extra` carries what the send needs besides: `reply_to` (the WhatsApp id of the
+    message answered, sent as `context`), `quoted` (a preview of it), `reacted_to` and
+    `removed` for a reaction, `template` (name, language, parameters).
+    """
+
+    type: str
+    text: str | None
+    media: Media | None = None
+    extra: dict[str, Any] | None = None
+    # The message's id when it was chosen before the write (its file is stored under it).
+    id: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -127,6 +154,8 @@ class Saved:
     message: Message
     new_conversation: bool = False
     task: Task | None = None
+    # The download an inbound media message owes (rules.media_task).
+    media_task: Task | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -290,6 +319,22 @@ class ChatStore(Protocol):
 
     async def get_message(self, message_id: str) -> Message:
         """One message; NotFound when there is none."""
+
+    # -- media, rich replies ---------------------------------------------------------------
+
+    async def find_message(self, wa_message_id: str) -> Message | None:
+        """The stored message WhatsApp knows by this id, or None."""
+
+    async def save_agent_message(
+        self, conversation_id: str, draft: Draft, *, agent_id: str | None = None
+    ) -> Saved:
+        """Store an agent's message (text, media, template, reaction) as queued with its
+        send task, in one write: it takes the conversation over from the AI. WindowClosed
+        when only a template may reach the customer now."""
+
+    async def set_media(self, message_id: str, media: Media) -> StatusChange | None:
+        """Record where a message's media stands (downloaded, or failed with the reason),
+        completing its media task; None when the message is gone."""
 
     async def claim_tasks(self, *, limit: int, kind: TaskKind, steal: bool = False) -> list[Task]:
         """Take up to `limit` tasks of a kind whose lease ran out (every one with `steal`,

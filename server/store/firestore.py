@@ -63,13 +63,21 @@ from google.cloud import firestore
 from google.cloud.firestore_v1 import FieldFilter
 
 from server.config import Settings
-from server.models import CONVERSATION_STATUSES, Conversation, Message, MessageError, now_ms
+from server.models import (
+    CONVERSATION_STATUSES,
+    Conversation,
+    Media,
+    Message,
+    MessageError,
+    now_ms,
+)
 from server.store import rules
 from server.store.base import (
     UNSET,
     Change,
     ChangeFeed,
     ChangeListener,
+    Draft,
     FeedMessage,
     InboundMessage,
     Leases,
@@ -158,6 +166,8 @@ VERSIONS_KEPT: Final = 100_000
 # Stopping a listener normally takes well under a second (the library waits up to 1 s for
 # its thread); past this it is stuck and left behind on its daemon thread.
 STOP_TIMEOUT_S: Final = 5.0
+# How long a count of conversations is reused (see count()).
+COUNT_TTL_S: Final = 30.0
 # Firestore accepts at most 500 writes in one batch.
 BATCH_WRITES: Final = 500
 # Batches committed at once by a bulk import: enough to hide round trips, few enough not
@@ -275,6 +285,7 @@ class FirestoreStore:
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._closed = False
         self.reads = Reads()
+        self._counts: dict[tuple[str | None, str | Unset | None], tuple[float, int]] = {}
         # Documents written by transactions, by kind (conversation, message, user, ...).
         self.writes: Counter[str] = Counter()
         # Clients replaced by recover(), with when: closed once no call can still use them.
@@ -291,7 +302,8 @@ class FirestoreStore:
             # The one environment write of the server: the client library reads the
             # emulator address only from the environment, when a client is created.
             os.environ["FIRESTORE_EMULATOR_HOST"] = self.emulator_host
-        self._db = firestore.AsyncClient(project=self.project)
+        # Creating a client may look up credentials (files, the metadata server).
+        self._db = await asyncio.to_thread(firestore.AsyncClient, project=self.project)
 
     async def close(self) -> None:
         """Stop the listener and forget every subscriber; nothing is called after this."""
@@ -316,7 +328,7 @@ class FirestoreStore:
         """
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        fresh = firestore.AsyncClient(project=self.project)
+        fresh = await asyncio.to_thread(firestore.AsyncClient, project=self.project)
         self.reads.health += 1
         try:
             await self._ping(fresh)
@@ -527,7 +539,8 @@ class FirestoreStore:
                 return
             # Every commit up to the newest listener's last read time has been delivered,
             # except one still landing with an earlier request time: hence the margin.
-            feed = await self._start_feed(last - timedelta(milliseconds=MARK_MARGIN_MS))
+            healthy = old[-1].client if old and old[-1].alive else None
+            feed = await self._start_feed(last - timedelta(milliseconds=MARK_MARGIN_MS), healthy)
             try:
                 await self._first_snapshot(feed)
             except StoreUnavailable:
@@ -625,14 +638,15 @@ class FirestoreStore:
         async with self._feed_lock:
             await self._stop_feeds(self._feeds)
 
-    async def _start_feed(self, mark: datetime) -> _Feed:
+    async def _start_feed(self, mark: datetime, client: Any = None) -> _Feed:
         loop = asyncio.get_running_loop()
         self._generation += 1
         feed = _Feed(self._generation, loop, mark=mark)
-        # A new sync client per listener: a fresh channel, not one in gRPC's reconnect
-        # backoff from before an outage. The emulator address is in the environment.
-        # Creating it may look up credentials (files, the metadata server): not on the loop.
-        feed.client = await asyncio.to_thread(firestore.Client, project=self.project)
+        # A hand-over of a healthy listener shares its client (and channel). Otherwise a
+        # new sync client: a fresh channel, not one in gRPC's reconnect backoff from before
+        # a failure. The emulator address is in the environment. Creating it may look up
+        # credentials (files, the metadata server): not on the loop.
+        feed.client = client or await asyncio.to_thread(firestore.Client, project=self.project)
         query = feed.client.collection_group(CONVERSATIONS).where(
             filter=FieldFilter(FEED_AT, ">", feed.mark)
         )
@@ -667,7 +681,8 @@ class FirestoreStore:
             if feed.watch is not None:
                 # unsubscribe joins the client's threads, which can take a moment.
                 await _blocking(feed.watch.unsubscribe, "unsubscribe")
-            if feed.client is not None:
+            shared = any(other.client is feed.client for other in self._feeds)
+            if feed.client is not None and not shared:
                 # During an outage unsubscribing is not enough: the stream's thread goes on
                 # re-opening a stream that fails at once, a whole core's worth, until it sees
                 # a non-retryable error. A closed channel is one, so the thread exits.
@@ -866,7 +881,19 @@ class FirestoreStore:
         return snaps
 
     async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
-        """How many conversations (with that status and assignee): one aggregation query."""
+        """How many conversations (with that status and assignee) there are: an aggregation
+        query (billed one read per 1,000 entries), so its answer is kept for COUNT_TTL_S:
+        pages past the window show a total a few seconds old instead of paying it every
+        page."""
+        key = (status, assignee)
+        cached = self._counts.get(key)
+        if cached is not None and time.monotonic() - cached[0] < COUNT_TTL_S:
+            return cached[1]
+        n = await self._count(status, assignee)
+        self._counts[key] = (time.monotonic(), n)
+        return n
+
+    async def _count(self, status: str | None, assignee: str | Unset | None) -> int:
         query = self._filtered(status, assignee)
         if status is None:  # not the heartbeats that share the collection group's name
             query = query.where(filter=FieldFilter("status", "in", list(CONVERSATION_STATUSES)))
@@ -1048,7 +1075,13 @@ class FirestoreStore:
             if rules.wants_ai(conversation, message, self.ai_replies):
                 task = rules.ai_task(conversation, message, self.leases, now)
                 tx.set(self._task_ref(task.id), rules.task_to_doc(task))
-            return Saved(conversation, message, new_conversation=created, task=task)
+            media_task = None
+            if rules.wants_media(message):
+                media_task = rules.media_task(message, self.leases, now)
+                tx.set(self._task_ref(media_task.id), rules.task_to_doc(media_task))
+            return Saved(
+                conversation, message, new_conversation=created, task=task, media_task=media_task
+            )
 
         # A redelivery is caught by this plain read, outside the transaction: reading a
         # missing document inside one locks it, and the emulator then makes concurrent
@@ -1139,6 +1172,78 @@ class FirestoreStore:
         if not snap.exists:
             raise NotFound(f"no message {message_id!r}")
         return rules.message_from_doc(snap.to_dict())
+
+    # -- media, rich replies ---------------------------------------------------------------
+
+    async def find_message(self, wa_message_id: str) -> Message | None:
+        """The message WhatsApp knows by this id (through `wamids`), or None."""
+        pointer_ref = self._client.collection(WAMIDS).document(message_id_for_wamid(wa_message_id))
+        async with self._guard("find message"):
+            pointer = await pointer_ref.get()
+            self.reads.direct += 1
+            path = pointer.get("path") if pointer.exists else None
+            if not path:
+                return None
+            snap = await self._client.document(path).get()
+            self.reads.direct += 1
+        return rules.message_from_doc(snap.to_dict()) if snap.exists else None
+
+    async def save_agent_message(
+        self, conversation_id: str, draft: Draft, *, agent_id: str | None = None
+    ) -> Saved:
+        """Store an agent's message as queued with its send task, in one transaction;
+        refused (WindowClosed) when only a template may reach the customer now."""
+        path = await self._conversation_path(conversation_id)
+        ai_task_ref = self._task_ref(rules.ai_task_id(conversation_id))
+
+        async def write(tx: Any, stamps: _Stamps) -> Saved:
+            snap = await self._conversation_doc(conversation_id, tx)
+            previous = snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
+            now = rules.reply_time(conversation, now_ms())
+            rules.check_window(conversation, draft, now_ms())
+            message = rules.agent_message(conversation_id, draft, agent_id, now)
+            conversation = rules.after_message(conversation, message, now)
+            tx.set(snap.reference, _document(conversation, previous, stamps, message))
+            message_ref = snap.reference.collection(MESSAGES).document(message.id)
+            tx.create(message_ref, rules.message_to_doc(message))
+            tx.delete(ai_task_ref)  # an agent took over
+            task = rules.send_task(message, self.leases, now)
+            tx.set(self._task_ref(task.id), rules.task_to_doc(task))
+            return Saved(conversation, message, task=task)
+
+        async with self._lock(_user_of(path)):
+            return await self._transact("save agent message", write, rules.saved_changes)
+
+    async def set_media(self, message_id: str, media: Media) -> StatusChange | None:
+        """Record a message's media state, completing its download task; the
+        conversation's document carries the message so other instances' panes see it."""
+        task_ref = self._task_ref(rules.media_task_id(message_id))
+        try:
+            message_ref = await self._message_ref(message_id)
+        except NotFound:
+            async with self._guard("drop media task"):
+                await task_ref.delete()
+            return None
+        conversation_ref = message_ref.parent.parent
+
+        async def write(tx: Any, stamps: _Stamps) -> StatusChange | None:
+            snap = await message_ref.get(transaction=tx)
+            conversation_snap = await conversation_ref.get(transaction=tx)
+            self.reads.direct += 2
+            tx.delete(task_ref)
+            if not snap.exists or not conversation_snap.exists:
+                return None
+            updated = rules.with_media(rules.message_from_doc(snap.to_dict()), media)
+            previous = conversation_snap.to_dict() or {}
+            conversation = rules.conversation_from_doc(previous)
+            after = conversation.with_changes(updated_at=max(now_ms(), conversation.updated_at + 1))
+            tx.set(message_ref, rules.message_to_doc(updated))
+            tx.set(conversation_ref, _document(after, previous, stamps, updated, new=False))
+            return StatusChange(after, updated)
+
+        async with self._lock(_user_of(message_ref.path)):
+            return await self._transact("set media", write, rules.status_changes)
 
     async def _task_write(
         self, what: str, task_id: str, change: Callable[[Task], Task | None]
@@ -1317,19 +1422,11 @@ class FirestoreStore:
         error: MessageError | None = None,
     ) -> StatusChange | None:
         """Record the outcome of sending an outbound message (never moves it backwards)."""
-        query = (
-            self._client.collection_group(MESSAGES)
-            .where(filter=FieldFilter("id", "==", message_id))
-            .limit(1)
-        )
-        async with self._guard("find message"):
-            found = await query.get()
-        self.reads.direct += max(1, len(found))
-        if not found:
+        try:
+            ref = await self._message_ref(message_id)
+        except NotFound:
             return None
-        return await self._set_status(
-            found[0].reference.path, status, wa_message_id, error, finish=True
-        )
+        return await self._set_status(ref.path, status, wa_message_id, error, finish=True)
 
     async def _set_status(
         self,

@@ -20,6 +20,7 @@ from server.models import (
 from server.store.base import (
     AiDisabled,
     Change,
+    Draft,
     FeedMessage,
     InboundMessage,
     Leases,
@@ -28,7 +29,9 @@ from server.store.base import (
     StatusChange,
     Superseded,
     Task,
+    TaskKind,
     Unset,
+    WindowClosed,
     message_id_for_wamid,
     new_id,
 )
@@ -43,6 +46,35 @@ INTERRUPTED = MessageError(
     title="Sending was interrupted (the server stopped): it may not have reached the customer."
     " Retry to send it again.",
 )
+
+
+# Message types that carry a file; an agent's are uploaded to WhatsApp before the send.
+OUTBOUND_MEDIA_TYPES = frozenset({"image", "audio", "video", "document", "sticker"})
+# WhatsApp's size limits per media type (Cloud API media reference), in bytes.
+MB = 1024 * 1024
+MEDIA_LIMITS = {
+    "image": 5 * MB,
+    "sticker": 500 * 1024,
+    "audio": 16 * MB,
+    "video": 16 * MB,
+    "document": 100 * MB,
+}
+# What WhatsApp accepts as an image or a video; any other file goes as a document.
+IMAGE_TYPES = frozenset({"image/jpeg", "image/png"})
+VIDEO_TYPES = frozenset({"video/mp4", "video/3gpp"})
+AUDIO_TYPES = frozenset({"audio/aac", "audio/amr", "audio/mpeg", "audio/mp4", "audio/ogg"})
+
+
+def media_type_for(mime_type: str) -> str:
+    """The message type a file of this MIME type is sent as."""
+    base = mime_type.split(";", 1)[0].strip().lower()
+    if base in IMAGE_TYPES:
+        return "image"
+    if base in VIDEO_TYPES:
+        return "video"
+    if base in AUDIO_TYPES:
+        return "audio"
+    return "document"
 
 
 def is_forward(current: str, new: str) -> bool:
@@ -61,7 +93,10 @@ def inbound_message(inbound: InboundMessage, conversation_id: str) -> Message:
         text=inbound.text,
         at=inbound.at,
         status="received",
-        media=inbound.media,
+        # Media WhatsApp names by id is downloaded in the background (media_task).
+        media=replace(inbound.media, state="pending")
+        if inbound.media is not None and inbound.media.id
+        else inbound.media,
         wa_message_id=inbound.wa_message_id,
         extra=inbound.extra,
     )
@@ -87,6 +122,7 @@ def open_conversation(
         last_activity=inbound.at,
         last_message=None,
         updated_at=now,
+        phone_number_id=inbound.phone_number_id,
     )
 
 
@@ -101,9 +137,15 @@ def customer(inbound: InboundMessage, known: Conversation | None) -> tuple[str, 
 def with_customer(inbound: InboundMessage, conversation: Conversation) -> Conversation:
     """The conversation with the customer's name and number as this message tells them."""
     name, phone = customer(inbound, conversation)
-    if (name, phone) == (conversation.user_name, conversation.phone):
+    # Replies go out from the business number the customer last wrote to.
+    number = inbound.phone_number_id or conversation.phone_number_id
+    if (name, phone, number) == (
+        conversation.user_name,
+        conversation.phone,
+        conversation.phone_number_id,
+    ):
         return conversation
-    return conversation.with_changes(user_name=name, phone=phone)
+    return conversation.with_changes(user_name=name, phone=phone, phone_number_id=number)
 
 
 def needs_new_conversation(latest: Conversation | None) -> bool:
@@ -215,10 +257,25 @@ def wants_ai(conversation: Conversation, message: Message, ai_replies: bool) -> 
 
 def ai_task(conversation: Conversation, message: Message, leases: Leases, now: int) -> Task:
     """The AI reply a customer's message owes, leased to this process."""
+    return _new_task(ai_task_id(conversation.id), "ai", message, leases, now)
+
+
+def media_task_id(message_id: str) -> str:
+    """One download per inbound media message."""
+    return f"media:{message_id}"
+
+
+def wants_media(message: Message) -> bool:
+    """Whether a stored message owes a download of its media."""
+    return message.media is not None and message.media.state == "pending"
+
+
+def media_task(message: Message, leases: Leases, now: int) -> Task:
+    """The download an inbound media message owes, leased to this process."""
     return Task(
-        id=ai_task_id(conversation.id),
-        kind="ai",
-        conversation_id=conversation.id,
+        id=media_task_id(message.id),
+        kind="media",
+        conversation_id=message.conversation_id,
         message_id=message.id,
         state="pending",
         owner=leases.owner,
@@ -227,11 +284,50 @@ def ai_task(conversation: Conversation, message: Message, leases: Leases, now: i
     )
 
 
+def with_media(message: Message, media: Media) -> Message:
+    """The message with its media's new state (downloaded, or failed with why)."""
+    return replace(message, media=media)
+
+
+def check_window(conversation: Conversation, draft: Draft, now: int) -> None:
+    """Refuse free-form messages once the customer-service window has closed: WhatsApp
+    delivers only templates then (131047), so nothing else is stored or sent."""
+    if draft.type == "template":
+        return
+    closes = conversation.window_closes_at
+    if closes is None or now >= closes:
+        raise WindowClosed(
+            "the customer last wrote more than 24 hours ago: only a template message can"
+            " reach them now"
+        )
+
+
+def agent_message(conversation_id: str, draft: Draft, agent_id: str | None, now: int) -> Message:
+    """The stored form of an agent's message (text, media, template, reaction), queued."""
+    return Message(
+        id=draft.id or new_id("m", now),
+        conversation_id=conversation_id,
+        direction="out",
+        sender="agent",
+        type=draft.type,
+        text=draft.text,
+        at=now,
+        status="queued",
+        agent_id=agent_id,
+        media=draft.media,
+        extra=draft.extra or None,
+    )
+
+
 def send_task(message: Message, leases: Leases, now: int) -> Task:
     """The WhatsApp send a stored reply owes, leased to this process."""
+    return _new_task(send_task_id(message.id), "send", message, leases, now)
+
+
+def _new_task(task_id: str, kind: TaskKind, message: Message, leases: Leases, now: int) -> Task:
     return Task(
-        id=send_task_id(message.id),
-        kind="send",
+        id=task_id,
+        kind=kind,
         conversation_id=message.conversation_id,
         message_id=message.id,
         state="pending",
@@ -372,6 +468,7 @@ def conversation_to_doc(c: Conversation) -> dict[str, Any]:
         "updated_at": c.updated_at,
         "last_inbound_at": c.last_inbound_at,
         "last_message": last_message_to_doc(c.last_message) if c.last_message else None,
+        "phone_number_id": c.phone_number_id,
     }
 
 
@@ -405,6 +502,7 @@ def conversation_from_doc(d: dict[str, Any]) -> Conversation:
         last_activity=int(d["last_activity"]),
         updated_at=int(d.get("updated_at") or 0),
         last_inbound_at=int(d["last_inbound_at"]) if d.get("last_inbound_at") else None,
+        phone_number_id=d.get("phone_number_id"),
         last_message=LastMessage(
             id=lm["id"],
             type=lm["type"],

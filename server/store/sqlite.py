@@ -18,13 +18,14 @@ from typing import IO, Any, TypeVar
 import orjson
 import structlog
 
-from server.models import Conversation, Message, MessageError, now_ms
+from server.models import Conversation, Media, Message, MessageError, now_ms
 from server.store import rules
 from server.store.base import (
     UNSET,
     Change,
     ChangeFeed,
     ChangeListener,
+    Draft,
     InboundMessage,
     Leases,
     NotFound,
@@ -460,7 +461,13 @@ class SqliteStore:
             if rules.wants_ai(conversation, message, self.ai_replies):
                 task = rules.ai_task(conversation, message, self.leases, now)
                 self._put_task(task)
-            return Saved(conversation, message, new_conversation=created, task=task)
+            media_task = None
+            if rules.wants_media(message):
+                media_task = rules.media_task(message, self.leases, now)
+                self._put_task(media_task)
+            return Saved(
+                conversation, message, new_conversation=created, task=task, media_task=media_task
+            )
 
         return await self._write(write, rules.saved_changes)
 
@@ -509,6 +516,47 @@ class SqliteStore:
             return message
 
         return await self._run(read)
+
+    # -- media, rich replies ---------------------------------------------------------------
+
+    async def find_message(self, wa_message_id: str) -> Message | None:
+        """The message WhatsApp knows by this id, or None."""
+        return await self._run(lambda: self._message("wa_message_id", wa_message_id))
+
+    async def save_agent_message(
+        self, conversation_id: str, draft: Draft, *, agent_id: str | None = None
+    ) -> Saved:
+        """Store an agent's message as queued with its send task, in one write; refused
+        (WindowClosed) when only a template may reach the customer now."""
+
+        def write() -> Saved:
+            conversation = self._conversation(conversation_id)
+            now = rules.reply_time(conversation, now_ms())
+            rules.check_window(conversation, draft, now_ms())
+            message = rules.agent_message(conversation_id, draft, agent_id, now)
+            conversation = rules.after_message(conversation, message, now)
+            self._put_conversation(conversation)
+            self._put_message(message, insert=True)
+            self._drop_task(rules.ai_task_id(conversation_id))  # an agent took over
+            task = rules.send_task(message, self.leases, now)
+            self._put_task(task)
+            return Saved(conversation, message, task=task)
+
+        return await self._write(write, rules.saved_changes)
+
+    async def set_media(self, message_id: str, media: Media) -> StatusChange | None:
+        """Record a message's media state, completing its download task."""
+
+        def write() -> StatusChange | None:
+            self._drop_task(rules.media_task_id(message_id))
+            message = self._message("id", message_id)
+            if message is None:
+                return None
+            updated = rules.with_media(message, media)
+            self._put_message(updated, insert=False)
+            return StatusChange(self._conversation(message.conversation_id), updated)
+
+        return await self._write(write, rules.status_changes)
 
     async def claim_tasks(self, *, limit: int, kind: TaskKind, steal: bool = False) -> list[Task]:
         """Lease up to `limit` tasks whose lease ran out (all of them with `steal`)."""

@@ -112,6 +112,9 @@ class ListenerSupervisor:
         # Listeners replaced without an outage (died, or silent).
         self.replacements = 0
         self.outages = 0
+        # Listens started after the first (each outage ends with one).
+        self.restarts = 0
+        self._listened = False
         # True from an outage of a ready snapshot until the snapshot is fresh again.
         self._served_stale = False
 
@@ -124,6 +127,9 @@ class ListenerSupervisor:
                 try:
                     await probe()
                     await self.store.listen()
+                    if self._listened:
+                        self.restarts += 1
+                    self._listened = True
                     await self._load()
                 except Exception as e:
                     if not isinstance(e, StoreError):  # a bug: logged, handled as an outage
@@ -145,6 +151,11 @@ class ListenerSupervisor:
                 probe = self.store.recover
         finally:
             await asyncio.shield(self.store.unlisten())
+
+    @property
+    def up(self) -> bool:
+        """True while the listener streams and the snapshot follows it."""
+        return self.store.listening and self.snapshot.ready and self.snapshot.fresh
 
     async def _watch(self) -> str:
         """Return why the store is out (it never returns while the store answers)."""

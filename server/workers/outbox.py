@@ -40,6 +40,9 @@ Runner = Callable[[Task], Coroutine[Any, Any, None]]
 SEND_JOBS: Final = 64
 AI_JOBS: Final = 200
 STATUS_JOBS: Final = 50
+# Media downloads: each moves up to 100 MB through memory (a document's limit); 8 at once
+# keeps a burst of photos quick and the memory bounded.
+MEDIA_JOBS: Final = 8
 # Jobs queued in memory beyond a lane's running ones; past this the store keeps the task
 # and the sweeper brings it back when the lane has room.
 PENDING_JOBS: Final = 1_000
@@ -55,6 +58,7 @@ class Lanes:
     sends: aiojobs.Scheduler
     ai: aiojobs.Scheduler
     statuses: aiojobs.Scheduler
+    media: aiojobs.Scheduler
 
     @classmethod
     def create(
@@ -67,11 +71,16 @@ class Lanes:
                 limit=limit, pending_limit=PENDING_JOBS, exception_handler=handler
             )
 
-        return cls(sends=lane(SEND_JOBS), ai=lane(AI_JOBS), statuses=lane(STATUS_JOBS))
+        return cls(
+            sends=lane(SEND_JOBS),
+            ai=lane(AI_JOBS),
+            statuses=lane(STATUS_JOBS),
+            media=lane(MEDIA_JOBS),
+        )
 
     def all(self) -> tuple[aiojobs.Scheduler, ...]:
         """Every lane."""
-        return (self.sends, self.ai, self.statuses)
+        return (self.sends, self.ai, self.statuses, self.media)
 
     async def close(self, timeout_s: float) -> None:
         """Let running jobs finish within `timeout_s` (all lanes at once); cancel the rest."""
@@ -100,14 +109,21 @@ class Outbox:
         self.runners: dict[str, Runner] = {}
         # Renew well before a lease runs out: three chances per lease.
         self._renew_every_s = lease_s / 3
-        self._sweep_interval_s = min(sweep_interval_s, lease_s)
+        # The loop wakes at least as often as renewals fall due: waking only once per lease
+        # would let short leases run out under the running jobs, and the next sweep would
+        # take them again (counting a resume that never happened).
+        self._sweep_interval_s = min(sweep_interval_s, self._renew_every_s)
         # Tasks this process is running (an AI task may run twice at once: a newer
         # message's job starts while the older one's finishes).
         self._held: Counter[str] = Counter()
         self._closing = False
 
     def _lane(self, task: Task) -> aiojobs.Scheduler:
-        return self.lanes.sends if task.kind == "send" else self.lanes.ai
+        if task.kind == "send":
+            return self.lanes.sends
+        if task.kind == "media":
+            return self.lanes.media
+        return self.lanes.ai
 
     async def submit(self, task: Task) -> bool:
         """Run a task this process holds, in its lane; False when it was left to the
@@ -156,10 +172,13 @@ class Outbox:
 
     async def sweep(self, *, steal: bool = False) -> int:
         """Take the tasks whose lease ran out (all with `steal`) and run them; how many."""
+        if self._closing:
+            return 0  # draining on the way out: a task taken now could not run
         taken = 0
         kinds: tuple[tuple[TaskKind, aiojobs.Scheduler], ...] = (
             ("send", self.lanes.sends),
             ("ai", self.lanes.ai),
+            ("media", self.lanes.media),
         )
         for kind, lane in kinds:
             if kind not in self.runners:

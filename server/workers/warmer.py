@@ -38,6 +38,10 @@ class Warmer:
         self._unsubscribe: Callable[[], None] | None = None
         self._buffer: list[Change] | None = None
         self.loaded = asyncio.Event()
+        # When the snapshot last changed (time.monotonic); None before the first load.
+        self.changed_at: float | None = None
+        # The listener's supervisor, for a store whose feed is a listener (Firestore).
+        self.listener: ListenerSupervisor | None = None
 
     async def run(self) -> None:
         """Subscribe, load, then let the feed apply every later change (until cancelled).
@@ -48,9 +52,10 @@ class Warmer:
         self._unsubscribe = self.store.subscribe(self._on_changes)
         try:
             if isinstance(self.store, ListenedStore):
-                await ListenerSupervisor(
+                self.listener = ListenerSupervisor(
                     self.store, self.snapshot, self.load_once, self.broadcaster.resync
-                ).run()
+                )
+                await self.listener.run()
             else:
                 await self.load()
                 await asyncio.Event().wait()  # the feed does the rest; we stay to be cancelled
@@ -87,6 +92,7 @@ class Warmer:
         self.snapshot.load(conversations, complete=complete)
         buffered, self._buffer = self._buffer, None
         self.snapshot.apply(buffered)
+        self.changed_at = time.monotonic()
         self.loaded.set()
         log.info(
             "snapshot.loaded",
@@ -103,6 +109,8 @@ class Warmer:
             return
         started = time.perf_counter()
         applied = self.snapshot.apply(changes)
+        if applied:
+            self.changed_at = time.monotonic()
         log.info(
             "snapshot.applied",
             changes=len(changes),

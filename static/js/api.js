@@ -15,7 +15,9 @@ export class ApiError extends Error {
 
 async function call(method, path, body) {
   const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
-  if (body !== undefined || UNSAFE.has(method)) {
+  if (body instanceof FormData) {
+    init.body = body; // the browser writes the multipart boundary
+  } else if (body !== undefined || UNSAFE.has(method)) {
     // The server takes browser writes only as JSON from its own page.
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body ?? {});
@@ -55,12 +57,23 @@ export const api = {
   signIn: (email, password) => call("POST", "/api/auth/login", { email, password }),
   signOut: () => call("POST", "/api/auth/logout"),
   agents: () => call("GET", "/api/agents"),
-  chats: ({ status, assignee, q, cursor, limit = 30 }) =>
-    call("GET", `${BASE}/unified-chats${query({ limit, cursor, status, assignee, q })}`),
+  chats: ({ status, assignee, q, number, cursor, limit = 30 }) =>
+    call("GET", `${BASE}/unified-chats${query({ limit, cursor, status, assignee, q, number })}`),
   conversation: (id) => call("GET", conv(id)),
   messages: (id, { before, limit = 50 } = {}) =>
     call("GET", `${conv(id)}/messages${query({ limit, before })}`),
-  send: (id, text) => call("POST", `${conv(id)}/messages`, { text }),
+  /** Text (`{text, reply_to}`), a template (`{template}`) or a reaction (`{reaction}`). */
+  send: (id, body) => call("POST", `${conv(id)}/messages`, typeof body === "string" ? { text: body } : body),
+  /** A file with an optional caption, as a multipart form. */
+  sendFile: (id, file, { caption, replyTo } = {}) => {
+    const form = new FormData();
+    if (caption) form.append("caption", caption);
+    if (replyTo) form.append("reply_to", replyTo);
+    form.append("file", file, file.name || "file");
+    return call("POST", `${conv(id)}/messages`, form);
+  },
+  templates: () => call("GET", `${BASE}/templates`),
+  numbers: () => call("GET", `${BASE}/numbers`),
   retry: (id, messageId) =>
     call("POST", `${conv(id)}/messages/${encodeURIComponent(messageId)}/retry`),
   markRead: (id) => call("POST", `${conv(id)}/read`),

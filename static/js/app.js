@@ -4,7 +4,7 @@
 import { api } from "./api.js";
 import { debounce, throttle } from "./debounce.js";
 import { h } from "./dom.js";
-import { agentName, countLabel, windowOpen } from "./format.js";
+import { agentName, countLabel, windowState } from "./format.js";
 import { connectEvents } from "./live.js";
 import {
   appendPage,
@@ -22,7 +22,9 @@ import {
 } from "./state/chats.js";
 import { applyStatus, emptyThread, prependOlder, setLatestPage, upsertMessage } from "./state/messages.js";
 import { avatar, createChatList } from "./views/chatlist.js";
-import { createThread } from "./views/thread.js";
+import { createLightbox } from "./views/media.js";
+import { createTemplatePicker } from "./views/templates.js";
+import { REACTIONS, createThread } from "./views/thread.js";
 
 // After live events the list is re-read at most once every 3 s, to reconcile.
 const RECONCILE_MS = 3000;
@@ -68,6 +70,19 @@ const ui = {
   olderStatus: $("older-status"),
   messageList: $("message-list"),
   windowNotice: $("window-notice"),
+  windowCountdown: $("window-countdown"),
+  windowTemplate: $("window-template"),
+  numberFilter: $("number-filter"),
+  replyBar: $("reply-bar"),
+  replyText: $("reply-text"),
+  replyCancel: $("reply-cancel"),
+  attachmentBar: $("attachment"),
+  attachmentName: $("attachment-name"),
+  attachmentRemove: $("attachment-remove"),
+  attach: $("attach"),
+  fileInput: $("file-input"),
+  templateOpen: $("template-open"),
+  reactMenu: $("react-menu"),
   composer: $("composer"),
   composerText: $("composer-text"),
   send: $("send"),
@@ -87,16 +102,27 @@ const state = {
   olderLoading: false,
   sending: false,
   stickToBottom: false, // the next draw scrolls the messages to the newest
+  replyTo: null, // the message the next reply answers
+  attachment: null, // a File the next reply sends
 };
 
 let events = null;
 let clockTimer = null;
 
 const chatList = createChatList(ui.chatList, { onOpen: (id) => openConversation(id) });
-const thread = createThread(ui.messageList);
+const lightbox = createLightbox($("lightbox"));
+const thread = createThread(ui.messageList, { onZoom: (src, label) => lightbox.open(src, label) });
+const templatePicker = createTemplatePicker($("template-picker"), {
+  load: async () => (await api.templates()).templates,
+  onSend: (template) => sendTemplate(template),
+});
 ui.messageList.addEventListener("click", (event) => {
-  const button = event.target.closest("button[data-retry]");
-  if (button) retryReply(button.dataset.retry);
+  const retry = event.target.closest("button[data-retry]");
+  if (retry) retryReply(retry.dataset.retry);
+  const reply = event.target.closest("button[data-reply]");
+  if (reply) setReplyTo(reply.dataset.reply);
+  const react = event.target.closest("button[data-react]");
+  if (react) openReactMenu(react);
 });
 
 // ---------- drawing ----------
@@ -173,7 +199,7 @@ function drawConversation() {
   ui.aiSwitch.title = chat.ai_enabled ? "The AI answers this customer; switch off to take over" : "The AI is off: agents answer";
   ui.resolve.textContent = chat.status === "resolved" ? "Reopen" : "Resolve";
   ui.resolve.dataset.action = chat.status === "resolved" ? "reopen" : "resolve";
-  ui.windowNotice.hidden = windowOpen(chat.last_inbound_at);
+  drawComposer(chat);
   drawAssignee(chat);
 
   const box = ui.messages;
@@ -200,6 +226,29 @@ function drawConversation() {
   } else if (nearBottom) {
     box.scrollTop = box.scrollHeight;
   }
+}
+
+function drawComposer(chat) {
+  const win = windowState(chat.window_closes_at);
+  ui.windowNotice.hidden = win.open;
+  ui.windowCountdown.hidden = !win.label || !win.open;
+  ui.windowCountdown.textContent = win.open ? win.label : "";
+  ui.composerText.disabled = !win.open;
+  ui.composerText.placeholder = win.open
+    ? state.attachment
+      ? "Add a caption…"
+      : "Write a reply…"
+    : "The 24-hour window has closed: send a template";
+  ui.attach.disabled = !win.open;
+  ui.send.disabled = !win.open || state.sending;
+  ui.templateOpen.classList.toggle("primary", !win.open);
+  ui.templateOpen.classList.toggle("secondary", win.open);
+  ui.composer.dataset.window = win.open ? "open" : "closed";
+  const replying = state.replyTo && state.thread.messages.find((m) => m.id === state.replyTo);
+  ui.replyBar.hidden = !replying;
+  ui.replyText.textContent = replying ? replying.text || replying.media?.caption || replying.media?.filename || "a message" : "";
+  ui.attachmentBar.hidden = !state.attachment;
+  ui.attachmentName.textContent = state.attachment ? `${state.attachment.name || "file"} (${Math.max(1, Math.round(state.attachment.size / 1024))} KB)` : "";
 }
 
 function toast(message) {
@@ -280,14 +329,16 @@ const reconcile = throttle(async () => {
 
 /** The list request's parameters for a filter. */
 function listQuery(filter) {
-  return { status: filter.status, assignee: filter.assignee, q: filter.q };
+  return { status: filter.status, assignee: filter.assignee, q: filter.q, number: filter.number };
 }
 
 function setFilter(changes) {
   const filter = { ...state.list.filter, ...changes };
   filter.q = (filter.q || "").trim();
-  const old = state.list.filter;
-  if (filter.status === old.status && filter.assignee === old.assignee && filter.q === old.q) return;
+  const same = ["status", "assignee", "q", "number"].every(
+    (k) => (filter[k] || "") === (state.list.filter[k] || ""),
+  );
+  if (same) return;
   state.list = emptyList(filter);
   reconcile.cancel();
   ui.listScroll.scrollTop = 0;
@@ -305,6 +356,8 @@ async function openConversation(id) {
     state.olderLoading = false;
     thread.clear();
     ui.composerText.value = "";
+    state.replyTo = null;
+    state.attachment = null;
     autosize();
   }
   setView("convo");
@@ -406,24 +459,92 @@ const markReadSoon = debounce((id) => {
 async function sendReply() {
   const id = state.activeId;
   const text = ui.composerText.value;
-  if (!id || !text.trim() || state.sending) return;
+  const file = state.attachment;
+  if (!id || (!text.trim() && !file) || state.sending) return;
   state.sending = true;
   ui.send.disabled = true;
   try {
-    const message = await api.send(id, text);
+    const replyTo = state.replyTo || undefined;
+    const message = file
+      ? await api.sendFile(id, file, { caption: text.trim(), replyTo })
+      : await api.send(id, { text, reply_to: replyTo });
+    if (state.activeId === id) {
+      state.thread = upsertMessage(state.thread, message);
+      state.stickToBottom = true;
+      state.replyTo = null;
+      state.attachment = null;
+    }
+    if (ui.composerText.value === text) ui.composerText.value = "";
+    autosize();
+  } catch (e) {
+    handleError(e, file ? "The file was not sent" : "The reply was not sent");
+  } finally {
+    state.sending = false;
+    draw();
+  }
+}
+
+/** Send the template an agent filled in the picker; true when it was accepted. */
+async function sendTemplate(template) {
+  const id = state.activeId;
+  if (!id) return false;
+  try {
+    const body = { template };
+    const message = await api.send(id, body);
     if (state.activeId === id) {
       state.thread = upsertMessage(state.thread, message);
       state.stickToBottom = true;
     }
-    if (ui.composerText.value === text) ui.composerText.value = "";
-    autosize();
+    draw();
+    return true;
+  } catch (e) {
+    handleError(e, "The template was not sent");
+    return false;
+  }
+}
+
+async function react(messageId, emoji) {
+  const id = state.activeId;
+  if (!id) return;
+  try {
+    const message = await api.send(id, { reaction: { message_id: messageId, emoji } });
+    if (state.activeId === id) state.thread = upsertMessage(state.thread, message);
     draw();
   } catch (e) {
-    handleError(e, "The reply was not sent");
-  } finally {
-    state.sending = false;
-    ui.send.disabled = false;
+    handleError(e, "The reaction was not sent");
   }
+}
+
+function setReplyTo(messageId) {
+  state.replyTo = messageId;
+  draw();
+  ui.composerText.focus();
+}
+
+function setAttachment(file) {
+  if (!file) return;
+  state.attachment = file;
+  draw();
+  ui.composerText.focus();
+}
+
+function openReactMenu(button) {
+  const messageId = button.dataset.react;
+  const menu = ui.reactMenu;
+  const items = REACTIONS.map((emoji) =>
+    h("button", { type: "button", role: "menuitem", class: "react-choice", onclick: () => { closeReactMenu(); react(messageId, emoji); } }, emoji),
+  );
+  items.push(h("button", { type: "button", role: "menuitem", class: "react-remove", onclick: () => { closeReactMenu(); react(messageId, ""); } }, "Remove"));
+  menu.replaceChildren(...items);
+  const box = button.getBoundingClientRect();
+  menu.style.top = `${Math.max(8, box.top - 48)}px`;
+  menu.style.left = `${Math.max(8, Math.min(window.innerWidth - 300, box.left))}px`;
+  menu.hidden = false;
+  menu.querySelector("button").focus();
+}
+
+function closeReactMenu() {
+  ui.reactMenu.hidden = true;
 }
 
 /** Send a failed reply again: the server queues it anew; its ticks follow as events. */
@@ -484,6 +605,10 @@ function onEvent(name, data) {
     case "message_status":
       state.list = applyMessageStatus(state.list, data);
       state.thread = applyStatus(state.thread, data);
+      break;
+    case "message_updated":
+      // Its media was downloaded (or could not be): the thread shows it now.
+      state.thread = upsertMessage(state.thread, data.message);
       break;
     case "conversation_deleted":
       state.list = removeChat(state.list, data.conversation_id);
@@ -575,7 +700,24 @@ function start(principal) {
   loadTeam();
   loadList();
   clearInterval(clockTimer);
-  clockTimer = setInterval(() => chatList.refreshTimes(), 30_000);
+  clockTimer = setInterval(() => {
+    chatList.refreshTimes();
+    draw(); // the window's countdown, and whether it has closed
+  }, 30_000);
+  loadNumbers();
+}
+
+async function loadNumbers() {
+  try {
+    const { numbers } = await api.numbers();
+    ui.numberFilter.replaceChildren(
+      h("option", { value: "" }, "All numbers"),
+      ...numbers.map((n) => h("option", { value: n.id }, `Number ${n.id}`)),
+    );
+    ui.numberFilter.hidden = numbers.length < 2;
+  } catch (e) {
+    handleError(e);
+  }
 }
 
 function signInError(e) {
@@ -699,6 +841,56 @@ ui.composerText.addEventListener("keydown", (e) => {
 ui.composer.addEventListener("submit", (e) => {
   e.preventDefault();
   sendReply();
+});
+
+ui.numberFilter.addEventListener("change", () => setFilter({ number: ui.numberFilter.value }));
+ui.replyCancel.addEventListener("click", () => {
+  state.replyTo = null;
+  draw();
+});
+ui.attachmentRemove.addEventListener("click", () => {
+  state.attachment = null;
+  draw();
+});
+ui.attach.addEventListener("click", () => ui.fileInput.click());
+ui.fileInput.addEventListener("change", () => {
+  setAttachment(ui.fileInput.files[0]);
+  ui.fileInput.value = "";
+});
+ui.templateOpen.addEventListener("click", () => templatePicker.open());
+ui.windowTemplate.addEventListener("click", () => templatePicker.open());
+// A file dropped on the conversation, or pasted into the composer, is attached.
+ui.convo.addEventListener("dragover", (e) => {
+  if (![...(e.dataTransfer?.types || [])].includes("Files")) return;
+  e.preventDefault();
+  ui.convo.classList.add("dropping");
+});
+ui.convo.addEventListener("dragleave", (e) => {
+  if (e.target === ui.convo || !ui.convo.contains(e.relatedTarget)) ui.convo.classList.remove("dropping");
+});
+ui.convo.addEventListener("drop", (e) => {
+  ui.convo.classList.remove("dropping");
+  const file = e.dataTransfer?.files?.[0];
+  if (!file) return;
+  e.preventDefault();
+  if (ui.composerText.disabled) {
+    toast("The 24-hour window has closed: only a template can be sent.");
+    return;
+  }
+  setAttachment(file);
+});
+ui.composerText.addEventListener("paste", (e) => {
+  const file = e.clipboardData?.files?.[0];
+  if (file) {
+    e.preventDefault();
+    setAttachment(file);
+  }
+});
+document.addEventListener("click", (e) => {
+  if (!ui.reactMenu.hidden && !e.target.closest("#react-menu") && !e.target.closest("[data-react]")) closeReactMenu();
+});
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && !ui.reactMenu.hidden) closeReactMenu();
 });
 
 document.addEventListener("visibilitychange", () => {

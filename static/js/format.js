@@ -156,13 +156,17 @@ export function mediaLabel(message) {
       return `Location · ${extra.latitude.toFixed(4)}, ${extra.longitude.toFixed(4)}`;
     }
   }
-  if (type === "reaction") return extra.emoji ? `Reacted ${extra.emoji}` : "Reaction removed";
+  if (type === "reaction") {
+    const emoji = extra.removed ? null : extra.emoji || message.text;
+    return emoji ? `Reacted ${emoji}` : "Reaction removed";
+  }
   return MEDIA_LABELS[type] || "Message";
 }
 
 /** The list's one-line preview of a last message. */
 export function previewText(last) {
   if (!last) return "No messages yet";
+  if (last.type === "reaction") return mediaLabel(last);
   if (last.text) return last.text;
   return isPlaceholder(last.type) ? mediaLabel(last) : "";
 }
@@ -230,4 +234,46 @@ export function countLabel(n, status, assignee = null) {
   if (assignee === "me") return `${count}${which} ${noun} assigned to you`;
   if (assignee === "none") return `${count}${which} unassigned ${noun}`;
   return `${count}${which} ${noun}`;
+}
+
+/** "1h 12m", "42m", "under a minute": what is left of a span. */
+export function formatRemaining(ms) {
+  if (ms < MINUTE) return "under a minute";
+  const minutes = Math.floor(ms / MINUTE);
+  const h = Math.floor(minutes / 60);
+  const m = minutes % 60;
+  return h ? `${h}h ${m}m` : `${m}m`;
+}
+
+// The composer shows the time left once it is under this; the list flags a conversation
+// whose window closes within the hour with the customer unanswered.
+export const WINDOW_WARN_MS = 2 * HOUR;
+export const WINDOW_URGENT_MS = HOUR;
+
+/**
+ * Where a conversation's 24-hour window stands: open or closed, and the time left when it
+ * is under 2 hours ("Window closes in 1h 12m").
+ */
+export function windowState(closesAt, now = Date.now()) {
+  const t = Date.parse(closesAt || "");
+  if (Number.isNaN(t) || now >= t) return { open: false, remainingMs: 0, label: "The 24-hour window has closed" };
+  const remainingMs = t - now;
+  const label = remainingMs < WINDOW_WARN_MS ? `Window closes in ${formatRemaining(remainingMs)}` : "";
+  return { open: true, remainingMs, label };
+}
+
+/** Whether the list should flag a conversation: its window closes within the hour and the
+ * customer's message is the last word (nobody answered them). */
+export function closingUnanswered(chat, now = Date.now()) {
+  const state = windowState(chat.window_closes_at, now);
+  const last = chat.last_message;
+  return state.open && state.remainingMs < WINDOW_URGENT_MS && Boolean(last) && last.direction === "in";
+}
+
+/** A file size as people read it: "840 KB", "1.2 MB". */
+export function fileSize(bytes) {
+  if (typeof bytes !== "number" || bytes < 0) return "";
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${Math.round(bytes / 1024)} KB`;
+  return `${(bytes / (1024 * 1024)).toFixed(1)} MB`;
 }

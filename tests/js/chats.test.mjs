@@ -186,7 +186,7 @@ test("patchChat changes one chat in place; the state is never mutated", () => {
   assert.equal(JSON.stringify(s), before);
   assert.equal(t.chats[4].id, "c004");
   assert.equal(patchChat(s, "nope", {}), s);
-  assert.deepEqual(emptyList().filter, { status: "open", assignee: null, me: null, q: "" });
+  assert.deepEqual(emptyList().filter, { status: "open", assignee: null, me: null, q: "", number: null });
 });
 
 test("Mine and Unassigned: the filter follows the server's assignee rule", () => {

@@ -28,7 +28,7 @@ export function tabOf(filter) {
 
 /**
  * An empty list for a filter: {status: open|resolved|all, assignee: null|"me"|"none",
- * me: the signed-in agent's id (what "me" means), q}.
+ * me: the signed-in agent's id (what "me" means), q, number: a business number or null}.
  */
 export function emptyList(filter = { status: "open", q: "" }) {
   return {
@@ -37,6 +37,7 @@ export function emptyList(filter = { status: "open", q: "" }) {
       assignee: filter.assignee ?? null,
       me: filter.me ?? null,
       q: (filter.q || "").trim(),
+      number: filter.number || null,
     },
     chats: [],
     nextCursor: null,

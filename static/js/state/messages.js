@@ -40,7 +40,9 @@ function mergeMessage(old, incoming) {
   if (attempt(incoming) < attempt(old)) return old;
   const status = mergeStatus(old.status, incoming.status);
   const error = status === incoming.status ? incoming.error ?? old.error : old.error;
-  return { ...old, ...incoming, status, error: error ?? null };
+  // An older copy (the reply's own answer, after its "sent" event) lacks WhatsApp's id.
+  const wa_message_id = incoming.wa_message_id ?? old.wa_message_id ?? null;
+  return { ...old, ...incoming, status, error: error ?? null, wa_message_id };
 }
 
 function mergeAll(messages, incoming) {
@@ -92,7 +94,14 @@ export function applyStatus(thread, event) {
   if (event.conversation_id && event.conversation_id !== thread.conversationId) return thread;
   const index = thread.messages.findIndex((m) => m.id === event.message_id);
   if (index === -1) return thread;
-  const old = thread.messages[index];
+  let old = thread.messages[index];
+  if (event.wa_message_id && !old.wa_message_id) {
+    // Sent: WhatsApp's id is what the customer's reactions and quotes will name.
+    old = { ...old, wa_message_id: event.wa_message_id };
+    const messages = thread.messages.slice();
+    messages[index] = old;
+    thread = { ...thread, messages };
+  }
   const attempt = event.attempt ?? 0;
   if (attempt > (old.attempt ?? 0)) {
     const messages = thread.messages.slice();

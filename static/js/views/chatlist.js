@@ -3,6 +3,8 @@
 import { h, icon } from "../dom.js";
 import {
   agentName,
+  closingUnanswered,
+  formatRemaining,
   hueFor,
   initials,
   previewText,
@@ -61,6 +63,14 @@ function chatItem(chat, { active, now, onOpen, names }) {
         who ? h("span", { class: `who who-${who}` }, speakerLabel(last.sender)) : null,
         last && last.direction === "out" ? tickMark(last.status) : null,
         h("span", { class: "chat-preview", dir: "auto" }, previewText(last)),
+        closingUnanswered(chat, now)
+          ? h(
+              "span",
+              { class: "closing", title: "The 24-hour window closes soon and the customer is waiting for an answer" },
+              icon("clock", "icon closing-icon"),
+              h("span", { class: "closing-left" }, formatRemaining(Date.parse(chat.window_closes_at) - now)),
+            )
+          : null,
         unread ? h("span", { class: "badge", "aria-hidden": "true" }, unread > 99 ? "99+" : String(unread)) : null,
       ),
     ),
@@ -106,11 +116,14 @@ export function createChatList(ul, { onOpen }) {
     }
   }
 
-  /** Refresh only the relative times (called every half minute). */
+  /** Refresh the relative times and the window flags (called every half minute). */
   function refreshTimes(now = Date.now()) {
     for (const { el, chat } of items.values()) {
       const t = el.querySelector(".chat-time");
       if (t) t.textContent = relativeTime(chat.last_activity, now);
+      const flag = el.querySelector(".closing");
+      if (flag && !closingUnanswered(chat, now)) flag.remove();
+      else if (flag) flag.querySelector(".closing-left").textContent = formatRemaining(Date.parse(chat.window_closes_at) - now);
     }
   }
 

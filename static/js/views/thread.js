@@ -1,6 +1,9 @@
-// The conversation's messages: keyed bubbles, day separators, ticks, placeholders.
+// The conversation's messages: keyed bubbles, day separators, ticks, media, quoted
+// replies, reactions on the message they react to, and the Reply and React actions.
 
 import { h, icon } from "../dom.js";
+import { bubbleMessages, quotedOf, reactionsByTarget } from "../state/extras.js";
+import { hasMedia, mediaBody } from "./media.js";
 import {
   authorLabel,
   clockTime,
@@ -42,7 +45,39 @@ function retryable(message) {
   return message.direction === "out" && (message.sender === "agent" || message.sender === "ai");
 }
 
-function bubble(message, { showAuthor, customerName, names }) {
+// The reactions an agent can choose from (WhatsApp takes any emoji).
+export const REACTIONS = ["👍", "❤️", "😂", "😮", "🙏", "✅"];
+
+function quoteBlock(quote, customerName) {
+  if (!quote) return null;
+  const who = quote.sender ? authorLabel({ sender: quote.sender }, customerName) : "";
+  return h(
+    "div",
+    { class: "quote", "data-quoted": quote.id || "" },
+    who ? h("span", { class: "quote-who" }, who) : null,
+    h("span", { class: "quote-text", dir: "auto" }, quote.text || (quote.type ? mediaLabel(quote) : "An earlier message")),
+  );
+}
+
+function reactionRow(reactions) {
+  if (!reactions) return null;
+  const items = [];
+  if (reactions.customer) items.push(h("span", { class: "reaction reaction-customer", title: "The customer reacted" }, reactions.customer));
+  if (reactions.business) items.push(h("span", { class: "reaction reaction-business", title: "You reacted" }, reactions.business));
+  return items.length ? h("div", { class: "reactions", "aria-label": "Reactions" }, items) : null;
+}
+
+function actions(message) {
+  if (!message.wa_message_id || message.type === "reaction" || message.sender === "system") return null;
+  return h(
+    "div",
+    { class: "msg-actions" },
+    h("button", { type: "button", class: "msg-action", "data-reply": message.id, title: "Reply to this message" }, "Reply"),
+    h("button", { type: "button", class: "msg-action", "data-react": message.id, title: "React to this message" }, "React"),
+  );
+}
+
+function bubble(message, { showAuthor, customerName, names, quote, reactions }) {
   const who = speaker(message.sender);
   const failed = isFailure(message.status);
   const body = [];
@@ -56,8 +91,15 @@ function bubble(message, { showAuthor, customerName, names }) {
       ),
     );
   }
-  if (isPlaceholder(message.type)) body.push(...placeholder(message));
-  if (message.text && !(isPlaceholder(message.type) && message.media && message.text === message.media.caption)) {
+  body.push(quoteBlock(quote, customerName));
+  if (hasMedia(message)) {
+    body.push(mediaBody(message, { onZoom: zoom }));
+    if (message.media.caption) body.push(h("p", { class: "text", dir: "auto" }, message.media.caption));
+  } else if (isPlaceholder(message.type)) {
+    body.push(...placeholder(message));
+  }
+  const captionShown = isPlaceholder(message.type) && message.media && message.text === message.media.caption;
+  if (message.text && message.type !== "reaction" && !captionShown) {
     body.push(h("p", { class: "text", dir: "auto" }, message.text));
   }
   body.push(
@@ -77,6 +119,8 @@ function bubble(message, { showAuthor, customerName, names }) {
     },
     // The author line lines up with the text: right for Arabic, left for English.
     h("div", { class: "bubble", "data-dir": textDirection(message.text || message.media?.caption) }, body),
+    reactionRow(reactions),
+    actions(message),
     failed
       ? h(
           "p",
@@ -90,16 +134,22 @@ function bubble(message, { showAuthor, customerName, names }) {
   );
 }
 
-/** The thread view over an <ol>; render(messages, {customerName, names}) reconciles the DOM.
- * `names` maps agent ids to names (a new Map redraws the author lines). */
-export function createThread(ol) {
-  const bubbles = new Map(); // id -> {el, message, showAuthor}
+let zoom = null;
+
+/** The thread view over an <ol>; render(messages, {customerName, names}) reconciles the
+ * DOM. `names` maps agent ids to names (a new Map redraws the author lines); `onZoom(src,
+ * label)` opens a photo larger. */
+export function createThread(ol, { onZoom } = {}) {
+  zoom = onZoom || null;
+  const bubbles = new Map(); // id -> {el, message, showAuthor, decor}
   const days = new Map(); // dayKey -> {el, label}
 
-  function render(messages, { customerName, names = null, now = Date.now() }) {
+  function render(all, { customerName, names = null, now = Date.now() }) {
     const wanted = [];
     let prevDay = null;
     let prev = null;
+    const reactions = reactionsByTarget(all);
+    const messages = bubbleMessages(all);
     for (const m of messages) {
       const day = dayKey(m.at);
       if (day !== prevDay) {
@@ -117,17 +167,21 @@ export function createThread(ol) {
       }
       const showAuthor =
         !prev || speaker(prev.sender) !== speaker(m.sender) || prev.agent_id !== m.agent_id;
+      const quote = quotedOf(m, all);
+      const mine = m.wa_message_id ? reactions.get(m.wa_message_id) : undefined;
+      const decor = JSON.stringify([quote, mine || null]);
       let item = bubbles.get(m.id);
       if (
         !item ||
         item.message !== m ||
         item.showAuthor !== showAuthor ||
         item.customerName !== customerName ||
-        item.names !== names
+        item.names !== names ||
+        item.decor !== decor
       ) {
-        const el = bubble(m, { showAuthor, customerName, names });
+        const el = bubble(m, { showAuthor, customerName, names, quote, reactions: mine });
         if (item) item.el.replaceWith(el);
-        item = { el, message: m, showAuthor, customerName, names };
+        item = { el, message: m, showAuthor, customerName, names, decor };
         bubbles.set(m.id, item);
       }
       wanted.push(item.el);
