@@ -231,6 +231,19 @@ async def test_a_cross_origin_cookie_write_is_403_and_stores_nothing(client, sig
                 headers={"Origin": "https://evil.example"},
             )
             assert resp.status == 403, target
+        # A file as a multipart form is taken on that route, but from this origin only.
+        form = aiohttp.FormData()
+        form.add_field("file", b"%PDF-1.4 forged", filename="x.pdf", content_type="application/pdf")
+        resp = await victim.post(url, data=form, headers={"Origin": "https://evil.example"})
+        assert resp.status == 403 and (await error_of(resp))["code"] == "cross_origin"
+        form = aiohttp.FormData()
+        form.add_field("file", b"%PDF-1.4 forged", filename="x.pdf", content_type="application/pdf")
+        resp = await victim.patch(
+            base_url(client) + f"/api/live-chat/conversations/{c.id}",
+            data=form,
+            headers={"Origin": base_url(client)},
+        )
+        assert resp.status == 403  # a form is no JSON, and this route takes no files
         # The page's own requests pass: same Origin, or Sec-Fetch-Site: same-origin.
         ok = await victim.post(
             url, json={"text": "from the page"}, headers={"Sec-Fetch-Site": "same-origin"}
