@@ -7,9 +7,12 @@ For each size (10,000 and 100,000 by default; `--sizes 1000000` for the million)
    RESTARTS times and times each start to the first `200` from `/readyz`;
 3. walks the whole list through `next_cursor` (checking that every conversation comes once
    and that their number is `total`), keeping DEEP_PAGES cursors spread over it, past the
-   window included; for each status tab, the first page and DEEP_PAGES cursors spread over
-   the tab (signed as the server signs them, from keys read in the database); a search by
-   name and one by the last digits of a number;
+   window included; for each status tab and the Mine (`status=open&assignee=me`) and
+   Unassigned (`status=open&assignee=none`) tabs, the first page and DEEP_PAGES cursors
+   spread over the tab (signed as the server signs them, from keys read in the database);
+   a search by name and one by the last digits of a number. Requests carry a demo agent's
+   personal API token (Mine is theirs: the demo assigns about a fifth of the conversations
+   to each of its agents);
 4. times every page kind against the floor: a bare aiohttp app in its own process that
    answers each request with the very bytes the app answered, prepared in advance; the
    two alternate batch by batch, each page kind ROUNDS x BATCH times;
@@ -50,7 +53,6 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 from common import (
-    AUTH,
     CTX,
     HOST,
     ROOT,
@@ -66,9 +68,13 @@ from common import (
 )
 
 from server import search
+from server.accounts import new_token
 from server.cursor import CursorCodec
-from server.demo import seed_demo
+from server.demo import NO_PASSWORD, seed_demo
+from server.models import now_ms
 from server.snapshot import Row, Snapshot
+from server.store.agents import Agent
+from server.store.agents_sqlite import SqliteAgents
 from server.store.sqlite import SqliteStore
 
 LIST_PATH: Final = "/api/live-chat/unified-chats"
@@ -76,6 +82,10 @@ SEARCH_PATH: Final = "/api/live-chat/search"
 SECRET_KEY: Final = "bench-secret-key"
 PAGE_LIMIT: Final = 30
 SEARCH_LIMIT: Final = 20
+# The demo agent the requests come from (`assignee=me`).
+AGENT_ID: Final = "a_demo_reem"
+# The assignee tabs of the dashboard: the open conversations of the agent, and of nobody.
+ASSIGNEE_TABS: Final = {"mine": AGENT_ID, "unassigned": None}
 SIZES: Final = (10_000, 100_000)
 WINDOW: Final = 20_000  # the server's default (LIVECHAT_SQLITE_WINDOW)
 RESTARTS: Final = 3
@@ -205,14 +215,25 @@ class RunPy:
 # -- seeding and choosing what to request --------------------------------------------------
 
 
-async def seed(db: str, count: int) -> None:
-    """Fill a fresh store with `count` demo conversations, as `run.py --demo` does."""
+async def seed(db: str, count: int) -> str:
+    """Fill a fresh store with `count` demo conversations, as `run.py --demo` does, and add
+    the agent the requests come from; returns that agent's personal API token."""
     store = SqliteStore(db)
     await store.start()
     try:
         await seed_demo(store, count)
     finally:
         await store.close()
+    agents = SqliteAgents(db)
+    await agents.start()
+    try:
+        agent = Agent(AGENT_ID, "reem@example.com", "Reem", "agent", NO_PASSWORD, False, now_ms())
+        await agents.add_agent(agent)
+        token, record = new_token(agent, "bench")
+        await agents.add_token(record)
+    finally:
+        await agents.close()
+    return token
 
 
 def list_path(**params: str) -> str:
@@ -248,20 +269,24 @@ def spread(items: list[Any], n: int) -> list[Any]:
     return [items[round(i * step)] for i in range(n)]
 
 
-def tab_paths(db: str, status: str) -> tuple[list[str], list[str]]:
-    """The first page of a status tab, and DEEP_PAGES pages spread over it (cursors signed
-    as the server signs them, after keys read from the database)."""
+def tab_paths(db: str, status: str, tab: str | None = None) -> tuple[list[str], list[str]]:
+    """The first page of a tab (a status, or an assignee tab of ASSIGNEE_TABS with it), and
+    DEEP_PAGES pages spread over it (cursors signed as the server signs them, after keys
+    read from the database)."""
     codec = CursorCodec(SECRET_KEY.encode())
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    keys = conn.execute(
-        "SELECT last_activity, id FROM conversations WHERE status = ?"
-        " ORDER BY last_activity DESC, id",
-        (status,),
-    ).fetchall()
+    sql = "SELECT last_activity, id FROM conversations WHERE status = ?"
+    args: list[Any] = [status]
+    params = {"limit": str(PAGE_LIMIT), "status": status}
+    if tab is not None:
+        sql += " AND json_extract(doc, '$.assignee') IS ?"
+        args.append(ASSIGNEE_TABS[tab])
+        params["assignee"] = "me" if tab == "mine" else "none"
+    keys = conn.execute(sql + " ORDER BY last_activity DESC, id", args).fetchall()
     conn.close()
-    first = [list_path(limit=str(PAGE_LIMIT), status=status)]
+    first = [list_path(**params)]
     deep = [
-        list_path(limit=str(PAGE_LIMIT), status=status, cursor=codec.encode("chats", tuple(k)))
+        list_path(**params, cursor=codec.encode("chats", tuple(k)))
         for k in spread(keys[: -PAGE_LIMIT or None], DEEP_PAGES)
     ]
     return first, deep
@@ -293,9 +318,11 @@ def search_path(q: str) -> str:
     return f"{SEARCH_PATH}?q={quote(q)}&limit={SEARCH_LIMIT}"
 
 
-async def prepare(server: RunPy, db: str) -> tuple[list[Kind], dict[str, bytes], int]:
+async def prepare(
+    server: RunPy, db: str, auth: dict[str, str]
+) -> tuple[list[Kind], dict[str, bytes], int]:
     """The page kinds to time, and the app's bytes for each path (the floor serves them)."""
-    async with aiohttp.ClientSession(headers=AUTH) as session:
+    async with aiohttp.ClientSession(headers=auth) as session:
         started = time.perf_counter()
         paths, total = await walk(session, server)
         print(
@@ -310,6 +337,9 @@ async def prepare(server: RunPy, db: str) -> tuple[list[Kind], dict[str, bytes],
         for status in ("open", "resolved"):
             first, deep = tab_paths(db, status)
             kinds += [Kind(f"{status}: first page", first), Kind(f"{status}: deep pages", deep)]
+        for tab in ASSIGNEE_TABS:
+            first, deep = tab_paths(db, "open", tab)
+            kinds += [Kind(f"{tab}: first page", first), Kind(f"{tab}: deep pages", deep)]
         async with session.get(server.url(paths[-1])) as resp:
             deepest = (await resp.json())["chats"][-1]
         kinds += [
@@ -360,13 +390,17 @@ async def timed(
 
 
 async def compare(
-    app: RunPy, floor: ServerProcess, kinds: list[Kind], bodies: dict[str, bytes]
+    app: RunPy,
+    floor: ServerProcess,
+    kinds: list[Kind],
+    bodies: dict[str, bytes],
+    auth: dict[str, str],
 ) -> dict[tuple[str, str], Latencies]:
     """Interleaved timed runs of both servers for every page kind."""
     results = {(who, k.label): Latencies() for who in ("floor", "app") for k in kinds}
     servers = {"app": (app.url, app.pid), "floor": (floor.url, floor.pid)}
     connector = aiohttp.TCPConnector(limit=1)
-    async with aiohttp.ClientSession(headers=AUTH, connector=connector) as session:
+    async with aiohttp.ClientSession(headers=auth, connector=connector) as session:
         for url, _ in servers.values():  # warm up both (and check the bytes are identical)
             for kind in kinds:
                 await timed(session, url, kind.paths, min(WARMUP, kind.batch), None, bodies)
@@ -477,7 +511,8 @@ def run_size(count: int, workdir: Path) -> dict[str, Any]:
     db = str(workdir / f"bench-{count}.db")
     load_before = load_average()
     started = time.perf_counter()
-    asyncio.run(seed(db, count))
+    token = asyncio.run(seed(db, count))
+    auth = {"Authorization": f"Bearer {token}"}
     seed_s = time.perf_counter() - started
     size_mb = sum(os.path.getsize(db + s) for s in ("", "-wal") if os.path.exists(db + s)) / 1e6
     print(f"  seeded {count:,} conversations in {seed_s:.1f} s ({size_mb:,.0f} MB)", flush=True)
@@ -491,11 +526,11 @@ def run_size(count: int, workdir: Path) -> dict[str, Any]:
     ready.append(app.ready_s)
     print("  ready after " + ", ".join(f"{s:.2f} s" for s in ready), flush=True)
     try:
-        kinds, bodies, total = asyncio.run(prepare(app, db))
+        kinds, bodies, total = asyncio.run(prepare(app, db, auth))
         floor = ServerProcess(floor_server_main, bodies)
         try:
             load_start = load_average()
-            results = asyncio.run(compare(app, floor, kinds, bodies))
+            results = asyncio.run(compare(app, floor, kinds, bodies, auth))
             load_end = load_average()
             rss = (rss_bytes(app.pid), rss_bytes(app.pid, "VmHWM"))
             floor_rss = rss_bytes(floor.pid)

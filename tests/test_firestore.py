@@ -209,6 +209,16 @@ async def test_pages_past_the_listener_window_are_read_from_the_store_seamlessly
         got = await all_pages(client, limit=4, status=wanted)
         assert [c["id"] for c in got] == want
         assert all(c["status"] == wanted for c in got)
+    # So do the Mine and Unassigned filters (an agent's id, or none), with a status or not.
+    ordered = sorted(conversations, key=lambda c: (-c.last_activity, c.id))
+    assignees = {c.assignee for c in conversations}
+    assert None in assignees and len(assignees) > 1
+    for assignee in assignees:
+        for wanted in (None, "open"):
+            want = [c.id for c in ordered if c.assignee == assignee and wanted in (None, c.status)]
+            params = {"assignee": assignee or "none"} | ({"status": wanted} if wanted else {})
+            got = await all_pages(client, limit=3, **params)
+            assert [c["id"] for c in got] == want, params
     # An old conversation that gets a message moves into the window, another one leaves it.
     oldest = next(c for c in conversations if c.id == expected[-1])
     await client.app[keys.STORE].update_conversation(oldest.id, status="open")
@@ -720,7 +730,13 @@ async def test_deleting_an_old_conversation_removes_it_from_every_instance(make_
     b = await make_client(instance_id="b", **graph_settings(graph))
     assert b.app[keys.SNAPSHOT].get("c_old_one") is not None
     stream_b = await SseStream.open(b)
-    resp = await a.delete("/api/live-chat/conversations/c_old_one")
+    # Erasing a conversation is an admin's: through an admin's personal token.
+    admin = await a.app[keys.ACCOUNTS].add_agent("admin@example.com", "Admin", "admin", "x" * 12)
+    token, _ = await a.app[keys.ACCOUNTS].create_token(admin.id, "erasure")
+    assert (await a.delete("/api/live-chat/conversations/c_old_one")).status == 403
+    resp = await a.delete(
+        "/api/live-chat/conversations/c_old_one", headers={"Authorization": f"Bearer {token}"}
+    )
     assert resp.status == 200
     deleted = time.monotonic()
     await stream_b.until(

@@ -298,7 +298,7 @@ class FirestoreStore:
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._closed = False
         self.reads = Reads()
-        self._counts: dict[str | None, tuple[float, int]] = {}
+        self._counts: dict[tuple[str | None, str | Unset | None], tuple[float, int]] = {}
         # Documents written by transactions, by kind (conversation, message, user, ...).
         self.writes: Counter[str] = Counter()
         # Clients replaced by recover(), with when: closed once no call can still use them.
@@ -827,10 +827,18 @@ class FirestoreStore:
 
     # -- reads ------------------------------------------------------------------------
 
-    def _by_activity(self, status: str | None) -> Any:
+    def _filtered(self, status: str | None, assignee: str | Unset | None) -> Any:
         query = self._client.collection_group(CONVERSATIONS)
         if status is not None:
             query = query.where(filter=FieldFilter("status", "==", status))
+        if not isinstance(assignee, Unset):
+            # `== None` matches a null field (Firestore's IS NULL filter); unassigned
+            # conversations store `"assignee": null`.
+            query = query.where(filter=FieldFilter("assignee", "==", assignee))
+        return query
+
+    def _by_activity(self, status: str | None, assignee: str | Unset | None = UNSET) -> Any:
+        query = self._filtered(status, assignee)
         return query.order_by("last_activity", direction=firestore.Query.DESCENDING).order_by("id")
 
     async def load_window(self, limit: int | None) -> list[Conversation]:
@@ -854,19 +862,28 @@ class FirestoreStore:
         return out
 
     async def page_after(
-        self, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[Conversation]:
         """Conversations after a keyset, newest activity first (limit -1: no limit)."""
         if limit == 0:
             return []
-        snaps = await self._query_after(after, limit, status)
+        snaps = await self._query_after(after, limit, status, assignee)
         return _conversations(s.to_dict() for s in snaps)
 
     async def _query_after(
-        self, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        assignee: str | Unset | None = UNSET,
     ) -> list[Any]:
         """The documents of a keyset page (limit -1: no limit)."""
-        query = self._by_activity(status)
+        query = self._by_activity(status, assignee)
         if after is not None:
             query = query.start_after({"last_activity": after[0], "id": after[1]})
         if limit > 0:
@@ -876,22 +893,22 @@ class FirestoreStore:
         self.reads.direct += max(1, len(snaps))
         return snaps
 
-    async def count(self, status: str | None) -> int:
-        """How many conversations (with that status) there are: an aggregation query
-        (billed one read per 1,000 entries), so its answer is kept for COUNT_TTL_S: pages
-        past the window show a total a few seconds old instead of paying it every page."""
-        cached = self._counts.get(status)
+    async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
+        """How many conversations (with that status and assignee) there are: an aggregation
+        query (billed one read per 1,000 entries), so its answer is kept for COUNT_TTL_S:
+        pages past the window show a total a few seconds old instead of paying it every
+        page."""
+        key = (status, assignee)
+        cached = self._counts.get(key)
         if cached is not None and time.monotonic() - cached[0] < COUNT_TTL_S:
             return cached[1]
-        n = await self._count(status)
-        self._counts[status] = (time.monotonic(), n)
+        n = await self._count(status, assignee)
+        self._counts[key] = (time.monotonic(), n)
         return n
 
-    async def _count(self, status: str | None) -> int:
-        query = self._client.collection_group(CONVERSATIONS)
-        if status is not None:
-            query = query.where(filter=FieldFilter("status", "==", status))
-        else:  # not the heartbeats that share the collection group's name
+    async def _count(self, status: str | None, assignee: str | Unset | None) -> int:
+        query = self._filtered(status, assignee)
+        if status is None:  # not the heartbeats that share the collection group's name
             query = query.where(filter=FieldFilter("status", "in", list(CONVERSATION_STATUSES)))
         async with self._guard("count"):
             result = await query.count(alias="n").get()
@@ -905,14 +922,20 @@ class FirestoreStore:
         limit: int,
         status: str | None,
         number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """A keyset page past the window, as the list serves it (optionally only those
-        written to one business number: an equality on `phone_number_id` in list order)."""
+        written to one business number: an equality on `phone_number_id` in list order;
+        or assigned to `assignee`: an equality on `assignee`)."""
         if number is None:
-            return [ListEntry.of(c) for c in await self.page_after(after, limit, status)]
+            page = await self.page_after(after, limit, status, assignee=assignee)
+            return [ListEntry.of(c) for c in page]
         if limit == 0:
             return []
-        query = self._by_activity(status).where(filter=FieldFilter("phone_number_id", "==", number))
+        query = self._by_activity(status, assignee).where(
+            filter=FieldFilter("phone_number_id", "==", number)
+        )
         if after is not None:
             query = query.start_after({"last_activity": after[0], "id": after[1]})
         async with self._guard("page"):
@@ -938,9 +961,12 @@ class FirestoreStore:
         limit: int,
         status: str | None,
         number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """Conversations whose customer matches: one `array-contains` query on the query's
-        longest token in list order, each result checked against the whole query."""
+        longest token in list order, each result checked against the whole query (and the
+        business number and assignee, when given)."""
         token = search.query_token(query)
         if token is None or limit == 0:
             return []
@@ -956,7 +982,9 @@ class FirestoreStore:
             self.reads.direct += max(1, len(snaps))
             for c in _conversations(s.to_dict() for s in snaps):
                 key = search.customer_key(c.user_name, c.phone)
-                wanted = number is None or c.phone_number_id == number
+                wanted = (number is None or c.phone_number_id == number) and (
+                    isinstance(assignee, Unset) or c.assignee == assignee
+                )
                 if wanted and search.matches_customer(query, key) and len(found) < limit:
                     found.append(ListEntry.of(c))
             if len(snaps) < SEARCH_BATCH:
@@ -966,10 +994,17 @@ class FirestoreStore:
         return found
 
     async def count_entries(
-        self, query: Query | None, status: str | None, number: str | None
+        self,
+        query: Query | None,
+        status: str | None,
+        number: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> int:
         """How many conversations match (one aggregation): with a query, those carrying
         its token (for a query of several words, those matching its longest word)."""
+        if query is None and number is None:
+            return await self.count(status, assignee=assignee)
         base = self._client.collection_group(CONVERSATIONS)
         if query is not None:
             token = search.query_token(query)
@@ -980,6 +1015,8 @@ class FirestoreStore:
             base = base.where(filter=FieldFilter("status", "==", status))
         if number is not None:
             base = base.where(filter=FieldFilter("phone_number_id", "==", number))
+        if not isinstance(assignee, Unset):
+            base = base.where(filter=FieldFilter("assignee", "==", assignee))
         async with self._guard("count"):
             result = await base.count(alias="n").get()
         n = int(result[0][0].value)

@@ -99,6 +99,15 @@ def _dump(doc: dict[str, Any]) -> str:
     return orjson.dumps(doc).decode()
 
 
+def _where_assignee(where: list[str], args: list[Any], assignee: str | Unset | None) -> None:
+    """Filter by assignee (None: unassigned), on the expression of the assignee indexes
+    (server/store/sqlite_index.py)."""
+    if isinstance(assignee, Unset):
+        return
+    where.append("json_extract(doc, '$.assignee') IS ?")
+    args.append(assignee)
+
+
 def _no_changes(_: object) -> list[Change]:
     return []
 
@@ -240,7 +249,12 @@ class SqliteStore:
         return await self.page_after(None, limit if limit is not None else -1, None)
 
     async def page_after(
-        self, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[Conversation]:
         """Conversations after a keyset, newest activity first (limit -1: no limit)."""
 
@@ -252,6 +266,7 @@ class SqliteStore:
             if status is not None:
                 where.append("status = ?")
                 args.append(status)
+            _where_assignee(where, args, assignee)
             sql = "SELECT doc FROM conversations"
             if where:
                 sql += " WHERE " + " AND ".join(where)
@@ -261,10 +276,12 @@ class SqliteStore:
 
         return await self._run(read)
 
-    async def count(self, status: str | None) -> int:
-        """How many conversations (with that status) there are, as the triggers count them."""
-        counted = await self._read(sqlite_index.totals)
-        return sum(counted.values()) if status is None else counted.get(status, 0)
+    async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
+        """How many conversations (with that status and assignee) there are, as the
+        triggers count them."""
+        return await self._read(
+            lambda db: sqlite_index.count_entries(db, None, status, None, assignee)
+        )
 
     async def snapshot_entries(
         self, after: tuple[int, str] | None, limit: int
@@ -282,10 +299,12 @@ class SqliteStore:
         limit: int,
         status: str | None,
         number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """A keyset page of the list's prepared rows, from a reader thread."""
         return await self._read(
-            lambda db: sqlite_index.entries_after(db, after, limit, status, number)
+            lambda db: sqlite_index.entries_after(db, after, limit, status, number, assignee)
         )
 
     async def search_customers(
@@ -295,17 +314,29 @@ class SqliteStore:
         limit: int,
         status: str | None,
         number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """Conversations whose customer's name or number matches, in list order."""
         return await self._read(
-            lambda db: sqlite_index.search_customers(db, query, after, limit, status, number)
+            lambda db: sqlite_index.search_customers(
+                db, query, after, limit, status, number, assignee
+            )
         )
 
     async def count_entries(
-        self, query: Query | None, status: str | None, number: str | None
+        self,
+        query: Query | None,
+        status: str | None,
+        number: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> int:
-        """How many conversations match a name or number, a status, a business number."""
-        return await self._read(lambda db: sqlite_index.count_entries(db, query, status, number))
+        """How many conversations match a name or number, a status, a business number, an
+        assignee."""
+        return await self._read(
+            lambda db: sqlite_index.count_entries(db, query, status, number, assignee)
+        )
 
     async def search_messages(
         self, query: Query, before: int | None, limit: int

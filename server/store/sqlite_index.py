@@ -6,9 +6,11 @@ The store's write code knows nothing of them; the schema does:
 - `conversations.body`: the conversation as the list serves it (the API's JSON), so a
   page past the snapshot's window is a keyset read of prepared bytes, like a page inside.
 - `conversation_counts`: conversations per status, so the list's `total` is a read of a
-  few rows at any size (`count(*)` walks an index: 40 ms at a million).
-- indexes in list order by status and by the business number written to (the tabs and
-  the number filter past the window).
+  few rows at any size (`count(*)` walks an index: 40 ms at a million);
+  `assignee_counts`: the same per status and assignee ('' for unassigned), for the Mine
+  and Unassigned tabs.
+- indexes in list order by status, by assignee (with and without a status) and by the
+  business number written to (the tabs and the number filter past the window).
 - `message_search`: FTS5 over message text and media captions, folded by
   server/search.py (Arabic diacritics and letter variants, the article, case, accents),
   stemmed (porter) for English. Contentless: it holds the index, not the text again.
@@ -37,17 +39,20 @@ from server import search
 from server.models import dumps
 from server.search import Query
 from server.store import rules
-from server.store.base import ListEntry, MessageHit, SnapshotEntry
+from server.store.base import UNSET, ListEntry, MessageHit, SnapshotEntry, Unset
 
 log = structlog.get_logger(__name__)
 
 # PRAGMA user_version of a database whose read side is current.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 TRIGGERS: Final = (
     "conversation_counts_insert",
     "conversation_counts_update",
     "conversation_counts_delete",
+    "assignee_counts_insert",
+    "assignee_counts_update",
+    "assignee_counts_delete",
     "conversations_body_insert",
     "conversations_body_update",
     "conversation_search_insert",
@@ -82,6 +87,41 @@ WHEN old.status IS NOT new.status BEGIN
 END;
 CREATE TRIGGER conversation_counts_delete AFTER DELETE ON conversations BEGIN
     UPDATE conversation_counts SET n = n - 1 WHERE status = old.status;
+END;
+CREATE INDEX IF NOT EXISTS conversations_by_assignee
+    ON conversations (json_extract(doc, '$.assignee'), last_activity DESC, id);
+CREATE INDEX IF NOT EXISTS conversations_by_status_assignee
+    ON conversations (status, json_extract(doc, '$.assignee'), last_activity DESC, id);
+CREATE TABLE IF NOT EXISTS assignee_counts (
+    status TEXT NOT NULL,
+    assignee TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (status, assignee)
+) WITHOUT ROWID;
+CREATE TRIGGER assignee_counts_insert AFTER INSERT ON conversations BEGIN
+    INSERT INTO assignee_counts (status, assignee, n)
+        SELECT new.status, coalesce(json_extract(new.doc, '$.assignee'), ''), 0
+        WHERE NOT EXISTS (SELECT 1 FROM assignee_counts WHERE status = new.status
+            AND assignee = coalesce(json_extract(new.doc, '$.assignee'), ''));
+    UPDATE assignee_counts SET n = n + 1 WHERE status = new.status
+        AND assignee = coalesce(json_extract(new.doc, '$.assignee'), '');
+END;
+CREATE TRIGGER assignee_counts_update AFTER UPDATE OF status, doc ON conversations
+WHEN old.status IS NOT new.status
+    OR json_extract(old.doc, '$.assignee') IS NOT json_extract(new.doc, '$.assignee')
+BEGIN
+    UPDATE assignee_counts SET n = n - 1 WHERE status = old.status
+        AND assignee = coalesce(json_extract(old.doc, '$.assignee'), '');
+    INSERT INTO assignee_counts (status, assignee, n)
+        SELECT new.status, coalesce(json_extract(new.doc, '$.assignee'), ''), 0
+        WHERE NOT EXISTS (SELECT 1 FROM assignee_counts WHERE status = new.status
+            AND assignee = coalesce(json_extract(new.doc, '$.assignee'), ''));
+    UPDATE assignee_counts SET n = n + 1 WHERE status = new.status
+        AND assignee = coalesce(json_extract(new.doc, '$.assignee'), '');
+END;
+CREATE TRIGGER assignee_counts_delete AFTER DELETE ON conversations BEGIN
+    UPDATE assignee_counts SET n = n - 1 WHERE status = old.status
+        AND assignee = coalesce(json_extract(old.doc, '$.assignee'), '');
 END;
 CREATE TRIGGER conversations_body_insert AFTER INSERT ON conversations BEGIN
     UPDATE conversations SET body = list_row(new.doc) WHERE rowid = new.rowid;
@@ -135,6 +175,10 @@ BACKFILL: Final = (
     "DELETE FROM conversation_counts",
     "INSERT INTO conversation_counts (status, n)"
     " SELECT status, count(*) FROM conversations GROUP BY status",
+    "DELETE FROM assignee_counts",
+    "INSERT INTO assignee_counts (status, assignee, n)"
+    " SELECT status, coalesce(json_extract(doc, '$.assignee'), ''), count(*)"
+    " FROM conversations GROUP BY 1, 2",
     "UPDATE conversations SET body = list_row(doc)",
     "DELETE FROM conversation_search",
     "INSERT INTO conversation_search (rowid, names, digits)"
@@ -225,6 +269,9 @@ _ENTRY: Final = "c.id, c.last_activity, coalesce(c.body, list_row(c.doc))"
 
 # The business number a conversation was written to (the expression of its index).
 _NUMBER: Final = "json_extract(c.doc, '$.phone_number_id') = ?"
+# The agent a conversation is assigned to (the expression of its indexes); IS matches a
+# missing assignee (unassigned) as well as an agent's id, and both use the index.
+_ASSIGNEE: Final = "json_extract(c.doc, '$.assignee') IS ?"
 
 
 def _keyset(
@@ -233,6 +280,7 @@ def _keyset(
     where: list[str],
     args: list[Any],
     number: str | None = None,
+    assignee: str | Unset | None = UNSET,
 ) -> None:
     if after is not None:
         where.append(_AFTER)
@@ -243,6 +291,9 @@ def _keyset(
     if number is not None:
         where.append(_NUMBER)
         args.append(number)
+    if not isinstance(assignee, Unset):
+        where.append(_ASSIGNEE)
+        args.append(assignee)
 
 
 def entries_after(
@@ -251,11 +302,12 @@ def entries_after(
     limit: int,
     status: str | None,
     number: str | None = None,
+    assignee: str | Unset | None = UNSET,
 ) -> list[ListEntry]:
     """A keyset page of prepared list rows (an index seek and `limit` rows)."""
     where: list[str] = []
     args: list[Any] = []
-    _keyset(after, status, where, args, number)
+    _keyset(after, status, where, args, number, assignee)
     sql = f"SELECT {_ENTRY} FROM conversations c"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -274,21 +326,31 @@ def snapshot_entries(
     sql = (
         "SELECT c.id, c.last_activity, c.status, c.doc ->> '$.updated_at',"
         " coalesce(c.doc ->> '$.user_name', ''), coalesce(c.doc ->> '$.phone', ''),"
-        " c.doc ->> '$.phone_number_id', coalesce(c.body, list_row(c.doc))"
+        " c.doc ->> '$.phone_number_id', coalesce(c.body, list_row(c.doc)),"
+        " c.doc ->> '$.assignee'"
         " FROM conversations c"
     )
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY c.last_activity DESC, c.id LIMIT ?"
     return [
-        SnapshotEntry(cid, at, status, int(updated or 0), name, phone, number, body)
-        for cid, at, status, updated, name, phone, number, body in conn.execute(sql, [*args, limit])
+        SnapshotEntry(cid, at, status, int(updated or 0), name, phone, number, body, assignee)
+        for cid, at, status, updated, name, phone, number, body, assignee in conn.execute(
+            sql, [*args, limit]
+        )
     ]
 
 
 def totals(conn: sqlite3.Connection) -> dict[str, int]:
     """Conversations per status, as the triggers keep them."""
     return {status: n for status, n in conn.execute("SELECT status, n FROM conversation_counts")}
+
+
+def assignee_totals(conn: sqlite3.Connection, assignee: str | None) -> dict[str, int]:
+    """Conversations per status assigned to `assignee` (None: unassigned), as the
+    triggers keep them."""
+    sql = "SELECT status, n FROM assignee_counts WHERE assignee = ?"
+    return {status: n for status, n in conn.execute(sql, (assignee or "",))}
 
 
 def search_customers(
@@ -298,6 +360,7 @@ def search_customers(
     limit: int,
     status: str | None,
     number: str | None = None,
+    assignee: str | Unset | None = UNSET,
 ) -> list[ListEntry]:
     """Conversations whose customer matches, in list order after the keyset.
 
@@ -309,7 +372,7 @@ def search_customers(
         return []
     where = ["conversation_search MATCH ?"]
     args: list[Any] = [match]
-    _keyset(after, status, where, args, number)
+    _keyset(after, status, where, args, number, assignee)
     sql = (
         f"SELECT {_ENTRY} FROM conversation_search s"
         " CROSS JOIN conversations c ON c.rowid = s.rowid"
@@ -320,13 +383,23 @@ def search_customers(
 
 
 def count_entries(
-    conn: sqlite3.Connection, query: Query | None, status: str | None, number: str | None
+    conn: sqlite3.Connection,
+    query: Query | None,
+    status: str | None,
+    number: str | None,
+    assignee: str | Unset | None = UNSET,
 ) -> int:
     """How many conversations `search_customers` (or `entries_after`, without a query)
-    finds in all."""
+    finds in all: an assignee's count, the triggers' (a read of a few rows)."""
+    if query is None and number is None:
+        if isinstance(assignee, Unset):
+            counted = totals(conn)
+        else:
+            counted = assignee_totals(conn, assignee)
+        return sum(counted.values()) if status is None else counted.get(status, 0)
     where: list[str] = []
     args: list[Any] = []
-    _keyset(None, status, where, args, number)
+    _keyset(None, status, where, args, number, assignee)
     if query is None:
         sql = "SELECT count(*) FROM conversations c"
     else:
