@@ -666,6 +666,12 @@ async def test_a_listener_killed_ten_times_costs_no_reload_no_resync_and_no_chan
             assert (await post_webhook(b, webhook([m]))).status == 200
             sent.append(message_id_for_wamid(m["id"]))
             await wait_until(lambda f=feed: _replaced(store, f), within=30, interval=0.1)
+
+        async def replaced_ten_times() -> bool:
+            # The new listener streams a moment before catch_up logs the replacement.
+            return len([e for e in logs if e["event"] == "firestore.listener_replaced"]) >= 10
+
+        await wait_until(replaced_ten_times, within=10, interval=0.05)
     for mid in sent:
         if not any(is_message(mid)(e) for e in stream.events):
             await stream.until(is_message(mid), within=20)
