@@ -58,12 +58,13 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
-def rss_bytes(pid: int | None = None) -> int:
-    """Resident set size of a process (this one by default), from /proc."""
+def rss_bytes(pid: int | None = None, field: str = "VmRSS") -> int:
+    """Resident set size of a process (this one by default), from /proc; `field="VmHWM"`
+    for its peak."""
     path = f"/proc/{pid or 'self'}/status"
     with open(path, encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 

@@ -62,8 +62,8 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.CURSORS] = CursorCodec(settings.secret_key.encode())
     app[keys.HUB] = Hub(settings.instance_id)
     app[keys.STREAMS] = weakref.WeakSet()
-    window = settings.firestore_window if settings.store == "firestore" else None
-    app[keys.SNAPSHOT] = Snapshot(complete=window is None, window=window)
+    window = settings.firestore_window if settings.store == "firestore" else settings.sqlite_window
+    app[keys.SNAPSHOT] = Snapshot(window=window)
     app[keys.MEDIA_INDEX] = MediaIndex()
     app[keys.SHUTDOWN] = Shutdown()
     app[keys.METRICS] = metrics = Metrics()

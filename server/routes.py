@@ -44,6 +44,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     add("POST", "/api/agents", agents.add_agent, ADMIN)
     add("PATCH", "/api/agents/{id}", agents.update_agent, ADMIN)
     add("GET", "/api/live-chat/unified-chats", chats.unified_chats, AGENT)
+    add("GET", "/api/live-chat/search", chats.search_messages, AGENT)
     add("GET", "/api/live-chat/events", events.events, AGENT)
     add("GET", "/api/live-chat/conversations/{id}", chats.get_conversation, AGENT)
     add("PATCH", "/api/live-chat/conversations/{id}", chats.patch_conversation, AGENT)

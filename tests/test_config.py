@@ -153,6 +153,7 @@ def test_every_documented_variable_is_read_from_the_environment():
         "GOOGLE_CLOUD_PROJECT": "p-1",
         "FIRESTORE_EMULATOR_HOST": "127.0.0.1:1",
         "LIVECHAT_FIRESTORE_WINDOW": "77",
+        "LIVECHAT_SQLITE_WINDOW": "88",
         "WHATSAPP_APP_SECRET": "s",
         "WHATSAPP_VERIFY_TOKEN": "v",
         "WHATSAPP_TOKEN": "t",

@@ -768,3 +768,65 @@ async def test_screenshots_of_the_inbox_on_desktop_and_phone(browser, serve, htt
     phone.assert_no_console_errors()
     for name in ("inbox-desktop.png", "inbox-phone.png"):
         assert (SCREENSHOTS / name).read_bytes().startswith(b"\x89PNG")
+
+
+async def test_search_shows_message_matches_and_opens_the_conversation_at_the_match(
+    browser, serve, http
+):
+    served = await serve()
+    noura, omar = "966555123456", "966555999888"
+    await post_webhook(
+        http, served, inbound(noura, "أُرِيدُ الفَاتُورَةَ لِلطَّلَبِ ٥٥٢١ مِنْ فَضْلِكُمْ", "نورة القحطاني")
+    )
+    # Many later messages: the match is no longer among the latest page of the conversation.
+    for n in range(60):
+        await post_webhook(http, served, inbound(noura, f"رسالة رقم {n}", "نورة القحطاني"))
+    await post_webhook(
+        http,
+        served,
+        inbound(omar, "Where is the invoice for order 5521? Deliveries are late.", "Omar Haddad"),
+    )
+    tab = await open_tab(browser, served)
+    page = tab.page
+    results = page.locator("#results")
+    await expect(results).to_be_hidden()
+
+    # Arabic, typed without diacritics or the article: the message as the customer wrote it.
+    await page.locator("#search").fill("فاتورة")
+    await expect(results).to_be_visible()
+    hits = page.locator("#hits li")
+    await expect(hits).to_have_count(1)
+    hit = hits.first
+    await expect(hit.locator(".chat-name")).to_have_text("نورة القحطاني")
+    await expect(hit.locator(".hit-text")).to_contain_text("أُرِيدُ الفَاتُورَةَ لِلطَّلَبِ")
+    await expect(hit.locator("mark")).to_have_text(["الفَاتُورَةَ"])
+
+    # A click opens the conversation at that message, scrolled to and marked.
+    await hit.locator("button").click()
+    await expect(page.locator("#convo-name")).to_have_text("نورة القحطاني")
+    found = page.locator("#message-list .msg-found")
+    await expect(found).to_have_count(1)
+    await expect(found.locator(".text")).to_have_text("أُرِيدُ الفَاتُورَةَ لِلطَّلَبِ ٥٥٢١ مِنْ فَضْلِكُمْ")
+    await expect(found).to_be_in_viewport()
+    assert await page.locator("#message-list .msg").count() == 61
+    await page.screenshot(path=str(SCREENSHOTS / "search-desktop.png"))
+
+    # English, by another form of the word: both words of the query are marked.
+    await page.locator("#search").fill("invoices 5521")
+    await expect(hits).to_have_count(1)
+    await expect(hits.first.locator(".chat-name")).to_have_text("Omar Haddad")
+    await expect(hits.first.locator("mark")).to_have_text(["invoice", "5521"])
+    await page.locator("#search").fill("delivery")
+    await expect(hits.first.locator("mark")).to_have_text(["Deliveries"])
+
+    # The last digits of a number: the customer is listed; no message says them.
+    await page.locator("#search").fill("3456")
+    await expect(page.locator("#chat-list li .chat-name")).to_have_text(["نورة القحطاني"])
+    await expect(page.locator("#results-note")).to_have_text("No messages match “3456”.")
+    await expect(hits).to_have_count(0)
+
+    # Clearing the search hides the results and lists everyone again.
+    await page.locator("#search").fill("")
+    await expect(results).to_be_hidden()
+    await expect(page.locator("#chat-list li")).to_have_count(2)
+    tab.assert_no_console_errors()

@@ -16,6 +16,7 @@ from server.snapshot import Assignee
 from server.store.base import UNSET, NotFound, Unset
 
 LIST_LIMIT: Final = (1, 100, 30)
+SEARCH_LIMIT: Final = (1, 50, 20)
 MESSAGES_LIMIT: Final = (1, 200, 50)
 MAX_QUERY: Final = 100
 # Our ids are about 22 characters (server/store/base.py new_id); anything far longer is
@@ -63,9 +64,7 @@ async def unified_chats(request: web.Request) -> web.Response:
     status = request.query.get("status") or "all"
     if status not in (*CONVERSATION_STATUSES, "all"):
         raise BadRequest("status must be open, resolved or all", "invalid_status")
-    q = request.query.get("q", "").strip()
-    if len(q) > MAX_QUERY:
-        raise BadRequest(f"q must be at most {MAX_QUERY} characters", "invalid_query")
+    q = parse_query(request)
     assignee = parse_assignee(request)
     number = request.query.get("number") or None
     if number is not None and not (number.isascii() and number.isdigit() and len(number) <= 20):
@@ -87,6 +86,27 @@ async def unified_chats(request: web.Request) -> web.Response:
             headers={"Retry-After": "1"},
         )
     return json_bytes(page.body)
+
+
+def parse_query(request: web.Request) -> str:
+    """The `q` query parameter, stripped and bounded, or BadRequest."""
+    q = request.query.get("q", "").strip()
+    if len(q) > MAX_QUERY:
+        raise BadRequest(f"q must be at most {MAX_QUERY} characters", "invalid_query")
+    return q
+
+
+async def search_messages(request: web.Request) -> web.Response:
+    """GET messages whose text matches `q`, newest first, each with its conversation and
+    the matching part of the text; keyset paginated."""
+    limit = parse_limit(request, SEARCH_LIMIT)
+    q = parse_query(request)
+    if not q:
+        raise BadRequest("q is required", "invalid_query")
+    body = await request.app[keys.CHATLIST].messages(
+        q=q, cursor=request.query.get("cursor") or None, limit=limit
+    )
+    return json_bytes(body)
 
 
 async def get_conversation(request: web.Request) -> web.Response:

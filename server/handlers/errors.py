@@ -16,7 +16,13 @@ from server.cursor import InvalidCursor
 from server.integrations.templates import TemplateError
 from server.media import MediaStoreError, TooLarge
 from server.metrics import UNMATCHED
-from server.store.base import NotFound, NotRetryable, StoreUnavailable, WindowClosed
+from server.store.base import (
+    NotFound,
+    NotRetryable,
+    SearchUnavailable,
+    StoreUnavailable,
+    WindowClosed,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -98,6 +104,8 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     except NotRetryable as e:
         return json_error(HTTPStatus.CONFLICT, "not_retryable", str(e))
+    except SearchUnavailable as e:
+        return json_error(HTTPStatus.NOT_IMPLEMENTED, "message_search_unavailable", str(e))
     except WindowClosed as e:
         # Refused before WhatsApp is called: it would answer 131047.
         return json_error(HTTPStatus.UNPROCESSABLE_ENTITY, "window_closed", str(e))

@@ -18,6 +18,7 @@ from server.config import Settings
 from server.inbox import Responder
 from server.integrations.http import post_json
 from server.models import Conversation, Message
+from server.search import fold
 
 log = structlog.get_logger(__name__)
 
@@ -44,8 +45,6 @@ BACKOFF_MAX_S: Final = 30.0
 RETRY_STATUSES: Final = frozenset({408, 409, 429})
 _ARABIC: Final = re.compile(r"[\u0600-\u06FF\u0750-\u077F\u08A0-\u08FF]")
 _LATIN: Final = re.compile(r"[A-Za-z]")
-_DIACRITICS: Final = re.compile(r"[\u064B-\u065F\u0670\u0640]")
-_ALEF: Final = str.maketrans({"أ": "ا", "إ": "ا", "آ": "ا", "ى": "ي", "ة": "ه"})
 
 
 class AiError(Exception):
@@ -60,11 +59,6 @@ class AiError(Exception):
 def language(text: str) -> str:
     """ "ar" when the text is mostly Arabic script, else "en"."""
     return "ar" if len(_ARABIC.findall(text)) > len(_LATIN.findall(text)) else "en"
-
-
-def normalize(text: str) -> str:
-    """Lower case, Arabic diacritics and letter variants folded, for keyword matching."""
-    return _DIACRITICS.sub("", text.lower()).translate(_ALEF)
 
 
 def last_customer_message(history: list[Message]) -> Message | None:
@@ -100,7 +94,7 @@ class FaqResponder:
             patterns = []
             for words in item["keywords"].values():
                 for word in words:
-                    key = re.escape(normalize(word))
+                    key = re.escape(fold(word))
                     # Latin keywords match whole words; Arabic ones inside a word, since
                     # Arabic glues "the", "and" and "with" onto the word that follows.
                     patterns.append(re.compile(key if _ARABIC.search(word) else rf"\b{key}\b"))
@@ -126,7 +120,7 @@ class FaqResponder:
 
     def match(self, text: str) -> FaqEntry | None:
         """The entry with the most keyword hits in `text`, if any."""
-        folded = normalize(text)
+        folded = fold(text)
         best, best_hits = None, 0
         for entry in self.entries:
             hits = sum(1 for p in entry.patterns if p.search(folded))

@@ -6,11 +6,12 @@ import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import structlog
 
-from server.models import Conversation, Media, Message, MessageError
+from server.models import Conversation, Media, Message, MessageError, dumps
+from server.search import Query
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +49,10 @@ class Superseded(StoreError):
 
 class NotRetryable(StoreError):
     """Only a failed reply can be sent again."""
+
+
+class SearchUnavailable(StoreError):
+    """The store cannot search message text (Firestore has no full-text search)."""
 
 
 class WindowClosed(StoreError):
@@ -198,6 +203,65 @@ class FeedMessage:
 ChangeListener = Callable[[Sequence[Change]], None]
 
 
+class ListEntry(NamedTuple):
+    """A conversation as the list serves it: its place in list order and its JSON. A named
+    tuple: a page past the window makes 31 of them (a third of a frozen dataclass's cost)."""
+
+    id: str
+    last_activity: int
+    body: bytes
+
+    @classmethod
+    def of(cls, conversation: Conversation) -> ListEntry:
+        """The entry of a conversation summary."""
+        return cls(conversation.id, conversation.last_activity, dumps(conversation.to_json()))
+
+    @property
+    def cursor_key(self) -> tuple[int, str]:
+        """The `(last_activity, id)` a cursor after this entry encodes."""
+        return (self.last_activity, self.id)
+
+
+@dataclass(slots=True, frozen=True)
+class SnapshotEntry:
+    """A conversation as the snapshot holds it: its place, filters, version and JSON."""
+
+    id: str
+    last_activity: int
+    status: str
+    updated_at: int
+    user_name: str
+    phone: str
+    phone_number_id: str | None
+    body: bytes
+    assignee: str | None = None
+
+    @classmethod
+    def of(cls, c: Conversation) -> SnapshotEntry:
+        """The entry of a conversation summary."""
+        return cls(
+            c.id,
+            c.last_activity,
+            c.status,
+            c.updated_at,
+            c.user_name,
+            c.phone,
+            c.phone_number_id,
+            dumps(c.to_json()),
+            c.assignee,
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class MessageHit:
+    """A message a search found, with its conversation as the list shows it. `position`
+    orders hits newest first (larger is newer) and is what a cursor after it keeps."""
+
+    position: int
+    message: Message
+    conversation: ListEntry
+
+
 class ChangeFeed:
     """A store's subscribers: each is called on the event loop with every batch of changes."""
 
@@ -262,18 +326,65 @@ class ChatStore(Protocol):
         """The newest `limit` conversations (all when None), newest activity first."""
 
     async def page_after(
+        self, after: tuple[int, str] | None, limit: int, status: str | None
+    ) -> list[Conversation]:
+        """Conversations after the keyset `(last_activity, id)`, in list order."""
+
+    async def count(self, status: str | None) -> int:
+        """How many conversations there are (with that status)."""
+
+    async def list_entries(
         self,
         after: tuple[int, str] | None,
         limit: int,
         status: str | None,
+        number: str | None = None,
         *,
         assignee: str | Unset | None = UNSET,
-    ) -> list[Conversation]:
-        """Conversations after the keyset `(last_activity, id)`, in list order (assigned to
-        `assignee`, None: unassigned, when given)."""
+    ) -> list[ListEntry]:
+        """Like `page_after`, as the list serves them (prepared JSON where the store keeps
+        it), optionally only those written to one business number or assigned to one agent
+        (None: to nobody): the pages past the snapshot's window."""
 
-    async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
-        """How many conversations there are (with that status and assignee)."""
+    async def snapshot_entries(
+        self, after: tuple[int, str] | None, limit: int
+    ) -> list[SnapshotEntry]:
+        """The conversations after a keyset in list order, as the snapshot holds them (the
+        window is loaded in chunks of these)."""
+
+    async def totals(self) -> dict[str, int] | None:
+        """Conversations per status when the store keeps the counts (a read of a few rows);
+        None when it would have to count them (the list then says what its window holds)."""
+
+    async def search_customers(
+        self,
+        query: Query,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
+    ) -> list[ListEntry]:
+        """Conversations whose customer's name or number matches (server/search.py), after
+        the keyset, in list order."""
+
+    async def count_entries(
+        self,
+        query: Query | None,
+        status: str | None,
+        number: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
+    ) -> int:
+        """How many conversations `search_customers` (or, without a query, `list_entries`)
+        finds in all."""
+
+    async def search_messages(
+        self, query: Query, before: int | None, limit: int
+    ) -> list[MessageHit]:
+        """Messages whose text matches, newest first, older than the hit at `before`;
+        SearchUnavailable when the store cannot search text."""
 
     async def get_conversation(self, conversation_id: str) -> Conversation:
         """One conversation summary; NotFound when there is none."""

@@ -62,6 +62,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import firestore
 from google.cloud.firestore_v1 import FieldFilter
 
+from server import search
 from server.config import Settings
 from server.models import (
     CONVERSATION_STATUSES,
@@ -71,6 +72,7 @@ from server.models import (
     MessageError,
     now_ms,
 )
+from server.search import Query
 from server.store import rules
 from server.store.base import (
     UNSET,
@@ -81,8 +83,12 @@ from server.store.base import (
     FeedMessage,
     InboundMessage,
     Leases,
+    ListEntry,
+    MessageHit,
     NotFound,
     Saved,
+    SearchUnavailable,
+    SnapshotEntry,
     StatusChange,
     StoreError,
     StoreUnavailable,
@@ -105,6 +111,13 @@ FEED_AT: Final = "feed_at"
 # merged more of them than the document keeps sees the gap and has the open panes reload.
 FEED_SEQ: Final = "feed_seq"
 CONVERSATIONS: Final = "conversations"
+# A conversation's customer as `array-contains` finds them: name prefixes and number runs
+# (server/search.py customer_tokens). Firestore has no full-text search; this finds a
+# customer by name or number at any depth with one indexed query.
+SEARCH_TOKENS: Final = "search_tokens"
+# A customer search reads the token's matches in batches of this many and keeps those the
+# whole query matches (the token is one word of it).
+SEARCH_BATCH: Final = 100
 MESSAGES: Final = "messages"
 WAMIDS: Final = "wamids"
 IDENTITIES: Final = "identities"
@@ -285,7 +298,7 @@ class FirestoreStore:
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._closed = False
         self.reads = Reads()
-        self._counts: dict[tuple[str | None, str | Unset | None], tuple[float, int]] = {}
+        self._counts: dict[str | None, tuple[float, int]] = {}
         # Documents written by transactions, by kind (conversation, message, user, ...).
         self.writes: Counter[str] = Counter()
         # Clients replaced by recover(), with when: closed once no call can still use them.
@@ -849,17 +862,12 @@ class FirestoreStore:
         return out
 
     async def page_after(
-        self,
-        after: tuple[int, str] | None,
-        limit: int,
-        status: str | None,
-        *,
-        assignee: str | Unset | None = UNSET,
+        self, after: tuple[int, str] | None, limit: int, status: str | None
     ) -> list[Conversation]:
         """Conversations after a keyset, newest activity first (limit -1: no limit)."""
         if limit == 0:
             return []
-        snaps = await self._query_after(after, limit, status, assignee)
+        snaps = await self._query_after(after, limit, status)
         return _conversations(s.to_dict() for s in snaps)
 
     async def _query_after(
@@ -880,28 +888,139 @@ class FirestoreStore:
         self.reads.direct += max(1, len(snaps))
         return snaps
 
-    async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
-        """How many conversations (with that status and assignee) there are: an aggregation
-        query (billed one read per 1,000 entries), so its answer is kept for COUNT_TTL_S:
-        pages past the window show a total a few seconds old instead of paying it every
-        page."""
-        key = (status, assignee)
-        cached = self._counts.get(key)
+    async def count(self, status: str | None) -> int:
+        """How many conversations (with that status) there are: an aggregation query
+        (billed one read per 1,000 entries), so its answer is kept for COUNT_TTL_S: pages
+        past the window show a total a few seconds old instead of paying it every page."""
+        cached = self._counts.get(status)
         if cached is not None and time.monotonic() - cached[0] < COUNT_TTL_S:
             return cached[1]
-        n = await self._count(status, assignee)
-        self._counts[key] = (time.monotonic(), n)
+        n = await self._count(status)
+        self._counts[status] = (time.monotonic(), n)
         return n
 
-    async def _count(self, status: str | None, assignee: str | Unset | None) -> int:
-        query = self._filtered(status, assignee)
-        if status is None:  # not the heartbeats that share the collection group's name
+    async def _count(self, status: str | None) -> int:
+        query = self._client.collection_group(CONVERSATIONS)
+        if status is not None:
+            query = query.where(filter=FieldFilter("status", "==", status))
+        else:  # not the heartbeats that share the collection group's name
             query = query.where(filter=FieldFilter("status", "in", list(CONVERSATION_STATUSES)))
         async with self._guard("count"):
             result = await query.count(alias="n").get()
         n = int(result[0][0].value)
         self.reads.direct += 1 + n // 1000
         return n
+
+    async def list_entries(
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
+    ) -> list[ListEntry]:
+        """A keyset page past the window, as the list serves it (optionally only those
+        written to one business number, or assigned to one agent: equalities on
+        `phone_number_id` and `assignee` in list order)."""
+        if number is None and isinstance(assignee, Unset):
+            return [ListEntry.of(c) for c in await self.page_after(after, limit, status)]
+        if limit == 0:
+            return []
+        query = self._by_activity(status, assignee)
+        if number is not None:
+            query = query.where(filter=FieldFilter("phone_number_id", "==", number))
+        if after is not None:
+            query = query.start_after({"last_activity": after[0], "id": after[1]})
+        async with self._guard("page"):
+            snaps = await query.limit(limit).get()
+        self.reads.direct += max(1, len(snaps))
+        return [ListEntry.of(c) for c in _conversations(s.to_dict() for s in snaps)]
+
+    async def snapshot_entries(
+        self, after: tuple[int, str] | None, limit: int
+    ) -> list[SnapshotEntry]:
+        """A keyset page of the window (one query), as the snapshot holds it."""
+        return [SnapshotEntry.of(c) for c in await self.page_after(after, limit, None)]
+
+    async def totals(self) -> None:
+        """None: counting here is an aggregation billed per thousand entries, so the list
+        does not ask for it on every page."""
+        return None
+
+    async def search_customers(
+        self,
+        query: Query,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
+    ) -> list[ListEntry]:
+        """Conversations whose customer matches: one `array-contains` query on the query's
+        longest token in list order, each result checked against the whole query."""
+        token = search.query_token(query)
+        if token is None or limit == 0:
+            return []
+        found: list[ListEntry] = []
+        while len(found) < limit:
+            base = self._by_activity(status, assignee).where(
+                filter=FieldFilter(SEARCH_TOKENS, "array_contains", token)
+            )
+            if after is not None:
+                base = base.start_after({"last_activity": after[0], "id": after[1]})
+            async with self._guard("search customers"):
+                snaps = await base.limit(SEARCH_BATCH).get()
+            self.reads.direct += max(1, len(snaps))
+            for c in _conversations(s.to_dict() for s in snaps):
+                key = search.customer_key(c.user_name, c.phone)
+                wanted = number is None or c.phone_number_id == number
+                if wanted and search.matches_customer(query, key) and len(found) < limit:
+                    found.append(ListEntry.of(c))
+            if len(snaps) < SEARCH_BATCH:
+                break
+            last = snaps[-1]
+            after = (last.get("last_activity"), last.get("id"))
+        return found
+
+    async def count_entries(
+        self,
+        query: Query | None,
+        status: str | None,
+        number: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
+    ) -> int:
+        """How many conversations match (one aggregation): with a query, those carrying
+        its token (for a query of several words, those matching its longest word)."""
+        base = self._client.collection_group(CONVERSATIONS)
+        if query is not None:
+            token = search.query_token(query)
+            if token is None:
+                return 0
+            base = base.where(filter=FieldFilter(SEARCH_TOKENS, "array_contains", token))
+        if status is not None:
+            base = base.where(filter=FieldFilter("status", "==", status))
+        if number is not None:
+            base = base.where(filter=FieldFilter("phone_number_id", "==", number))
+        if not isinstance(assignee, Unset):
+            base = base.where(filter=FieldFilter("assignee", "==", assignee))
+        async with self._guard("count"):
+            result = await base.count(alias="n").get()
+        n = int(result[0][0].value)
+        self.reads.direct += 1 + n // 1000
+        return n
+
+    async def search_messages(
+        self, query: Query, before: int | None, limit: int
+    ) -> list[MessageHit]:
+        """Firestore has no full-text search: message text is searched by a search engine
+        fed from the change feed (docs/PRODUCTION.md)."""
+        raise SearchUnavailable(
+            "message search needs a search engine beside Firestore (docs/PRODUCTION.md);"
+            " customers are found by name or number"
+        )
 
     async def _conversation_snap(self, conversation_id: str, transaction: Any = None) -> Any:
         """The document of a conversation, found by its id across every user."""
@@ -1703,6 +1822,7 @@ def _document(
         )
     doc["feed_messages"] = entries[-FEED_MESSAGES_KEPT:]
     doc[FEED_SEQ] = seq
+    doc[SEARCH_TOKENS] = search.customer_tokens(conversation.user_name, conversation.phone)
     if stamps is not None:
         stamps.wrote(conversation.id, read, seq)
     doc[FEED_AT] = firestore.SERVER_TIMESTAMP

@@ -13,13 +13,14 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Final, TypeVar
 
 import orjson
 import structlog
 
 from server.models import Conversation, Media, Message, MessageError, now_ms
-from server.store import rules
+from server.search import Query
+from server.store import rules, sqlite_index
 from server.store.base import (
     UNSET,
     Change,
@@ -28,8 +29,11 @@ from server.store.base import (
     Draft,
     InboundMessage,
     Leases,
+    ListEntry,
+    MessageHit,
     NotFound,
     Saved,
+    SnapshotEntry,
     StatusChange,
     StoreUnavailable,
     Task,
@@ -41,6 +45,10 @@ from server.store.base import (
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+# Threads (each with its own connection) for the reads that do not need the writer's: pages
+# past the window, counts, search. In WAL mode they read while a write commits, so a search
+# never waits for an fsync and a write never waits for a search.
+READERS: Final = 2
 # A waiting write: its work, what it tells the change feed, and its caller's future.
 Pending = tuple[Callable[[], Any], Callable[[Any], Sequence[Change]], "asyncio.Future[Any]"]
 # A write's future, its result or error, and what it tells the change feed.
@@ -91,18 +99,6 @@ def _dump(doc: dict[str, Any]) -> str:
     return orjson.dumps(doc).decode()
 
 
-def _where_assignee(where: list[str], args: list[Any], assignee: str | Unset | None) -> None:
-    """Filter by assignee. The snapshot holds every conversation of this store, so this is
-    read only by the store's own callers, never for the list: no index is needed."""
-    if isinstance(assignee, Unset):
-        return
-    if assignee is None:
-        where.append("json_extract(doc, '$.assignee') IS NULL")
-    else:
-        where.append("json_extract(doc, '$.assignee') = ?")
-        args.append(assignee)
-
-
 def _no_changes(_: object) -> list[Change]:
     return []
 
@@ -129,6 +125,12 @@ class SqliteStore:
         ] = []
         self._pending_lock = threading.Lock()
         self._batch_scheduled = False
+        # A database in memory (or named by URI) has one connection: its reads take turns
+        # with the writes on the store's thread.
+        self._own_readers = path != ":memory:" and not path.startswith("file:")
+        self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="sqlite-read")
+        self._reader_local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -162,12 +164,22 @@ class SqliteStore:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
+        # 64 MiB of page cache (SQLite's default is 2 MiB): a large inbox's indexes on
+        # random keys (message ids are hashes) are written all over; with more of them in
+        # memory, seeding a million demo conversations took 15% less time.
+        conn.execute("PRAGMA cache_size=-65536")
         conn.executescript(SCHEMA)
+        sqlite_index.register(conn)
+        sqlite_index.migrate(conn)
         self._conn = conn
 
     async def close(self) -> None:
-        """Close the connection and the store's thread."""
+        """Close the connections and the store's threads."""
         self._subscribers.clear()
+        await asyncio.to_thread(self._readers.shutdown, wait=True)
+        for reader in self._reader_conns:
+            reader.close()
+        self._reader_conns.clear()
         if self._conn is not None:
             await self._run(self._conn.close)
             self._conn = None
@@ -193,6 +205,28 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn)
 
+    def _reader(self) -> sqlite3.Connection:
+        """This reader thread's own read-only connection."""
+        conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            sqlite_index.register(conn)
+            self._reader_local.conn = conn
+            with self._pending_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read on a reader thread (on the store's thread for a database in memory)."""
+        if not self._own_readers:
+            return await self._run(lambda: fn(self._db))
+        if self._conn is None:
+            raise StoreUnavailable("the store is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, lambda: fn(self._reader()))
+
     # -- change feed --------------------------------------------------------------------
 
     def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
@@ -206,12 +240,7 @@ class SqliteStore:
         return await self.page_after(None, limit if limit is not None else -1, None)
 
     async def page_after(
-        self,
-        after: tuple[int, str] | None,
-        limit: int,
-        status: str | None,
-        *,
-        assignee: str | Unset | None = UNSET,
+        self, after: tuple[int, str] | None, limit: int, status: str | None
     ) -> list[Conversation]:
         """Conversations after a keyset, newest activity first (limit -1: no limit)."""
 
@@ -223,7 +252,6 @@ class SqliteStore:
             if status is not None:
                 where.append("status = ?")
                 args.append(status)
-            _where_assignee(where, args, assignee)
             sql = "SELECT doc FROM conversations"
             if where:
                 sql += " WHERE " + " AND ".join(where)
@@ -233,23 +261,71 @@ class SqliteStore:
 
         return await self._run(read)
 
-    async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
-        """How many conversations (with that status and assignee) there are."""
+    async def count(self, status: str | None) -> int:
+        """How many conversations (with that status) there are, as the triggers count them."""
+        counted = await self._read(sqlite_index.totals)
+        return sum(counted.values()) if status is None else counted.get(status, 0)
 
-        def read() -> int:
-            where: list[str] = []
-            args: list[Any] = []
-            if status is not None:
-                where.append("status = ?")
-                args.append(status)
-            _where_assignee(where, args, assignee)
-            sql = "SELECT count(*) FROM conversations"
-            if where:
-                sql += " WHERE " + " AND ".join(where)
-            row = self._db.execute(sql, args).fetchone()
-            return int(row[0])
+    async def snapshot_entries(
+        self, after: tuple[int, str] | None, limit: int
+    ) -> list[SnapshotEntry]:
+        """A keyset page of the window as the snapshot holds it, from prepared rows."""
+        return await self._read(lambda db: sqlite_index.snapshot_entries(db, after, limit))
 
-        return await self._run(read)
+    async def totals(self) -> dict[str, int]:
+        """Conversations per status (a read of the counts the triggers keep)."""
+        return await self._read(sqlite_index.totals)
+
+    async def list_entries(
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
+    ) -> list[ListEntry]:
+        """A keyset page of the list's prepared rows, from a reader thread."""
+        return await self._read(
+            lambda db: sqlite_index.entries_after(db, after, limit, status, number, assignee)
+        )
+
+    async def search_customers(
+        self,
+        query: Query,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
+    ) -> list[ListEntry]:
+        """Conversations whose customer's name or number matches, in list order."""
+        return await self._read(
+            lambda db: sqlite_index.search_customers(
+                db, query, after, limit, status, number, assignee
+            )
+        )
+
+    async def count_entries(
+        self,
+        query: Query | None,
+        status: str | None,
+        number: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
+    ) -> int:
+        """How many conversations match a name or number, a status, a business number, an
+        assignee."""
+        return await self._read(
+            lambda db: sqlite_index.count_entries(db, query, status, number, assignee)
+        )
+
+    async def search_messages(
+        self, query: Query, before: int | None, limit: int
+    ) -> list[MessageHit]:
+        """Messages whose text matches, newest first (SQLite FTS5)."""
+        return await self._read(lambda db: sqlite_index.search_messages(db, query, before, limit))
 
     def _conversation(self, conversation_id: str) -> Conversation:
         row = self._db.execute(
@@ -753,7 +829,12 @@ class SqliteStore:
     async def import_conversations(
         self, conversations: Sequence[Conversation], messages: Sequence[Message]
     ) -> None:
-        """Bulk-load conversations and messages in one transaction."""
+        """Bulk-load conversations and messages in one transaction, messages in time order.
+
+        Each table gets one INSERT of all its rows (from a JSON array): the full-text
+        triggers then write their index once for the statement. Row by row, FTS5 writes a
+        new segment per row and merges them: 60 µs a message instead of 3.
+        """
 
         def write() -> None:
             db = self._db
@@ -762,28 +843,42 @@ class SqliteStore:
                 " VALUES (?, ?, ?, ?, ?)",
                 [(c.user_id, c.user_name, c.phone, c.channel, c.created_at) for c in conversations],
             )
-            db.executemany(
+            rows = [
+                (
+                    c.id,
+                    c.user_id,
+                    c.status,
+                    c.last_activity,
+                    c.created_at,
+                    _dump(rules.conversation_to_doc(c)),
+                )
+                for c in conversations
+            ]
+            db.execute(
                 "INSERT INTO conversations (id, user_id, status, last_activity, created_at, doc)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        c.id,
-                        c.user_id,
-                        c.status,
-                        c.last_activity,
-                        c.created_at,
-                        _dump(rules.conversation_to_doc(c)),
-                    )
-                    for c in conversations
-                ],
+                " SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4,"
+                " value ->> 5 FROM json_each(?)",
+                (orjson.dumps(rows),),
             )
-            db.executemany(
+            ordered = sorted(messages, key=lambda m: (m.at, m.id))
+            db.execute(
                 "INSERT INTO messages (id, conversation_id, at, wa_message_id, doc)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [
-                    (m.id, m.conversation_id, m.at, m.wa_message_id, _dump(rules.message_to_doc(m)))
-                    for m in messages
-                ],
+                " SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4"
+                " FROM json_each(?)",
+                (
+                    orjson.dumps(
+                        [
+                            (
+                                m.id,
+                                m.conversation_id,
+                                m.at,
+                                m.wa_message_id,
+                                _dump(rules.message_to_doc(m)),
+                            )
+                            for m in ordered
+                        ]
+                    ),
+                ),
             )
 
         await self._write(write, lambda _: [Change(c, announce=False) for c in conversations])

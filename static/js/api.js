@@ -59,6 +59,7 @@ export const api = {
   agents: () => call("GET", "/api/agents"),
   chats: ({ status, assignee, q, number, cursor, limit = 30 }) =>
     call("GET", `${BASE}/unified-chats${query({ limit, cursor, status, assignee, q, number })}`),
+  search: ({ q, cursor, limit = 20 }) => call("GET", `${BASE}/search${query({ q, cursor, limit })}`),
   conversation: (id) => call("GET", conv(id)),
   messages: (id, { before, limit = 50 } = {}) =>
     call("GET", `${conv(id)}/messages${query({ limit, before })}`),

@@ -21,8 +21,10 @@ import {
   upsertChat,
 } from "./state/chats.js";
 import { applyStatus, emptyThread, prependOlder, setLatestPage, upsertMessage } from "./state/messages.js";
+import { addResults, emptyResults, resultsUnavailable, updateConversation as updateHits } from "./state/results.js";
 import { avatar, createChatList } from "./views/chatlist.js";
 import { createLightbox } from "./views/media.js";
+import { createResults } from "./views/results.js";
 import { createTemplatePicker } from "./views/templates.js";
 import { REACTIONS, createThread } from "./views/thread.js";
 
@@ -34,6 +36,9 @@ const SEARCH_MS = 250;
 // costs one request.
 const MARK_READ_MS = 1000;
 const PAGE_SIZE = 30;
+const HITS_SIZE = 20;
+// Opening a conversation at an old message reads back at most this many pages of 200.
+const FIND_PAGES = 25;
 
 const $ = (id) => document.getElementById(id);
 
@@ -52,6 +57,10 @@ const ui = {
   tabs: [...document.querySelectorAll("#tabs [data-tab]")],
   total: $("total"),
   listScroll: $("list-scroll"),
+  results: $("results"),
+  hits: $("hits"),
+  resultsNote: $("results-note"),
+  moreHits: $("more-hits"),
   chatList: $("chat-list"),
   listEmpty: $("list-empty"),
   loadMore: $("load-more"),
@@ -97,6 +106,10 @@ const state = {
   listLoading: false,
   listSeq: 0, // a newer list request makes older answers moot
   thread: emptyThread(null),
+  results: emptyResults(""),
+  resultsLoading: false,
+  resultsSeq: 0,
+  focusMessage: null, // a message to show (a search hit), once it is in the thread
   activeId: null,
   activeChat: null, // the open conversation's summary, even when the filter hides it
   olderLoading: false,
@@ -110,6 +123,7 @@ let events = null;
 let clockTimer = null;
 
 const chatList = createChatList(ui.chatList, { onOpen: (id) => openConversation(id) });
+const hitList = createResults(ui.hits, { onOpen: (id, messageId) => openConversation(id, { messageId }) });
 const lightbox = createLightbox($("lightbox"));
 const thread = createThread(ui.messageList, { onZoom: (src, label) => lightbox.open(src, label) });
 const templatePicker = createTemplatePicker($("template-picker"), {
@@ -134,8 +148,24 @@ function draw() {
   queueMicrotask(() => {
     drawQueued = false;
     drawList();
+    drawResults();
     drawConversation();
   });
+}
+
+function drawResults() {
+  const r = state.results;
+  ui.results.hidden = !r.q;
+  if (!r.q) return;
+  hitList.render(r.hits);
+  let note = "";
+  if (r.unavailable) note = "Message text cannot be searched on this server.";
+  else if (r.loaded && !r.hits.length) note = `No messages match “${r.q}”.`;
+  else if (!r.loaded) note = "Searching messages…";
+  ui.resultsNote.hidden = !note;
+  ui.resultsNote.textContent = note;
+  ui.moreHits.hidden = !r.hasMore;
+  ui.moreHits.disabled = state.resultsLoading;
 }
 
 function drawList() {
@@ -225,6 +255,16 @@ function drawConversation() {
     box.scrollTop = before.top + (box.scrollHeight - before.height);
   } else if (nearBottom) {
     box.scrollTop = box.scrollHeight;
+  }
+  if (state.focusMessage) {
+    // A search hit was opened: show that message, marked, once it is in the thread.
+    const el = ui.messageList.querySelector(`.msg[data-id="${CSS.escape(state.focusMessage)}"]`);
+    if (el) {
+      state.focusMessage = null;
+      for (const old of ui.messageList.querySelectorAll(".msg-found")) old.classList.remove("msg-found");
+      el.classList.add("msg-found");
+      el.scrollIntoView({ block: "center" });
+    }
   }
 }
 
@@ -339,16 +379,43 @@ function setFilter(changes) {
     (k) => (filter[k] || "") === (state.list.filter[k] || ""),
   );
   if (same) return;
+  const newQuery = filter.q !== state.list.filter.q;
   state.list = emptyList(filter);
   reconcile.cancel();
   ui.listScroll.scrollTop = 0;
   loadList();
+  if (newQuery) {
+    state.results = emptyResults(filter.q);
+    if (filter.q) loadResults();
+  }
+}
+
+// ---------- message search ----------
+
+async function loadResults() {
+  const r = state.results;
+  if (!r.q || (state.resultsLoading && r.loaded)) return; // More: a page is on its way
+  const seq = ++state.resultsSeq;
+  state.resultsLoading = true;
+  draw();
+  try {
+    const page = await api.search({ q: r.q, cursor: r.nextCursor, limit: HITS_SIZE });
+    if (seq === state.resultsSeq) state.results = addResults(state.results, page);
+  } catch (e) {
+    if (seq !== state.resultsSeq) return;
+    if (e.code === "message_search_unavailable") state.results = resultsUnavailable(state.results);
+    else handleError(e, "Messages could not be searched");
+  } finally {
+    if (seq === state.resultsSeq) state.resultsLoading = false;
+    draw();
+  }
 }
 
 // ---------- the conversation ----------
 
-async function openConversation(id) {
-  const chat = findChat(state.list, id);
+async function openConversation(id, { messageId = null } = {}) {
+  const chat = findChat(state.list, id) || state.results.hits.find((hit) => hit.conversation.id === id)?.conversation || null;
+  state.focusMessage = messageId;
   if (state.activeId !== id) {
     state.activeId = id;
     state.activeChat = chat;
@@ -378,10 +445,22 @@ async function openConversation(id) {
     const page = await api.messages(id, { limit: 50 });
     if (state.activeId !== id) return;
     state.thread = setLatestPage(state.thread, page);
-    state.stickToBottom = true;
+    state.stickToBottom = !messageId;
+    if (messageId) await readBackTo(id, messageId);
     draw();
   } catch (e) {
     handleError(e, "The messages could not be loaded");
+  }
+}
+
+/** Load older pages until a message (a search hit) is in the thread. */
+async function readBackTo(id, messageId) {
+  for (let n = 0; n < FIND_PAGES; n++) {
+    const t = state.thread;
+    if (t.messages.some((m) => m.id === messageId) || !t.hasMore || !t.nextCursor) return;
+    const page = await api.messages(id, { before: t.nextCursor, limit: 200 });
+    if (state.activeId !== id) return;
+    state.thread = prependOlder(state.thread, page);
   }
 }
 
@@ -600,7 +679,10 @@ function onEvent(name, data) {
       break;
     }
     case "conversation_updated":
-      if (data.conversation) applySummary(data.conversation);
+      if (data.conversation) {
+        applySummary(data.conversation);
+        state.results = updateHits(state.results, data.conversation);
+      }
       break;
     case "message_status":
       state.list = applyMessageStatus(state.list, data);
@@ -675,6 +757,7 @@ function signedOut(message = "") {
   state.team = [];
   state.names = new Map();
   state.list = emptyList({ ...TABS.open, q: "" });
+  state.results = emptyResults("");
   state.activeId = null;
   state.activeChat = null;
   state.thread = emptyThread(null);
@@ -785,6 +868,7 @@ for (const tab of ui.tabs) {
 }
 
 ui.loadMore.addEventListener("click", () => loadMore());
+ui.moreHits.addEventListener("click", () => loadResults());
 const SCROLL_AHEAD_PX = 240;
 // The observer's entry can describe a layout from before the first page was drawn (a busy
 // machine delivers it late): the sentinel's place is checked again when it arrives.

@@ -2,6 +2,7 @@
 // A state is never mutated: each function returns a new state (or the same one when
 // nothing changed), so the view can tell what to redraw by identity.
 
+import { customerKey, matchesCustomer, parse } from "../search.js";
 import { mergeStatus } from "./messages.js";
 
 export const STATUSES = ["open", "resolved", "all"];
@@ -64,9 +65,9 @@ export function matchesFilter(chat, filter) {
   if (filter.status && filter.status !== "all" && chat.status !== filter.status) return false;
   if (filter.assignee === "me" && (!filter.me || chat.assignee !== filter.me)) return false;
   if (filter.assignee === "none" && chat.assignee) return false;
-  const q = (filter.q || "").trim().toLowerCase();
+  const q = (filter.q || "").trim();
   if (!q) return true;
-  return `${chat.user_name || ""}\n${chat.phone || ""}`.toLowerCase().includes(q);
+  return matchesCustomer(parse(q), customerKey(chat.user_name, chat.phone));
 }
 
 /** The newer of two copies of one chat: a page never undoes a fresher local event. */
