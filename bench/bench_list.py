@@ -7,12 +7,11 @@ For each size (10,000 and 100,000 by default; `--sizes 1000000` for the million)
    RESTARTS times and times each start to the first `200` from `/readyz`;
 3. walks the whole list through `next_cursor` (checking that every conversation comes once
    and that their number is `total`), keeping DEEP_PAGES cursors spread over it, past the
-   window included; for each status tab and the Mine (`status=open&assignee=me`) and
-   Unassigned (`status=open&assignee=none`) tabs, the first page and DEEP_PAGES cursors
-   spread over the tab (signed as the server signs them, from keys read in the database);
-   a search by name and one by the last digits of a number. Requests carry a demo agent's
-   personal API token (Mine is theirs: the demo assigns about a fifth of the conversations
-   to each of its agents);
+   window included; for each status tab and for Mine (`status=open&assignee=me`) and
+   Unassigned (`status=open&assignee=none`), the first page and DEEP_PAGES cursors spread
+   over the tab (signed as the server signs them, from keys read in the database); a
+   search by name and one by the last digits of a number. Every request carries a demo
+   agent's personal API token (Mine is hers);
 4. times every page kind against the floor: a bare aiohttp app in its own process that
    answers each request with the very bytes the app answered, prepared in advance; the
    two alternate batch by batch, each page kind ROUNDS x BATCH times;
@@ -82,10 +81,6 @@ SEARCH_PATH: Final = "/api/live-chat/search"
 SECRET_KEY: Final = "bench-secret-key"
 PAGE_LIMIT: Final = 30
 SEARCH_LIMIT: Final = 20
-# The demo agent the requests come from (`assignee=me`).
-AGENT_ID: Final = "a_demo_reem"
-# The assignee tabs of the dashboard: the open conversations of the agent, and of nobody.
-ASSIGNEE_TABS: Final = {"mine": AGENT_ID, "unassigned": None}
 SIZES: Final = (10_000, 100_000)
 WINDOW: Final = 20_000  # the server's default (LIVECHAT_SQLITE_WINDOW)
 RESTARTS: Final = 3
@@ -106,6 +101,9 @@ TARGET_READY_S: Final = 3.0
 TARGET_RATIO: Final = 1.5
 TARGET_SEARCH_P99_MS: Final = 50.0
 START_TIMEOUT_S: Final = 120.0
+# The demo agent the requests come from (`assignee=me`): the demo assigns her about a
+# third of the conversations.
+AGENT_ID: Final = "a_demo_reem"
 
 
 @dataclass(slots=True)
@@ -215,9 +213,9 @@ class RunPy:
 # -- seeding and choosing what to request --------------------------------------------------
 
 
-async def seed(db: str, count: int) -> str:
+async def seed(db: str, count: int) -> dict[str, str]:
     """Fill a fresh store with `count` demo conversations, as `run.py --demo` does, and add
-    the agent the requests come from; returns that agent's personal API token."""
+    the agent the requests come from; the headers with her personal API token."""
     store = SqliteStore(db)
     await store.start()
     try:
@@ -233,7 +231,7 @@ async def seed(db: str, count: int) -> str:
         await agents.add_token(record)
     finally:
         await agents.close()
-    return token
+    return {"Authorization": f"Bearer {token}"}
 
 
 def list_path(**params: str) -> str:
@@ -269,21 +267,27 @@ def spread(items: list[Any], n: int) -> list[Any]:
     return [items[round(i * step)] for i in range(n)]
 
 
-def tab_paths(db: str, status: str, tab: str | None = None) -> tuple[list[str], list[str]]:
-    """The first page of a tab (a status, or an assignee tab of ASSIGNEE_TABS with it), and
-    DEEP_PAGES pages spread over it (cursors signed as the server signs them, after keys
-    read from the database)."""
+def tab_paths(db: str, status: str, assignee: str | None = None) -> tuple[list[str], list[str]]:
+    """The first page of a tab (a status; Mine with `assignee="me"`, Unassigned with
+    "none"), and DEEP_PAGES pages spread over it (cursors signed as the server signs them,
+    after keys read from the database)."""
     codec = CursorCodec(SECRET_KEY.encode())
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    sql = "SELECT last_activity, id FROM conversations WHERE status = ?"
-    args: list[Any] = [status]
-    params = {"limit": str(PAGE_LIMIT), "status": status}
-    if tab is not None:
-        sql += " AND json_extract(doc, '$.assignee') IS ?"
-        args.append(ASSIGNEE_TABS[tab])
-        params["assignee"] = "me" if tab == "mine" else "none"
-    keys = conn.execute(sql + " ORDER BY last_activity DESC, id", args).fetchall()
+    where, args = "status = ?", [status]
+    if assignee == "me":
+        where += " AND json_extract(doc, '$.assignee') = ?"
+        args.append(AGENT_ID)
+    elif assignee == "none":
+        where += " AND json_extract(doc, '$.assignee') IS NULL"
+    keys = conn.execute(
+        f"SELECT last_activity, id FROM conversations WHERE {where}"
+        " ORDER BY last_activity DESC, id",
+        args,
+    ).fetchall()
     conn.close()
+    params = {"limit": str(PAGE_LIMIT), "status": status}
+    if assignee is not None:
+        params["assignee"] = assignee
     first = [list_path(**params)]
     deep = [
         list_path(**params, cursor=codec.encode("chats", tuple(k)))
@@ -334,11 +338,13 @@ async def prepare(
             Kind("first page", paths[:1]),
             Kind(f"{min(DEEP_PAGES, len(paths) - 1)} deep pages", spread(paths[1:], DEEP_PAGES)),
         ]
-        for status in ("open", "resolved"):
-            first, deep = tab_paths(db, status)
-            kinds += [Kind(f"{status}: first page", first), Kind(f"{status}: deep pages", deep)]
-        for tab in ASSIGNEE_TABS:
-            first, deep = tab_paths(db, "open", tab)
+        for tab, status, assignee in (
+            ("open", "open", None),
+            ("resolved", "resolved", None),
+            ("mine", "open", "me"),
+            ("unassigned", "open", "none"),
+        ):
+            first, deep = tab_paths(db, status, assignee)
             kinds += [Kind(f"{tab}: first page", first), Kind(f"{tab}: deep pages", deep)]
         async with session.get(server.url(paths[-1])) as resp:
             deepest = (await resp.json())["chats"][-1]
@@ -511,8 +517,7 @@ def run_size(count: int, workdir: Path) -> dict[str, Any]:
     db = str(workdir / f"bench-{count}.db")
     load_before = load_average()
     started = time.perf_counter()
-    token = asyncio.run(seed(db, count))
-    auth = {"Authorization": f"Bearer {token}"}
+    auth = asyncio.run(seed(db, count))
     seed_s = time.perf_counter() - started
     size_mb = sum(os.path.getsize(db + s) for s in ("", "-wal") if os.path.exists(db + s)) / 1e6
     print(f"  seeded {count:,} conversations in {seed_s:.1f} s ({size_mb:,.0f} MB)", flush=True)

@@ -60,8 +60,8 @@ class ChatList:
         cursor: str | None,
         status: str | None,
         q: str | None,
-        assignee: Assignee = UNSET,
         number: str | None = None,
+        assignee: Assignee = UNSET,
     ) -> ServedPage:
         """One page, rendered; NotReady until the snapshot is loaded."""
         started = time.perf_counter()
@@ -69,7 +69,7 @@ class ChatList:
             raise NotReady()
         after = self.decode_cursor(cursor)
         page = self.snapshot.page(
-            limit=limit, after=after, status=status, q=q, assignee=assignee, number=number
+            limit=limit, after=after, status=status, q=q, number=number, assignee=assignee
         )
         rows: list[Listed] = list(page.rows)
         has_more, total, source = page.has_more, page.total, "snapshot"
@@ -114,8 +114,8 @@ class ChatList:
         assignee: Assignee = UNSET,
     ) -> tuple[list[Listed], bool, int, str]:
         """A page searched by name or number (`q`), of one business number or of one
-        assignee (the Mine and Unassigned tabs), continued past the window from the store's
-        indexes, with the store's count of all matches."""
+        assignee (Mine, Unassigned), continued past the window from the store's indexes,
+        with the store's count of all matches."""
         query = search.parse(q) if q else None
         if q and not query:
             return [], False, 0, "snapshot"  # no word in it ("?!"): it matches nobody

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Final
 
 from server.models import Conversation, LastMessage, Media, Message, now_ms
@@ -147,9 +148,6 @@ def demo_batches(
     """
     rng = random.Random(seed)
     rand = rng.random
-    # A second generator for who answers and who is assigned: the rest of the data stays
-    # what it was before the demo had a team.
-    team = random.Random(seed + 1)
     now = now_ms() if now is None else now
 
     def pick(options: Sequence[str]) -> str:
@@ -159,7 +157,7 @@ def demo_batches(
         conversations: list[Conversation] = []
         messages: list[Message] = []
         for n in range(first, min(count, first + batch)):
-            conversation, thread = _conversation(n, count, now, rand, pick, team)
+            conversation, thread = _conversation(n, count, now, rand, pick)
             conversations.append(conversation)
             messages += thread
         yield conversations, messages
@@ -171,7 +169,6 @@ def _conversation(
     now: int,
     rand: Callable[[], float],
     pick: Callable[[Sequence[str]], str],
-    team: random.Random,
 ) -> tuple[Conversation, list[Message]]:
     phone = f"9665{10_000_000 + int(rand() * 89_999_999)}{n % 10}"
     lang = "ar" if rand() < 0.45 else "en"
@@ -192,7 +189,14 @@ def _conversation(
             kind = "user"
         else:
             kind = "ai" if rand() < 0.7 else "agent"
-        thread.append(_message(rand, pick, team, lines, conversation_id, kind, at, n, i, order))
+        thread.append(_message(rand, pick, lines, conversation_id, kind, at, n, i, order))
+    # Who answered and who is assigned come from a generator of the conversation's own, so
+    # the rest of the demo is what it was before it had a team, whatever the batches.
+    team = random.Random(f"team-{n}")
+    thread = [
+        replace(m, agent_id=team.choice(DEMO_ASSIGNEES[:2])) if m.sender == "agent" else m
+        for m in thread
+    ]
     last = thread[-1]
     unread = 0
     for m in reversed(thread):
@@ -228,7 +232,6 @@ def _conversation(
 def _message(
     rand: Callable[[], float],
     pick: Callable[[Sequence[str]], str],
-    team: random.Random,
     lines: dict[str, tuple[str, ...]],
     conversation_id: str,
     kind: str,
@@ -273,7 +276,7 @@ def _message(
         text=pick(lines[kind]),
         at=at,
         status=pick(("delivered", "read", "read")),
-        agent_id=team.choice(DEMO_ASSIGNEES[:2]) if kind == "agent" else None,
+        agent_id=None,  # the conversation names who answered
         wa_message_id=f"wamid.demo-out{n:07d}{i:02d}",
     )
 

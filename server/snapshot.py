@@ -25,6 +25,11 @@ from server.store.base import UNSET, Change, SnapshotEntry, Unset
 ALL: Final = "all"
 # An assignee filter: an agent's id, None for unassigned, UNSET for no filter.
 Assignee = str | None | Unset
+Group = tuple[str, str | None]
+
+
+def _interned(value: str | None) -> str | None:
+    return sys.intern(value) if value is not None else None
 
 
 def sort_key(last_activity: int, conversation_id: str) -> tuple[int, str]:
@@ -41,14 +46,13 @@ class Row:
         self.id = conversation.id
         self.key = sort_key(conversation.last_activity, conversation.id)
         self.status = sys.intern(conversation.status)
-        assignee = conversation.assignee
-        self.assignee = sys.intern(assignee) if assignee is not None else None
         self.updated_at = conversation.updated_at
         # Agents search by customer name or phone number; fold once, here.
         self.search = search.customer_key(conversation.user_name, conversation.phone)
-        # The business number the customer wrote to (the list's number filter).
-        number = conversation.phone_number_id
-        self.number = sys.intern(number) if number is not None else None
+        # The business number the customer wrote to (the list's number filter), and the
+        # agent it is assigned to (the Mine and Unassigned tabs): interned, one copy each.
+        self.number = _interned(conversation.phone_number_id)
+        self.assignee = _interned(conversation.assignee)
         self.body = dumps(conversation.to_json())
 
     @classmethod
@@ -58,12 +62,10 @@ class Row:
         row.id = entry.id
         row.key = sort_key(entry.last_activity, entry.id)
         row.status = sys.intern(entry.status)
-        assignee = entry.assignee
-        row.assignee = sys.intern(assignee) if assignee is not None else None
         row.updated_at = entry.updated_at
         row.search = search.customer_key(entry.user_name, entry.phone)
-        number = entry.phone_number_id
-        row.number = sys.intern(number) if number is not None else None
+        row.number = _interned(entry.phone_number_id)
+        row.assignee = _interned(entry.assignee)
         row.body = entry.body
         return row
 
@@ -128,9 +130,6 @@ class _Index:
         if key is None:
             return 0
         return bisect_right(self.rows, key, key=lambda r: r.key)
-
-
-Group = tuple[str, str | None]
 
 
 class Snapshot:
@@ -260,8 +259,8 @@ class Snapshot:
         after: tuple[int, str] | None = None,
         status: str | None = None,
         q: str | None = None,
-        assignee: Assignee = UNSET,
         number: str | None = None,
+        assignee: Assignee = UNSET,
     ) -> Page:
         """Up to `limit` rows after the cursor key `(last_activity, id)`, in list order.
 
@@ -323,8 +322,7 @@ class Snapshot:
 
 
 def _filtered(rows: list[Row], q: str | None, number: str | None) -> list[Row]:
-    """The rows whose customer's name or number matches `q` (server/search.py) and that
-    were written to `number`."""
+    """The rows written to `number` whose name or number matches `q`."""
     if number is not None:
         rows = [r for r in rows if r.number == number]
     if q:

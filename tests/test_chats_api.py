@@ -305,3 +305,36 @@ async def test_serving_logs_its_timing(client):
     line = served[0]
     assert line["source"] == "snapshot" and line["chats"] == 10 and line["total"] == 10
     assert line["page"] == "first" and line["duration_ms"] >= 0
+
+
+async def test_mine_and_unassigned_continue_past_the_window_in_list_order(make_client):
+    # A window of 10 on the embedded store: later pages come from its assignee index.
+    client = await make_client(sqlite_window=10)
+    conversations = await seed(client, 60)
+    ordered = sorted(conversations, key=lambda c: (-c.last_activity, c.id))
+    assignees = {c.assignee for c in conversations}
+    assert None in assignees and len(assignees) > 2
+    sources = []
+    for assignee in assignees:
+        for status in (None, "open"):
+            want = [c.id for c in ordered if c.assignee == assignee and status in (None, c.status)]
+            params = {"assignee": assignee or "none", "limit": "2"}
+            if status:
+                params["status"] = status
+            got, cursor, totals = [], None, set()
+            while True:
+                with structlog.testing.capture_logs() as logs:
+                    page = await (
+                        await client.get(
+                            LIST, params=params | ({"cursor": cursor} if cursor else {})
+                        )
+                    ).json()
+                sources += [e["source"] for e in logs if e["event"] == "unified_chats.served"]
+                got += [c["id"] for c in page["chats"]]
+                totals.add(page["total"])
+                if not page["has_more"]:
+                    break
+                cursor = page["next_cursor"]
+            assert got == want, params
+            assert totals == {len(want)}, params
+    assert {"snapshot", "store"} <= set(sources)

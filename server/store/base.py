@@ -326,18 +326,12 @@ class ChatStore(Protocol):
         """The newest `limit` conversations (all when None), newest activity first."""
 
     async def page_after(
-        self,
-        after: tuple[int, str] | None,
-        limit: int,
-        status: str | None,
-        *,
-        assignee: str | Unset | None = UNSET,
+        self, after: tuple[int, str] | None, limit: int, status: str | None
     ) -> list[Conversation]:
-        """Conversations after the keyset `(last_activity, id)`, in list order (assigned to
-        `assignee`, None: unassigned, when given)."""
+        """Conversations after the keyset `(last_activity, id)`, in list order."""
 
-    async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
-        """How many conversations there are (with that status and assignee)."""
+    async def count(self, status: str | None) -> int:
+        """How many conversations there are (with that status)."""
 
     async def list_entries(
         self,
@@ -349,8 +343,8 @@ class ChatStore(Protocol):
         assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """Like `page_after`, as the list serves them (prepared JSON where the store keeps
-        it), optionally only those written to one business number or assigned to
-        `assignee` (None: unassigned): the pages past the snapshot's window."""
+        it), optionally only those written to one business number or assigned to one agent
+        (None: to nobody): the pages past the snapshot's window."""
 
     async def snapshot_entries(
         self, after: tuple[int, str] | None, limit: int

@@ -298,7 +298,7 @@ class FirestoreStore:
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._closed = False
         self.reads = Reads()
-        self._counts: dict[tuple[str | None, str | Unset | None], tuple[float, int]] = {}
+        self._counts: dict[str | None, tuple[float, int]] = {}
         # Documents written by transactions, by kind (conversation, message, user, ...).
         self.writes: Counter[str] = Counter()
         # Clients replaced by recover(), with when: closed once no call can still use them.
@@ -862,17 +862,12 @@ class FirestoreStore:
         return out
 
     async def page_after(
-        self,
-        after: tuple[int, str] | None,
-        limit: int,
-        status: str | None,
-        *,
-        assignee: str | Unset | None = UNSET,
+        self, after: tuple[int, str] | None, limit: int, status: str | None
     ) -> list[Conversation]:
         """Conversations after a keyset, newest activity first (limit -1: no limit)."""
         if limit == 0:
             return []
-        snaps = await self._query_after(after, limit, status, assignee)
+        snaps = await self._query_after(after, limit, status)
         return _conversations(s.to_dict() for s in snaps)
 
     async def _query_after(
@@ -893,22 +888,22 @@ class FirestoreStore:
         self.reads.direct += max(1, len(snaps))
         return snaps
 
-    async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
-        """How many conversations (with that status and assignee) there are: an aggregation
-        query (billed one read per 1,000 entries), so its answer is kept for COUNT_TTL_S:
-        pages past the window show a total a few seconds old instead of paying it every
-        page."""
-        key = (status, assignee)
-        cached = self._counts.get(key)
+    async def count(self, status: str | None) -> int:
+        """How many conversations (with that status) there are: an aggregation query
+        (billed one read per 1,000 entries), so its answer is kept for COUNT_TTL_S: pages
+        past the window show a total a few seconds old instead of paying it every page."""
+        cached = self._counts.get(status)
         if cached is not None and time.monotonic() - cached[0] < COUNT_TTL_S:
             return cached[1]
-        n = await self._count(status, assignee)
-        self._counts[key] = (time.monotonic(), n)
+        n = await self._count(status)
+        self._counts[status] = (time.monotonic(), n)
         return n
 
-    async def _count(self, status: str | None, assignee: str | Unset | None) -> int:
-        query = self._filtered(status, assignee)
-        if status is None:  # not the heartbeats that share the collection group's name
+    async def _count(self, status: str | None) -> int:
+        query = self._client.collection_group(CONVERSATIONS)
+        if status is not None:
+            query = query.where(filter=FieldFilter("status", "==", status))
+        else:  # not the heartbeats that share the collection group's name
             query = query.where(filter=FieldFilter("status", "in", list(CONVERSATION_STATUSES)))
         async with self._guard("count"):
             result = await query.count(alias="n").get()
@@ -926,16 +921,15 @@ class FirestoreStore:
         assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """A keyset page past the window, as the list serves it (optionally only those
-        written to one business number: an equality on `phone_number_id` in list order;
-        or assigned to `assignee`: an equality on `assignee`)."""
-        if number is None:
-            page = await self.page_after(after, limit, status, assignee=assignee)
-            return [ListEntry.of(c) for c in page]
+        written to one business number, or assigned to one agent: equalities on
+        `phone_number_id` and `assignee` in list order)."""
+        if number is None and isinstance(assignee, Unset):
+            return [ListEntry.of(c) for c in await self.page_after(after, limit, status)]
         if limit == 0:
             return []
-        query = self._by_activity(status, assignee).where(
-            filter=FieldFilter("phone_number_id", "==", number)
-        )
+        query = self._by_activity(status, assignee)
+        if number is not None:
+            query = query.where(filter=FieldFilter("phone_number_id", "==", number))
         if after is not None:
             query = query.start_after({"last_activity": after[0], "id": after[1]})
         async with self._guard("page"):
@@ -965,14 +959,13 @@ class FirestoreStore:
         assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """Conversations whose customer matches: one `array-contains` query on the query's
-        longest token in list order, each result checked against the whole query (and the
-        business number and assignee, when given)."""
+        longest token in list order, each result checked against the whole query."""
         token = search.query_token(query)
         if token is None or limit == 0:
             return []
         found: list[ListEntry] = []
         while len(found) < limit:
-            base = self._by_activity(status).where(
+            base = self._by_activity(status, assignee).where(
                 filter=FieldFilter(SEARCH_TOKENS, "array_contains", token)
             )
             if after is not None:
@@ -982,9 +975,7 @@ class FirestoreStore:
             self.reads.direct += max(1, len(snaps))
             for c in _conversations(s.to_dict() for s in snaps):
                 key = search.customer_key(c.user_name, c.phone)
-                wanted = (number is None or c.phone_number_id == number) and (
-                    isinstance(assignee, Unset) or c.assignee == assignee
-                )
+                wanted = number is None or c.phone_number_id == number
                 if wanted and search.matches_customer(query, key) and len(found) < limit:
                     found.append(ListEntry.of(c))
             if len(snaps) < SEARCH_BATCH:
@@ -1003,8 +994,6 @@ class FirestoreStore:
     ) -> int:
         """How many conversations match (one aggregation): with a query, those carrying
         its token (for a query of several words, those matching its longest word)."""
-        if query is None and number is None:
-            return await self.count(status, assignee=assignee)
         base = self._client.collection_group(CONVERSATIONS)
         if query is not None:
             token = search.query_token(query)

@@ -99,15 +99,6 @@ def _dump(doc: dict[str, Any]) -> str:
     return orjson.dumps(doc).decode()
 
 
-def _where_assignee(where: list[str], args: list[Any], assignee: str | Unset | None) -> None:
-    """Filter by assignee (None: unassigned), on the expression of the assignee indexes
-    (server/store/sqlite_index.py)."""
-    if isinstance(assignee, Unset):
-        return
-    where.append("json_extract(doc, '$.assignee') IS ?")
-    args.append(assignee)
-
-
 def _no_changes(_: object) -> list[Change]:
     return []
 
@@ -249,12 +240,7 @@ class SqliteStore:
         return await self.page_after(None, limit if limit is not None else -1, None)
 
     async def page_after(
-        self,
-        after: tuple[int, str] | None,
-        limit: int,
-        status: str | None,
-        *,
-        assignee: str | Unset | None = UNSET,
+        self, after: tuple[int, str] | None, limit: int, status: str | None
     ) -> list[Conversation]:
         """Conversations after a keyset, newest activity first (limit -1: no limit)."""
 
@@ -266,7 +252,6 @@ class SqliteStore:
             if status is not None:
                 where.append("status = ?")
                 args.append(status)
-            _where_assignee(where, args, assignee)
             sql = "SELECT doc FROM conversations"
             if where:
                 sql += " WHERE " + " AND ".join(where)
@@ -276,12 +261,10 @@ class SqliteStore:
 
         return await self._run(read)
 
-    async def count(self, status: str | None, *, assignee: str | Unset | None = UNSET) -> int:
-        """How many conversations (with that status and assignee) there are, as the
-        triggers count them."""
-        return await self._read(
-            lambda db: sqlite_index.count_entries(db, None, status, None, assignee)
-        )
+    async def count(self, status: str | None) -> int:
+        """How many conversations (with that status) there are, as the triggers count them."""
+        counted = await self._read(sqlite_index.totals)
+        return sum(counted.values()) if status is None else counted.get(status, 0)
 
     async def snapshot_entries(
         self, after: tuple[int, str] | None, limit: int

@@ -6,11 +6,9 @@ The store's write code knows nothing of them; the schema does:
 - `conversations.body`: the conversation as the list serves it (the API's JSON), so a
   page past the snapshot's window is a keyset read of prepared bytes, like a page inside.
 - `conversation_counts`: conversations per status, so the list's `total` is a read of a
-  few rows at any size (`count(*)` walks an index: 40 ms at a million);
-  `assignee_counts`: the same per status and assignee ('' for unassigned), for the Mine
-  and Unassigned tabs.
-- indexes in list order by status, by assignee (with and without a status) and by the
-  business number written to (the tabs and the number filter past the window).
+  few rows at any size (`count(*)` walks an index: 40 ms at a million).
+- indexes in list order by status, by the business number written to and by assignee
+  (the tabs, the number filter, Mine and Unassigned past the window).
 - `message_search`: FTS5 over message text and media captions, folded by
   server/search.py (Arabic diacritics and letter variants, the article, case, accents),
   stemmed (porter) for English. Contentless: it holds the index, not the text again.
@@ -43,16 +41,13 @@ from server.store.base import UNSET, ListEntry, MessageHit, SnapshotEntry, Unset
 
 log = structlog.get_logger(__name__)
 
-# PRAGMA user_version of a database whose read side is current.
+# PRAGMA user_version of a database whose read side is current (2: the assignee's index).
 SCHEMA_VERSION: Final = 2
 
 TRIGGERS: Final = (
     "conversation_counts_insert",
     "conversation_counts_update",
     "conversation_counts_delete",
-    "assignee_counts_insert",
-    "assignee_counts_update",
-    "assignee_counts_delete",
     "conversations_body_insert",
     "conversations_body_update",
     "conversation_search_insert",
@@ -69,6 +64,8 @@ CREATE INDEX IF NOT EXISTS conversations_by_status
     ON conversations (status, last_activity DESC, id);
 CREATE INDEX IF NOT EXISTS conversations_by_number
     ON conversations (json_extract(doc, '$.phone_number_id'), last_activity DESC, id);
+CREATE INDEX IF NOT EXISTS conversations_by_assignee
+    ON conversations (json_extract(doc, '$.assignee'), last_activity DESC, id);
 CREATE TABLE IF NOT EXISTS conversation_counts (
     status TEXT PRIMARY KEY,
     n INTEGER NOT NULL
@@ -87,41 +84,6 @@ WHEN old.status IS NOT new.status BEGIN
 END;
 CREATE TRIGGER conversation_counts_delete AFTER DELETE ON conversations BEGIN
     UPDATE conversation_counts SET n = n - 1 WHERE status = old.status;
-END;
-CREATE INDEX IF NOT EXISTS conversations_by_assignee
-    ON conversations (json_extract(doc, '$.assignee'), last_activity DESC, id);
-CREATE INDEX IF NOT EXISTS conversations_by_status_assignee
-    ON conversations (status, json_extract(doc, '$.assignee'), last_activity DESC, id);
-CREATE TABLE IF NOT EXISTS assignee_counts (
-    status TEXT NOT NULL,
-    assignee TEXT NOT NULL,
-    n INTEGER NOT NULL,
-    PRIMARY KEY (status, assignee)
-) WITHOUT ROWID;
-CREATE TRIGGER assignee_counts_insert AFTER INSERT ON conversations BEGIN
-    INSERT INTO assignee_counts (status, assignee, n)
-        SELECT new.status, coalesce(json_extract(new.doc, '$.assignee'), ''), 0
-        WHERE NOT EXISTS (SELECT 1 FROM assignee_counts WHERE status = new.status
-            AND assignee = coalesce(json_extract(new.doc, '$.assignee'), ''));
-    UPDATE assignee_counts SET n = n + 1 WHERE status = new.status
-        AND assignee = coalesce(json_extract(new.doc, '$.assignee'), '');
-END;
-CREATE TRIGGER assignee_counts_update AFTER UPDATE OF status, doc ON conversations
-WHEN old.status IS NOT new.status
-    OR json_extract(old.doc, '$.assignee') IS NOT json_extract(new.doc, '$.assignee')
-BEGIN
-    UPDATE assignee_counts SET n = n - 1 WHERE status = old.status
-        AND assignee = coalesce(json_extract(old.doc, '$.assignee'), '');
-    INSERT INTO assignee_counts (status, assignee, n)
-        SELECT new.status, coalesce(json_extract(new.doc, '$.assignee'), ''), 0
-        WHERE NOT EXISTS (SELECT 1 FROM assignee_counts WHERE status = new.status
-            AND assignee = coalesce(json_extract(new.doc, '$.assignee'), ''));
-    UPDATE assignee_counts SET n = n + 1 WHERE status = new.status
-        AND assignee = coalesce(json_extract(new.doc, '$.assignee'), '');
-END;
-CREATE TRIGGER assignee_counts_delete AFTER DELETE ON conversations BEGIN
-    UPDATE assignee_counts SET n = n - 1 WHERE status = old.status
-        AND assignee = coalesce(json_extract(old.doc, '$.assignee'), '');
 END;
 CREATE TRIGGER conversations_body_insert AFTER INSERT ON conversations BEGIN
     UPDATE conversations SET body = list_row(new.doc) WHERE rowid = new.rowid;
@@ -175,10 +137,6 @@ BACKFILL: Final = (
     "DELETE FROM conversation_counts",
     "INSERT INTO conversation_counts (status, n)"
     " SELECT status, count(*) FROM conversations GROUP BY status",
-    "DELETE FROM assignee_counts",
-    "INSERT INTO assignee_counts (status, assignee, n)"
-    " SELECT status, coalesce(json_extract(doc, '$.assignee'), ''), count(*)"
-    " FROM conversations GROUP BY 1, 2",
     "UPDATE conversations SET body = list_row(doc)",
     "DELETE FROM conversation_search",
     "INSERT INTO conversation_search (rowid, names, digits)"
@@ -267,11 +225,10 @@ _AFTER: Final = "c.last_activity <= ? AND (c.last_activity < ? OR c.id > ?)"
 _ENTRY: Final = "c.id, c.last_activity, coalesce(c.body, list_row(c.doc))"
 
 
-# The business number a conversation was written to (the expression of its index).
+# The business number a conversation was written to, and the agent it is assigned to (the
+# expressions of their indexes).
 _NUMBER: Final = "json_extract(c.doc, '$.phone_number_id') = ?"
-# The agent a conversation is assigned to (the expression of its indexes); IS matches a
-# missing assignee (unassigned) as well as an agent's id, and both use the index.
-_ASSIGNEE: Final = "json_extract(c.doc, '$.assignee') IS ?"
+_ASSIGNEE: Final = "json_extract(c.doc, '$.assignee')"
 
 
 def _keyset(
@@ -291,8 +248,12 @@ def _keyset(
     if number is not None:
         where.append(_NUMBER)
         args.append(number)
-    if not isinstance(assignee, Unset):
-        where.append(_ASSIGNEE)
+    if isinstance(assignee, Unset):
+        return
+    if assignee is None:
+        where.append(f"{_ASSIGNEE} IS NULL")
+    else:
+        where.append(f"{_ASSIGNEE} = ?")
         args.append(assignee)
 
 
@@ -346,13 +307,6 @@ def totals(conn: sqlite3.Connection) -> dict[str, int]:
     return {status: n for status, n in conn.execute("SELECT status, n FROM conversation_counts")}
 
 
-def assignee_totals(conn: sqlite3.Connection, assignee: str | None) -> dict[str, int]:
-    """Conversations per status assigned to `assignee` (None: unassigned), as the
-    triggers keep them."""
-    sql = "SELECT status, n FROM assignee_counts WHERE assignee = ?"
-    return {status: n for status, n in conn.execute(sql, (assignee or "",))}
-
-
 def search_customers(
     conn: sqlite3.Connection,
     query: Query,
@@ -390,13 +344,7 @@ def count_entries(
     assignee: str | Unset | None = UNSET,
 ) -> int:
     """How many conversations `search_customers` (or `entries_after`, without a query)
-    finds in all: an assignee's count, the triggers' (a read of a few rows)."""
-    if query is None and number is None:
-        if isinstance(assignee, Unset):
-            counted = totals(conn)
-        else:
-            counted = assignee_totals(conn, assignee)
-        return sum(counted.values()) if status is None else counted.get(status, 0)
+    finds in all."""
     where: list[str] = []
     args: list[Any] = []
     _keyset(None, status, where, args, number, assignee)
