@@ -34,9 +34,11 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Read a request's body before its handler, within the route's size and a time limit.
 
     Too large: 413 before anything is read when Content-Length says so, else as soon as the
-    limit is passed. Not all there within LIVECHAT_BODY_TIMEOUT: 408. Either way the answer
-    is the last thing on the connection: it is closed, so the rest of the body is never
-    read (aiohttp would otherwise keep reading and discarding it for a while).
+    limit is passed; the connection then closes after aiohttp has read and discarded what
+    the client still sends (for at most its lingering time, 10 s), so the client can read
+    the answer instead of having its writes reset. Not all there within
+    LIVECHAT_BODY_TIMEOUT: 408, and the connection is closed at once (what is still on its
+    way is never read).
     """
     if request.method not in BODY_METHODS and not request.body_exists:
         return await handler(request)
@@ -50,17 +52,17 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
     ):
         # A file upload: streamed to the handler, which reads it in bounded chunks.
         if length is not None and length > policy.max_upload:
-            return await _last_answer(request, _too_large(policy.max_upload))
+            return _last_on_connection(_too_large(policy.max_upload))
         return await handler(request)
     if length is not None and length > limit:
-        return await _last_answer(request, _too_large(limit))
+        return _last_on_connection(_too_large(limit))
     limited = request.clone(client_max_size=limit)
     timeout = request.app[keys.SETTINGS].body_timeout_s
     try:
         async with asyncio.timeout(timeout):
             await limited.read()
     except web.HTTPRequestEntityTooLarge:
-        return await _last_answer(request, _too_large(limit))
+        return _last_on_connection(_too_large(limit))
     except TimeoutError:
         log.warning("request.body_timeout", path=request.path, timeout_s=timeout)
         answer = json_error(
@@ -80,8 +82,14 @@ def _too_large(limit: int) -> web.Response:
     )
 
 
+def _last_on_connection(response: web.Response) -> web.Response:
+    """`response`, after which the connection is not reused."""
+    response.force_close()
+    return response
+
+
 async def _last_answer(request: web.Request, response: web.Response) -> web.Response:
-    """Send `response`, then close the connection (its request's body is left unread)."""
+    """Send `response`, then close the connection at once (its request's body unread)."""
     response.force_close()
     await response.prepare(request)
     await response.write_eof()
