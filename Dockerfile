@@ -1,6 +1,6 @@
 # The single executable in a small image, run as a user without privileges.
 #   docker build -t livechat .
-#   docker run -p 8080:8080 -e LIVECHAT_API_TOKEN=... livechat            (add --demo to try it)
+#   docker run -p 8080:8080 livechat --demo       (then `docker exec` ... `livechat agents add`)
 
 # Build stage: the executable, by the same command as outside a container.
 FROM python:3.11-slim-bookworm AS build
@@ -28,7 +28,10 @@ COPY --from=build /src/dist/livechat /usr/local/bin/livechat
 USER livechat
 WORKDIR /data
 # The embedded store's file lives in /data (mount a volume there to keep it).
+# The container's own interface: reached only through the ports it publishes, so listening
+# beyond loopback is what is meant here, in development too.
 ENV HOST=0.0.0.0 \
+    LIVECHAT_ALLOW_REMOTE=true \
     PORT=8080 \
     LIVECHAT_DB=/data/livechat.db \
     LOG_FORMAT=json

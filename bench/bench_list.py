@@ -7,9 +7,11 @@ For each size (10,000 and 100,000 by default; `--sizes 1000000` for the million)
    RESTARTS times and times each start to the first `200` from `/readyz`;
 3. walks the whole list through `next_cursor` (checking that every conversation comes once
    and that their number is `total`), keeping DEEP_PAGES cursors spread over it, past the
-   window included; for each status tab, the first page and DEEP_PAGES cursors spread over
-   the tab (signed as the server signs them, from keys read in the database); a search by
-   name and one by the last digits of a number;
+   window included; for each status tab and for Mine (`status=open&assignee=me`) and
+   Unassigned (`status=open&assignee=none`), the first page and DEEP_PAGES cursors spread
+   over the tab (signed as the server signs them, from keys read in the database); a
+   search by name and one by the last digits of a number. Every request carries a demo
+   agent's personal API token (Mine is hers);
 4. times every page kind against the floor: a bare aiohttp app in its own process that
    answers each request with the very bytes the app answered, prepared in advance; the
    two alternate batch by batch, each page kind ROUNDS x BATCH times;
@@ -50,7 +52,6 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 from common import (
-    AUTH,
     CTX,
     HOST,
     ROOT,
@@ -66,9 +67,13 @@ from common import (
 )
 
 from server import search
+from server.accounts import new_token
 from server.cursor import CursorCodec
-from server.demo import seed_demo
+from server.demo import NO_PASSWORD, seed_demo
+from server.models import now_ms
 from server.snapshot import Row, Snapshot
+from server.store.agents import Agent
+from server.store.agents_sqlite import SqliteAgents
 from server.store.sqlite import SqliteStore
 
 LIST_PATH: Final = "/api/live-chat/unified-chats"
@@ -96,6 +101,9 @@ TARGET_READY_S: Final = 3.0
 TARGET_RATIO: Final = 1.5
 TARGET_SEARCH_P99_MS: Final = 50.0
 START_TIMEOUT_S: Final = 120.0
+# The demo agent the requests come from (`assignee=me`): the demo assigns her about a
+# third of the conversations.
+AGENT_ID: Final = "a_demo_reem"
 
 
 @dataclass(slots=True)
@@ -205,14 +213,25 @@ class RunPy:
 # -- seeding and choosing what to request --------------------------------------------------
 
 
-async def seed(db: str, count: int) -> None:
-    """Fill a fresh store with `count` demo conversations, as `run.py --demo` does."""
+async def seed(db: str, count: int) -> dict[str, str]:
+    """Fill a fresh store with `count` demo conversations, as `run.py --demo` does, and add
+    the agent the requests come from; the headers with her personal API token."""
     store = SqliteStore(db)
     await store.start()
     try:
         await seed_demo(store, count)
     finally:
         await store.close()
+    agents = SqliteAgents(db)
+    await agents.start()
+    try:
+        agent = Agent(AGENT_ID, "reem@example.com", "Reem", "agent", NO_PASSWORD, False, now_ms())
+        await agents.add_agent(agent)
+        token, record = new_token(agent, "bench")
+        await agents.add_token(record)
+    finally:
+        await agents.close()
+    return {"Authorization": f"Bearer {token}"}
 
 
 def list_path(**params: str) -> str:
@@ -248,20 +267,30 @@ def spread(items: list[Any], n: int) -> list[Any]:
     return [items[round(i * step)] for i in range(n)]
 
 
-def tab_paths(db: str, status: str) -> tuple[list[str], list[str]]:
-    """The first page of a status tab, and DEEP_PAGES pages spread over it (cursors signed
-    as the server signs them, after keys read from the database)."""
+def tab_paths(db: str, status: str, assignee: str | None = None) -> tuple[list[str], list[str]]:
+    """The first page of a tab (a status; Mine with `assignee="me"`, Unassigned with
+    "none"), and DEEP_PAGES pages spread over it (cursors signed as the server signs them,
+    after keys read from the database)."""
     codec = CursorCodec(SECRET_KEY.encode())
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    where, args = "status = ?", [status]
+    if assignee == "me":
+        where += " AND json_extract(doc, '$.assignee') = ?"
+        args.append(AGENT_ID)
+    elif assignee == "none":
+        where += " AND json_extract(doc, '$.assignee') IS NULL"
     keys = conn.execute(
-        "SELECT last_activity, id FROM conversations WHERE status = ?"
+        f"SELECT last_activity, id FROM conversations WHERE {where}"
         " ORDER BY last_activity DESC, id",
-        (status,),
+        args,
     ).fetchall()
     conn.close()
-    first = [list_path(limit=str(PAGE_LIMIT), status=status)]
+    params = {"limit": str(PAGE_LIMIT), "status": status}
+    if assignee is not None:
+        params["assignee"] = assignee
+    first = [list_path(**params)]
     deep = [
-        list_path(limit=str(PAGE_LIMIT), status=status, cursor=codec.encode("chats", tuple(k)))
+        list_path(**params, cursor=codec.encode("chats", tuple(k)))
         for k in spread(keys[: -PAGE_LIMIT or None], DEEP_PAGES)
     ]
     return first, deep
@@ -293,9 +322,11 @@ def search_path(q: str) -> str:
     return f"{SEARCH_PATH}?q={quote(q)}&limit={SEARCH_LIMIT}"
 
 
-async def prepare(server: RunPy, db: str) -> tuple[list[Kind], dict[str, bytes], int]:
+async def prepare(
+    server: RunPy, db: str, auth: dict[str, str]
+) -> tuple[list[Kind], dict[str, bytes], int]:
     """The page kinds to time, and the app's bytes for each path (the floor serves them)."""
-    async with aiohttp.ClientSession(headers=AUTH) as session:
+    async with aiohttp.ClientSession(headers=auth) as session:
         started = time.perf_counter()
         paths, total = await walk(session, server)
         print(
@@ -307,9 +338,14 @@ async def prepare(server: RunPy, db: str) -> tuple[list[Kind], dict[str, bytes],
             Kind("first page", paths[:1]),
             Kind(f"{min(DEEP_PAGES, len(paths) - 1)} deep pages", spread(paths[1:], DEEP_PAGES)),
         ]
-        for status in ("open", "resolved"):
-            first, deep = tab_paths(db, status)
-            kinds += [Kind(f"{status}: first page", first), Kind(f"{status}: deep pages", deep)]
+        for tab, status, assignee in (
+            ("open", "open", None),
+            ("resolved", "resolved", None),
+            ("mine", "open", "me"),
+            ("unassigned", "open", "none"),
+        ):
+            first, deep = tab_paths(db, status, assignee)
+            kinds += [Kind(f"{tab}: first page", first), Kind(f"{tab}: deep pages", deep)]
         async with session.get(server.url(paths[-1])) as resp:
             deepest = (await resp.json())["chats"][-1]
         kinds += [
@@ -360,13 +396,17 @@ async def timed(
 
 
 async def compare(
-    app: RunPy, floor: ServerProcess, kinds: list[Kind], bodies: dict[str, bytes]
+    app: RunPy,
+    floor: ServerProcess,
+    kinds: list[Kind],
+    bodies: dict[str, bytes],
+    auth: dict[str, str],
 ) -> dict[tuple[str, str], Latencies]:
     """Interleaved timed runs of both servers for every page kind."""
     results = {(who, k.label): Latencies() for who in ("floor", "app") for k in kinds}
     servers = {"app": (app.url, app.pid), "floor": (floor.url, floor.pid)}
     connector = aiohttp.TCPConnector(limit=1)
-    async with aiohttp.ClientSession(headers=AUTH, connector=connector) as session:
+    async with aiohttp.ClientSession(headers=auth, connector=connector) as session:
         for url, _ in servers.values():  # warm up both (and check the bytes are identical)
             for kind in kinds:
                 await timed(session, url, kind.paths, min(WARMUP, kind.batch), None, bodies)
@@ -477,7 +517,7 @@ def run_size(count: int, workdir: Path) -> dict[str, Any]:
     db = str(workdir / f"bench-{count}.db")
     load_before = load_average()
     started = time.perf_counter()
-    asyncio.run(seed(db, count))
+    auth = asyncio.run(seed(db, count))
     seed_s = time.perf_counter() - started
     size_mb = sum(os.path.getsize(db + s) for s in ("", "-wal") if os.path.exists(db + s)) / 1e6
     print(f"  seeded {count:,} conversations in {seed_s:.1f} s ({size_mb:,.0f} MB)", flush=True)
@@ -491,11 +531,11 @@ def run_size(count: int, workdir: Path) -> dict[str, Any]:
     ready.append(app.ready_s)
     print("  ready after " + ", ".join(f"{s:.2f} s" for s in ready), flush=True)
     try:
-        kinds, bodies, total = asyncio.run(prepare(app, db))
+        kinds, bodies, total = asyncio.run(prepare(app, db, auth))
         floor = ServerProcess(floor_server_main, bodies)
         try:
             load_start = load_average()
-            results = asyncio.run(compare(app, floor, kinds, bodies))
+            results = asyncio.run(compare(app, floor, kinds, bodies, auth))
             load_end = load_average()
             rss = (rss_bytes(app.pid), rss_bytes(app.pid, "VmHWM"))
             floor_rss = rss_bytes(floor.pid)

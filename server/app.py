@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
-from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
@@ -15,14 +14,15 @@ import structlog
 from aiohttp import web
 
 from server import keys
+from server.accounts import Accounts
 from server.broadcaster import Broadcaster
 from server.chatlist import ChatList
 from server.config import Settings
 from server.cursor import CursorCodec
-from server.demo import seed_demo
-from server.handlers import auth, chats, events, health, media, webhook
+from server.demo import seed_demo, seed_demo_agents
+from server.handlers.auth import auth_middleware
 from server.handlers.errors import error_middleware
-from server.handlers.metrics import metrics_handler
+from server.handlers.hardening import body_middleware, security_headers
 from server.hub import Hub
 from server.inbox import Inbox
 from server.integrations.ai import make_responder
@@ -32,9 +32,11 @@ from server.logging import RequestIds
 from server.media import MediaIndex, make_media_store
 from server.metrics import CountingSender, Metrics, State
 from server.replies import Replies
+from server.routes import add_routes, check_routes
 from server.shutdown import Shutdown, stop_accepting
 from server.snapshot import Snapshot
-from server.store import make_store
+from server.store import make_agent_store, make_store
+from server.store.base import StoreError
 from server.workers.ai import AiReplies
 from server.workers.media import MediaDownloads
 from server.workers.outbox import Lanes, Outbox
@@ -51,8 +53,9 @@ AI_CONNECTIONS: Final = 200
 def create_app(settings: Settings) -> web.Application:
     """The application for these settings; run it with web.run_app or a test client."""
     app = web.Application(
-        middlewares=[error_middleware, auth.auth_middleware],
-        client_max_size=4 * 1024 * 1024,  # WhatsApp batches up to 3 MB of updates
+        # Errors answer in JSON; then who may call; only then is a body read (within the
+        # route's own size limit, server/access.py).
+        middlewares=[error_middleware, auth_middleware, body_middleware],
     )
     app[keys.SETTINGS] = settings
     app[keys.REQUEST_IDS] = RequestIds()
@@ -70,6 +73,7 @@ def create_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(_http_sessions)
     app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_accounts)
     app.cleanup_ctx.append(_media)
     app.cleanup_ctx.append(_outbox)
     app.cleanup_ctx.append(_inbox)
@@ -77,44 +81,10 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_sweeper)
     app.cleanup_ctx.append(_warmer)
     app.on_shutdown.append(_close_streams)
-    _routes(app, settings)
+    app.on_response_prepare.append(security_headers)
+    add_routes(app, settings)
+    app.on_startup.append(check_routes)
     return app
-
-
-def _routes(app: web.Application, settings: Settings) -> None:
-    r = app.router
-    r.add_get("/healthz", health.healthz)
-    r.add_get("/readyz", health.readyz)
-    r.add_post("/api/auth/session", auth.create_session)
-    r.add_delete("/api/auth/session", auth.delete_session)
-    r.add_get("/api/auth/session", auth.session_status)
-    r.add_get("/api/live-chat/unified-chats", chats.unified_chats)
-    r.add_get("/api/live-chat/search", chats.search_messages)
-    r.add_get("/api/live-chat/events", events.events)
-    r.add_get("/api/live-chat/conversations/{id}", chats.get_conversation)
-    r.add_patch("/api/live-chat/conversations/{id}", chats.patch_conversation)
-    r.add_delete("/api/live-chat/conversations/{id}", chats.delete_conversation)
-    r.add_get("/api/live-chat/conversations/{id}/messages", chats.list_messages)
-    r.add_post("/api/live-chat/conversations/{id}/messages", chats.post_message)
-    r.add_post("/api/live-chat/conversations/{id}/messages/{message_id}/retry", chats.retry_message)
-    r.add_post("/api/live-chat/conversations/{id}/read", chats.mark_read)
-    r.add_get("/api/live-chat/media/{message_id}", media.get_media)
-    r.add_get("/api/live-chat/templates", chats.list_templates)
-    r.add_get("/api/live-chat/numbers", chats.list_numbers)
-    r.add_get("/webhooks/whatsapp", webhook.verify)
-    r.add_post("/webhooks/whatsapp", webhook.receive)
-    if settings.metrics_port is None:
-        r.add_get("/metrics", metrics_handler(app[keys.METRICS]))
-    static = Path(settings.static_dir)
-    if static.is_dir():
-        r.add_get("/", _index)
-        r.add_static("/static/", static, append_version=False)
-
-
-async def _index(request: web.Request) -> web.FileResponse:
-    """The dashboard's single page."""
-    path = Path(request.app[keys.SETTINGS].static_dir) / "index.html"
-    return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
 
 async def _http_sessions(app: web.Application) -> AsyncIterator[None]:
@@ -147,6 +117,28 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             added = await seed_demo(store, app[keys.SETTINGS].demo_conversations)
             log.info("demo.seeded", conversations=added, store=store.name)
         yield
+    finally:
+        await store.close()
+
+
+async def _accounts(app: web.Application) -> AsyncIterator[None]:
+    """Agents, sessions and tokens, and the poller that keeps every cache current."""
+    settings = app[keys.SETTINGS]
+    store = make_agent_store(settings)
+    await store.start()
+    try:
+        accounts = Accounts(store, settings, app[keys.HUB])
+        if settings.demo:
+            added = await seed_demo_agents(store, settings.demo_password)
+            log.info("demo.agents_seeded", agents=added)
+        try:
+            await accounts.load()
+        except StoreError as e:
+            # Not fatal: the poller loads them as soon as the store answers.
+            log.warning("accounts.load_failed", error=str(e))
+        app[keys.ACCOUNTS] = accounts
+        async with _background(accounts.run(), "accounts-poller"):
+            yield
     finally:
         await store.close()
 

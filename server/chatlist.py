@@ -13,8 +13,8 @@ import structlog
 from server import search
 from server.cursor import CursorCodec
 from server.models import dumps
-from server.snapshot import Listed, Snapshot, render_page, sort_key
-from server.store.base import ChatStore, ListEntry, MessageHit
+from server.snapshot import Assignee, Listed, Snapshot, render_page, sort_key
+from server.store.base import UNSET, ChatStore, ListEntry, MessageHit, Unset
 
 log = structlog.get_logger(__name__)
 
@@ -61,18 +61,21 @@ class ChatList:
         status: str | None,
         q: str | None,
         number: str | None = None,
+        assignee: Assignee = UNSET,
     ) -> ServedPage:
         """One page, rendered; NotReady until the snapshot is loaded."""
         started = time.perf_counter()
         if not self.snapshot.ready:
             raise NotReady()
         after = self.decode_cursor(cursor)
-        page = self.snapshot.page(limit=limit, after=after, status=status, q=q, number=number)
+        page = self.snapshot.page(
+            limit=limit, after=after, status=status, q=q, number=number, assignee=assignee
+        )
         rows: list[Listed] = list(page.rows)
         has_more, total, source = page.has_more, page.total, "snapshot"
-        if q or number is not None:
+        if q or number is not None or not isinstance(assignee, Unset):
             rows, has_more, total, source = await self._filtered(
-                page.past_window, rows, has_more, total, after, limit, status, q, number
+                page.past_window, rows, has_more, total, after, limit, status, q, number, assignee
             )
         else:
             if page.past_window:
@@ -92,6 +95,7 @@ class ChatList:
             page="next" if cursor else "first",
             total=total,
             status=status or "all",
+            assigned="any" if assignee is UNSET else ("none" if assignee is None else "agent"),
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
         return ServedPage(body, len(rows), source)
@@ -107,9 +111,11 @@ class ChatList:
         status: str | None,
         q: str | None,
         number: str | None,
+        assignee: Assignee = UNSET,
     ) -> tuple[list[Listed], bool, int, str]:
-        """A page searched by name or number (`q`) or of one business number, continued
-        past the window from the store's indexes, with the store's count of all matches."""
+        """A page searched by name or number (`q`), of one business number or of one
+        assignee (Mine, Unassigned), continued past the window from the store's indexes,
+        with the store's count of all matches."""
         query = search.parse(q) if q else None
         if q and not query:
             return [], False, 0, "snapshot"  # no word in it ("?!"): it matches nobody
@@ -120,18 +126,22 @@ class ChatList:
                     rows,
                     after,
                     limit,
-                    lambda key, n: self.store.search_customers(query, key, n, status, number),
+                    lambda key, n: self.store.search_customers(
+                        query, key, n, status, number, assignee=assignee
+                    ),
                 )
             else:
                 rows, has_more = await self._past_window(
                     rows,
                     after,
                     limit,
-                    lambda key, n: self.store.list_entries(key, n, status, number),
+                    lambda key, n: self.store.list_entries(
+                        key, n, status, number, assignee=assignee
+                    ),
                 )
             source = "store"
         if not self.snapshot.complete:
-            total = await self.store.count_entries(query, status, number)
+            total = await self.store.count_entries(query, status, number, assignee=assignee)
         return rows, has_more, total, source
 
     async def _past_window(

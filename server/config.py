@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -17,6 +18,10 @@ LOG_FORMATS: Final = ("console", "json")
 AI_PROVIDERS: Final = ("builtin", "openai", "off")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 MEDIA_STORES: Final = ("file", "gcs")
+# Production secrets are at least this long: 32 random characters are beyond guessing,
+# and a short one is a placeholder somebody forgot to replace.
+MIN_SECRET: Final = 32
+LOOPBACK_NAMES: Final = ("localhost",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +110,7 @@ class Settings:
     log_format: str = "console"
     log_level: str = "info"
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # The machine token of integrations and scripts (Bearer only); None: there is none.
     api_token: str | None = None
     instance_id: str = field(default_factory=lambda: secrets.token_hex(3))
     static_dir: str = str(ROOT / "static")
@@ -116,6 +122,22 @@ class Settings:
     shutdown_timeout_s: float = 10.0
     demo: bool = False
     demo_conversations: int = 300
+    # The demo admin's password (run.py generates one); None: the demo team gets a password
+    # nobody can type.
+    demo_password: str | None = None
+    # Development listens on loopback only unless this is set (the dashboard and API are
+    # then reachable by anyone who can reach the port).
+    allow_remote: bool = False
+    # A request body that has not fully arrived after this long is cut off (408): a slow
+    # or stalled sender must not hold a connection. WhatsApp sends its 3 MB in well under it.
+    body_timeout_s: float = 10.0
+    # Event streams: at most this many on the instance, and per sign-in (an agent keeps a
+    # few tabs open; more is a leak or an abuse).
+    sse_max_streams: int = 1000
+    sse_streams_per_session: int = 10
+    # Proxies in front of the server that append to X-Forwarded-For (a load balancer: 1).
+    # The client address the sign-in limits count is the entry that many from the right.
+    proxy_hops: int = 0
 
     @property
     def whatsapp_configured(self) -> bool:
@@ -169,22 +191,50 @@ class Settings:
             raise ConfigError("LIVECHAT_DEMO_CONVERSATIONS must not be negative")
         if self.ai_provider == "openai" and not self.ai_base_url:
             raise ConfigError("AI_PROVIDER=openai needs AI_BASE_URL")
+        if self.body_timeout_s <= 0:
+            raise ConfigError("LIVECHAT_BODY_TIMEOUT must be a positive number of seconds")
+        if self.sse_max_streams < 1 or self.sse_streams_per_session < 1:
+            raise ConfigError("LIVECHAT_SSE_MAX and LIVECHAT_SSE_PER_SESSION must be at least 1")
+        if self.proxy_hops < 0:
+            raise ConfigError("LIVECHAT_PROXY_HOPS must not be negative")
         if self.env == "production":
-            missing = [
-                name
-                for name, value in (
-                    ("LIVECHAT_SECRET_KEY", self.secret_key),
-                    ("LIVECHAT_API_TOKEN", self.api_token),
-                    ("WHATSAPP_APP_SECRET", self.whatsapp_app_secret),
-                    ("WHATSAPP_VERIFY_TOKEN", self.whatsapp_verify_token),
-                )
-                if not value
-            ]
-            if missing:
-                raise ConfigError("production needs " + ", ".join(missing))
-            if self.demo:
-                raise ConfigError("--demo is for development only")
+            self._check_production()
+        elif not self.allow_remote and not is_loopback(self.host):
+            raise ConfigError(
+                f"HOST={self.host} is not a loopback address: development serves only this"
+                " machine; set LIVECHAT_ALLOW_REMOTE=true (or --allow-remote) to listen there"
+            )
         return self
+
+    def _check_production(self) -> None:
+        """ConfigError naming the first setting production refuses."""
+        secrets_ = (
+            ("LIVECHAT_SECRET_KEY", self.secret_key),
+            ("WHATSAPP_APP_SECRET", self.whatsapp_app_secret),
+            ("WHATSAPP_VERIFY_TOKEN", self.whatsapp_verify_token),
+        )
+        missing = [name for name, value in secrets_ if not value]
+        if missing:
+            raise ConfigError("production needs " + ", ".join(missing))
+        optional = (("LIVECHAT_API_TOKEN", self.api_token),)
+        for name, value in (*secrets_, *optional):
+            if value is not None and len(value) < MIN_SECRET:
+                raise ConfigError(
+                    f"{name} must be at least {MIN_SECRET} characters in production"
+                    f" (it has {len(value)})"
+                )
+        if self.firestore_emulator_host:
+            raise ConfigError(
+                "FIRESTORE_EMULATOR_HOST is set: production must not talk to the emulator"
+            )
+        urls = [("WHATSAPP_API_BASE", self.whatsapp_api_base)]
+        if self.ai_provider == "openai":
+            urls.append(("AI_BASE_URL", self.ai_base_url))
+        for name, url in urls:
+            if not url.lower().startswith("https://"):
+                raise ConfigError(f"{name} must be an https:// URL in production")
+        if self.demo:
+            raise ConfigError("--demo is for development only")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -203,6 +253,16 @@ class Settings:
             values["secret_key"] = ""  # no random default in production: fail loudly
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validated()
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -287,20 +347,54 @@ VARIABLES: Final = (
     Variable(
         "LIVECHAT_API_TOKEN",
         "api_token",
-        "the API token agents sign in with",
-        default_text="generated in development",
+        "the machine token of integrations and scripts: `Authorization: Bearer` only, never "
+        "a browser sign-in; acts as an agent, never as an admin",
+        default_text="none",
     ),
     Variable(
         "LIVECHAT_SECRET_KEY",
         "secret_key",
-        "signs list cursors; share it across instances",
+        "signs list cursors and keys the hash of customer ids in logs; share it across instances",
         default_text="random per start in development",
     ),
     Variable(
         "LIVECHAT_ENV",
         "env",
-        "`production` refuses to start without its secrets",
+        "`production` refuses to start with a missing or weak secret, the emulator or an "
+        "`http://` API base",
         choices=ENVIRONMENTS,
+    ),
+    Variable(
+        "LIVECHAT_ALLOW_REMOTE",
+        "allow_remote",
+        "in development, listen on a non-loopback `HOST` too",
+        _bool,
+        flag="--allow-remote",
+    ),
+    Variable(
+        "LIVECHAT_BODY_TIMEOUT",
+        "body_timeout_s",
+        "seconds for a request body to arrive; a slower one is cut off (408)",
+        float,
+    ),
+    Variable(
+        "LIVECHAT_SSE_MAX",
+        "sse_max_streams",
+        "event streams this instance serves at once (more: 429)",
+        int,
+    ),
+    Variable(
+        "LIVECHAT_SSE_PER_SESSION",
+        "sse_streams_per_session",
+        "event streams per sign-in or token (more: 429)",
+        int,
+    ),
+    Variable(
+        "LIVECHAT_PROXY_HOPS",
+        "proxy_hops",
+        "proxies in front that append to `X-Forwarded-For`, so the sign-in limits count the "
+        "client's address",
+        int,
     ),
     Variable(
         "LIVECHAT_INSTANCE_ID",
@@ -453,7 +547,13 @@ VARIABLES: Final = (
         float,
         flag="--shutdown-timeout",
     ),
-    Variable("LIVECHAT_DEMO", "demo", "seed demo data into an empty store", _bool, flag="--demo"),
+    Variable(
+        "LIVECHAT_DEMO",
+        "demo",
+        "seed demo data and the demo team into an empty store",
+        _bool,
+        flag="--demo",
+    ),
     Variable(
         "LIVECHAT_DEMO_CONVERSATIONS",
         "demo_conversations",

@@ -11,10 +11,27 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Final
 
 from server.models import Conversation, LastMessage, Media, Message, now_ms
+from server.passwords import hash_password
+from server.store.agents import Agent, AgentStore
 from server.store.base import ChatStore, message_id_for_wamid
+
+# The demo team: (id, email, name, role). The admin is who `run.py --demo` signs in as;
+# the agents answer and are assigned conversations in the demo data.
+DEMO_ADMIN_EMAIL: Final = "admin@example.com"
+DEMO_AGENTS: Final = (
+    ("a_demo_admin", DEMO_ADMIN_EMAIL, "Demo Admin", "admin"),
+    ("a_demo_reem", "reem@example.com", "Reem", "agent"),
+    ("a_demo_nouf", "nouf@example.com", "Nouf", "agent"),
+)
+# Agents who answer and are assigned conversations in the demo data.
+DEMO_ASSIGNEES: Final = ("a_demo_reem", "a_demo_nouf", "a_demo_admin")
+# An Argon2 hash string no password matches: the demo agents of a server started without a
+# demo password cannot sign in (tests make their own agents).
+NO_PASSWORD: Final = "!"
 
 # Customers write in the language of their name: Arabic script, or English.
 NAMES_AR: Final = (
@@ -173,6 +190,13 @@ def _conversation(
         else:
             kind = "ai" if rand() < 0.7 else "agent"
         thread.append(_message(rand, pick, lines, conversation_id, kind, at, n, i, order))
+    # Who answered and who is assigned come from a generator of the conversation's own, so
+    # the rest of the demo is what it was before it had a team, whatever the batches.
+    team = random.Random(f"team-{n}")
+    thread = [
+        replace(m, agent_id=team.choice(DEMO_ASSIGNEES[:2])) if m.sender == "agent" else m
+        for m in thread
+    ]
     last = thread[-1]
     unread = 0
     for m in reversed(thread):
@@ -180,6 +204,11 @@ def _conversation(
             break
         unread += 1
     status = "resolved" if rand() < 0.3 else "open"
+    # Most conversations an agent answered are theirs; some others wait, unassigned.
+    answered = [m.agent_id for m in thread if m.agent_id]
+    assignee = answered[-1] if answered else None
+    if assignee is None and team.random() < 0.35:
+        assignee = team.choice(DEMO_ASSIGNEES)
     last_in = max((m.at for m in thread if m.direction == "in"), default=None)
     conversation = Conversation(
         id=conversation_id,
@@ -190,7 +219,7 @@ def _conversation(
         status=status,
         unread_count=0 if status == "resolved" else unread,
         ai_enabled=not any(m.sender == "agent" for m in thread),
-        assignee=None,
+        assignee=assignee,
         created_at=start,
         last_activity=last.at,
         last_message=LastMessage.of(last),
@@ -247,7 +276,7 @@ def _message(
         text=pick(lines[kind]),
         at=at,
         status=pick(("delivered", "read", "read")),
-        agent_id="reem" if kind == "agent" else None,
+        agent_id=None,  # the conversation names who answered
         wa_message_id=f"wamid.demo-out{n:07d}{i:02d}",
     )
 
@@ -275,3 +304,37 @@ async def seed_demo(store: ChatStore, count: int, batch: int = DEMO_BATCH) -> in
             with contextlib.suppress(asyncio.CancelledError):
                 await writing
     return count
+
+
+async def seed_demo_agents(store: AgentStore, password: str | None) -> int:
+    """The demo team; returns how many agents were added or given the password.
+
+    Every demo agent has `password` (one hash, computed off the event loop), also when the
+    store kept them from an earlier run (the password printed at start-up is the one that
+    works); without a password, new demo agents get one nobody can type.
+    """
+    password_hash = await asyncio.to_thread(hash_password, password) if password else NO_PASSWORD
+    now = now_ms()
+    changed = 0
+    for agent_id, email, name, role in DEMO_AGENTS:
+        held = await store.get_agent(agent_id)
+        if held is not None:
+            if password:
+                await store.update_agent(agent_id, password_hash=password_hash)
+                changed += 1
+            continue
+        if await store.agent_by_email(email) is not None:
+            continue  # someone made an account with this address: it stays theirs
+        await store.add_agent(
+            Agent(
+                id=agent_id,
+                email=email,
+                name=name,
+                role=role,
+                password_hash=password_hash,
+                disabled=False,
+                created_at=now,
+            )
+        )
+        changed += 1
+    return changed

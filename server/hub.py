@@ -180,7 +180,11 @@ class Hub:
         conversation_id: str | None = None,
         user_id: str | None = None,
     ) -> Event:
-        """Publish one event to every client (server/broadcaster.py decides which)."""
+        """Publish one event to every client (server/broadcaster.py decides which).
+
+        `user_id` (the customer's WhatsApp id, a phone number) is not logged: the
+        conversation id says which conversation it was without naming the customer.
+        """
         started = time.perf_counter()
         self._seq += 1
         event_id = f"{self.instance_id}-{self._seq}"
@@ -211,7 +215,6 @@ class Hub:
             type=name,
             event_id=event_id,
             conversation_id=conversation_id,
-            user_id=user_id,
             clients=len(self._clients),
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )

@@ -1,4 +1,4 @@
-"""Every web.AppKey of the application, in one place."""
+"""Every web.AppKey (and request key) of the application, in one place."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
 from aiohttp_sse import EventSourceResponse
 
+from server.access import Policy
+from server.accounts import Accounts, Principal
 from server.broadcaster import Broadcaster
 from server.chatlist import ChatList
 from server.config import Settings
@@ -42,6 +45,9 @@ AI_HTTP = web.AppKey("ai_http", aiohttp.ClientSession)
 OUTBOX = web.AppKey("outbox", Outbox)
 CHATLIST = web.AppKey("chatlist", ChatList)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
+ACCOUNTS = web.AppKey("accounts", Accounts)
+# Each route's declared Policy (server/routes.py), read by the auth middleware.
+ROUTES: web.AppKey[dict[AbstractRoute, Policy]] = web.AppKey("routes")
 # Media files (inbound downloads, agents' attachments) and what the media route knows.
 MEDIA = web.AppKey("media", MediaStore)
 MEDIA_INDEX = web.AppKey("media_index", MediaIndex)
@@ -56,3 +62,6 @@ METRICS = web.AppKey("metrics", Metrics)
 SHUTDOWN: web.AppKey[Shutdown] = web.AppKey("shutdown")
 # Open SSE responses, so shutdown can stop each one (aiohttp-sse's graceful-shutdown pattern).
 STREAMS: web.AppKey[weakref.WeakSet[EventSourceResponse]] = web.AppKey("streams")
+
+# Who the request comes from, set by the auth middleware on every route that is not open.
+PRINCIPAL = web.RequestKey("principal", Principal)

@@ -4,16 +4,19 @@ Our own events, aiohttp's and asyncio's records (through the standard library's 
 and the access log all go through one chain, to stdout: under LOG_FORMAT=json every line
 is one JSON object with `timestamp`, `level` and `event` (and `request_id` within a
 request). Exceptions are structured fields without local variables; the values of the
-configured secrets never reach a line, whoever logged it.
+configured secrets never reach a line, whoever logged it; customers' identifiers are
+written as a keyed hash.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import logging
 import secrets
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any, Final
 
 import orjson
@@ -32,18 +35,57 @@ MIN_SECRET_CHARS: Final = 8
 REDACTED: Final = "[redacted]"
 # Marks the handler this module installs, so configuring again replaces it.
 HANDLER_NAME: Final = "livechat"
+# Fields that name a customer: their WhatsApp id (a phone number), their number, and
+# WhatsApp message ids (which carry the number, base64-encoded). Logged as a keyed hash:
+# lines about one customer still match each other, but do not say who the customer is.
+CUSTOMER_FIELDS: Final = frozenset(
+    {"user_id", "phone", "wa_id", "to", "recipient_id", "wa_message_id", "from"}
+)
+HASHED_CHARS: Final = 16
+
+
+class CustomerIds:
+    """A structlog processor: customer identifiers become `h:` and a keyed hash."""
+
+    def __init__(self, key: bytes) -> None:
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
+
+    def hashed(self, value: str) -> str:
+        """The logged form of one identifier."""
+        mac = self._keyed.copy()
+        mac.update(value.encode())
+        return "h:" + mac.hexdigest()[:HASHED_CHARS]
+
+    def __call__(
+        self, logger: Any, name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        """The event with each customer identifier hashed."""
+        for field in CUSTOMER_FIELDS.intersection(event):
+            value = event[field]
+            if isinstance(value, str) and not value.startswith("h:"):
+                event[field] = self.hashed(value)
+        return event
 
 
 def configure_logging(
-    log_format: str = "console", level: str = "info", *, secret_values: Iterable[str] = ()
+    log_format: str = "console",
+    level: str = "info",
+    *,
+    secret_values: Iterable[str] = (),
+    redact_key: bytes | None = None,
 ) -> None:
-    """Configure logging once for the process: structlog, and the stdlib's records too."""
+    """Configure logging once for the process: structlog, and the stdlib's records too.
+
+    `redact_key` keys the hash of customer identifiers (the server's secret key, so every
+    instance writes the same hash for one customer); a random one when not given.
+    """
     threshold = LEVELS.get(level, logging.INFO)
     hidden = _secrets(secret_values)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        CustomerIds(redact_key or secrets.token_bytes(32)),
     ]
     tail: list[Any]
     stdlib_tail: list[Any]

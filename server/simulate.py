@@ -316,7 +316,9 @@ async def simulate(args: argparse.Namespace) -> Summary:
             "X-Hub-Signature-256": sign(args.secret, raw),
         }
         try:
-            async with session.post(url, data=raw, headers=headers) as resp:
+            # Never follow a redirect: the loopback check was made on the URL given, and a
+            # redirect could send signed traffic anywhere.
+            async with session.post(url, data=raw, headers=headers, allow_redirects=False) as resp:
                 await resp.read()
                 summary.answers[str(resp.status)] += 1
         except (aiohttp.ClientError, TimeoutError) as e:

@@ -11,6 +11,7 @@ and start-up time stay the same at any size, and older pages come from the store
 
 from __future__ import annotations
 
+import heapq
 import sys
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Sequence
@@ -19,9 +20,16 @@ from typing import Final, Protocol
 
 from server import search
 from server.models import CONVERSATION_STATUSES, Conversation, dumps
-from server.store.base import Change, SnapshotEntry
+from server.store.base import UNSET, Change, SnapshotEntry, Unset
 
 ALL: Final = "all"
+# An assignee filter: an agent's id, None for unassigned, UNSET for no filter.
+Assignee = str | None | Unset
+Group = tuple[str, str | None]
+
+
+def _interned(value: str | None) -> str | None:
+    return sys.intern(value) if value is not None else None
 
 
 def sort_key(last_activity: int, conversation_id: str) -> tuple[int, str]:
@@ -32,7 +40,7 @@ def sort_key(last_activity: int, conversation_id: str) -> tuple[int, str]:
 class Row:
     """One conversation in the snapshot."""
 
-    __slots__ = ("body", "id", "key", "number", "search", "status", "updated_at")
+    __slots__ = ("assignee", "body", "id", "key", "number", "search", "status", "updated_at")
 
     def __init__(self, conversation: Conversation) -> None:
         self.id = conversation.id
@@ -41,8 +49,10 @@ class Row:
         self.updated_at = conversation.updated_at
         # Agents search by customer name or phone number; fold once, here.
         self.search = search.customer_key(conversation.user_name, conversation.phone)
-        # The business number the customer wrote to (the list's number filter).
-        self.number = conversation.phone_number_id
+        # The business number the customer wrote to (the list's number filter), and the
+        # agent it is assigned to (the Mine and Unassigned tabs): interned, one copy each.
+        self.number = _interned(conversation.phone_number_id)
+        self.assignee = _interned(conversation.assignee)
         self.body = dumps(conversation.to_json())
 
     @classmethod
@@ -54,7 +64,8 @@ class Row:
         row.status = sys.intern(entry.status)
         row.updated_at = entry.updated_at
         row.search = search.customer_key(entry.user_name, entry.phone)
-        row.number = entry.phone_number_id
+        row.number = _interned(entry.phone_number_id)
+        row.assignee = _interned(entry.assignee)
         row.body = entry.body
         return row
 
@@ -134,6 +145,9 @@ class Snapshot:
         self._by_id: dict[str, Row] = {}
         self._all = _Index()
         self._by_status = {status: _Index() for status in CONVERSATION_STATUSES}
+        # Rows by (status, assignee): the Mine and Unassigned tabs are a bisect and a slice
+        # like the status tabs. An agent with no conversations has no index.
+        self._by_group: dict[Group, _Index] = {}
         self.ready = False
         # False while the store is unreachable: pages are served, marked stale.
         self.fresh = True
@@ -178,6 +192,9 @@ class Snapshot:
         self._all.rows = rows
         for status, index in self._by_status.items():
             index.rows = [r for r in rows if r.status == status]
+        self._by_group = {}
+        for r in rows:
+            self._by_group.setdefault((r.status, r.assignee), _Index()).rows.append(r)
         self.complete = complete
         self.ready = True
         self.fresh = True
@@ -205,6 +222,12 @@ class Snapshot:
         index = self._index(row.status)
         if index is not None:
             index.remove(row)
+        group = (row.status, row.assignee)
+        grouped = self._by_group.get(group)
+        if grouped is not None:
+            grouped.remove(row)
+            if not grouped.rows:
+                del self._by_group[group]
         return 1
 
     def _upsert(self, conversation: Conversation) -> int:
@@ -223,6 +246,7 @@ class Snapshot:
         index = self._index(row.status)
         if index is not None:
             index.add(row)
+        self._by_group.setdefault((row.status, row.assignee), _Index()).add(row)
         if self.window is not None and len(self._by_id) > self.window:
             self._remove(rows[-1].id)  # pushed out of the window by a newer one
             self.complete = False
@@ -236,31 +260,79 @@ class Snapshot:
         status: str | None = None,
         q: str | None = None,
         number: str | None = None,
+        assignee: Assignee = UNSET,
     ) -> Page:
-        """Up to `limit` rows after the cursor key `(last_activity, id)`, in list order."""
-        index = self._all if status is None or status == ALL else self._by_status[status]
-        rows = index.rows
+        """Up to `limit` rows after the cursor key `(last_activity, id)`, in list order.
+
+        `assignee` filters by agent id (None: unassigned), with or without a status.
+        """
+        if status == ALL:
+            status = None
         key = sort_key(after[0], after[1]) if after is not None else None
+        if isinstance(assignee, Unset):
+            index = self._all if status is None else self._by_status[status]
+            return self._page(index.rows, key, limit, q, number)
+        statuses = CONVERSATION_STATUSES if status is None else (status,)
+        groups = [self._by_group.get((s, assignee)) for s in statuses]
+        lists = [g.rows for g in groups if g is not None]
+        if len(lists) <= 1:
+            return self._page(lists[0] if lists else [], key, limit, q, number)
+        return self._merged_page(lists, key, limit, q, number)
+
+    def _page(
+        self,
+        rows: list[Row],
+        key: tuple[int, str] | None,
+        limit: int,
+        q: str | None,
+        number: str | None,
+    ) -> Page:
         if q or number:
-            if number is not None:
-                rows = [r for r in rows if r.number == number]
-            if q:
-                # Substring tests of each row's prepared key, one needle at a time over what
-                # the last one kept: about 60 ns a row. A query of no word ("?!") finds
-                # nobody.
-                needles = search.customer_needles(search.parse(q))
-                rows = rows if needles else []
-                for needle in needles:
-                    rows = [r for r in rows if needle in r.search]
-            start = 0 if key is None else bisect_right(rows, key, key=lambda r: r.key)
-        else:
-            start = index.start_after(key)
+            rows = _filtered(rows, q, number)
+        start = 0 if key is None else bisect_right(rows, key, key=lambda r: r.key)
         chosen = rows[start : start + limit]
         has_more = start + limit < len(rows)
         # The page reached the end of the rows held in memory: when they are only the newest
         # window, the rest (or whether there is any) is in the store.
         past_window = not self.complete and not has_more
         return Page(rows=chosen, has_more=has_more, total=len(rows), past_window=past_window)
+
+    def _merged_page(
+        self,
+        lists: list[list[Row]],
+        key: tuple[int, str] | None,
+        limit: int,
+        q: str | None,
+        number: str | None,
+    ) -> Page:
+        """A page over several sorted lists (an assignee across statuses): bisect each, then
+        merge only the `limit` rows the page needs."""
+        if q or number:
+            lists = [_filtered(rows, q, number) for rows in lists]
+        starts = [
+            0 if key is None else bisect_right(rows, key, key=lambda r: r.key) for rows in lists
+        ]
+        heads = [rows[start : start + limit] for rows, start in zip(lists, starts, strict=True)]
+        chosen = list(heapq.merge(*heads))[:limit]
+        remaining = sum(len(rows) - start for rows, start in zip(lists, starts, strict=True))
+        has_more = remaining > limit
+        past_window = not self.complete and not has_more
+        total = sum(len(rows) for rows in lists)
+        return Page(rows=chosen, has_more=has_more, total=total, past_window=past_window)
+
+
+def _filtered(rows: list[Row], q: str | None, number: str | None) -> list[Row]:
+    """The rows written to `number` whose name or number matches `q`."""
+    if number is not None:
+        rows = [r for r in rows if r.number == number]
+    if q:
+        # Substring tests of each row's prepared key, one needle at a time over what the
+        # last one kept: about 60 ns a row. A query of no word ("?!") finds nobody.
+        needles = search.customer_needles(search.parse(q))
+        rows = rows if needles else []
+        for needle in needles:
+            rows = [r for r in rows if needle in r.search]
+    return rows
 
 
 def render_page(

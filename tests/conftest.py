@@ -156,3 +156,22 @@ def logging_restored():
     structlog.reset_defaults()
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+async def sign_in():
+    """Sign in over HTTP as a dashboard would: `await sign_in(client, email)` -> a Browser
+    holding the session cookie (closed after the test)."""
+    from tests.accounts import PASSWORD, Browser, base_url
+
+    opened = []
+
+    async def sign_in_(target, email: str, password: str = PASSWORD, **kw: Any):
+        base = target if isinstance(target, str) else base_url(target)
+        browser = await Browser.signed_in(base, email, password, **kw)
+        opened.append(browser)
+        return browser
+
+    yield sign_in_
+    for browser in opened:
+        await browser.close()

@@ -6,14 +6,14 @@ import asyncio
 
 import pytest
 import structlog
-from aiohttp import ClientSession, CookieJar
+from aiohttp import ClientSession
 
 from server import keys
 from server.demo import build_demo
 from server.models import now_ms
 from server.store.base import InboundMessage
 from server.store.sqlite import SqliteStore
-from tests.conftest import TOKEN
+from tests.accounts import add_agent
 
 LIST = "/api/live-chat/unified-chats"
 
@@ -56,23 +56,6 @@ async def test_every_api_route_needs_the_token(client):
             assert (await error_of(resp))["code"] == "unauthorized"
         resp = await anonymous.get(client.make_url(LIST), headers={"Authorization": "Bearer wrong"})
         assert resp.status == 401
-
-
-async def test_signing_in_sets_a_cookie_that_opens_the_api(client):
-    # unsafe=True: aiohttp's jar ignores cookies of IP hosts; browsers keep them.
-    async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as browser:
-        status = await browser.get(client.make_url("/api/auth/session"))
-        assert status.status == 200 and (await status.json()) == {"signed_in": False}
-        bad = await browser.post(client.make_url("/api/auth/session"), json={"token": "nope"})
-        assert bad.status == 401
-        ok = await browser.post(client.make_url("/api/auth/session"), json={"token": TOKEN})
-        assert ok.status == 200
-        assert "HttpOnly" in ok.headers["Set-Cookie"]
-        assert (await browser.get(client.make_url(LIST))).status == 200
-        status = await browser.get(client.make_url("/api/auth/session"))
-        assert (await status.json()) == {"signed_in": True}
-        await browser.delete(client.make_url("/api/auth/session"))
-        assert (await browser.get(client.make_url(LIST))).status == 401
 
 
 async def test_an_empty_inbox_lists_nothing(client):
@@ -228,14 +211,15 @@ async def test_one_conversation_and_its_messages(client):
 
 async def test_read_and_patch_update_the_conversation_and_the_list(client):
     conversations = await seed(client, 30)
+    noura = await add_agent(client.app, "noura@example.com")
     c = next(c for c in conversations if c.status == "open")
     base = f"/api/live-chat/conversations/{c.id}"
     read = await (await client.post(f"{base}/read")).json()
     assert read["unread_count"] == 0
-    patched = await client.patch(base, json={"status": "resolved", "assignee": "noura"})
+    patched = await client.patch(base, json={"status": "resolved", "assignee": noura.id})
     assert patched.status == 200
     body = await patched.json()
-    assert (body["status"], body["assignee"]) == ("resolved", "noura")
+    assert (body["status"], body["assignee"]) == ("resolved", noura.id)
     listed = await (await client.get(LIST, params={"status": "resolved", "limit": "100"})).json()
     assert c.id in {x["id"] for x in listed["chats"]}
     ai = await (await client.patch(base, json={"ai_enabled": False})).json()
@@ -321,3 +305,36 @@ async def test_serving_logs_its_timing(client):
     line = served[0]
     assert line["source"] == "snapshot" and line["chats"] == 10 and line["total"] == 10
     assert line["page"] == "first" and line["duration_ms"] >= 0
+
+
+async def test_mine_and_unassigned_continue_past_the_window_in_list_order(make_client):
+    # A window of 10 on the embedded store: later pages come from its assignee index.
+    client = await make_client(sqlite_window=10)
+    conversations = await seed(client, 60)
+    ordered = sorted(conversations, key=lambda c: (-c.last_activity, c.id))
+    assignees = {c.assignee for c in conversations}
+    assert None in assignees and len(assignees) > 2
+    sources = []
+    for assignee in assignees:
+        for status in (None, "open"):
+            want = [c.id for c in ordered if c.assignee == assignee and status in (None, c.status)]
+            params = {"assignee": assignee or "none", "limit": "2"}
+            if status:
+                params["status"] = status
+            got, cursor, totals = [], None, set()
+            while True:
+                with structlog.testing.capture_logs() as logs:
+                    page = await (
+                        await client.get(
+                            LIST, params=params | ({"cursor": cursor} if cursor else {})
+                        )
+                    ).json()
+                sources += [e["source"] for e in logs if e["event"] == "unified_chats.served"]
+                got += [c["id"] for c in page["chats"]]
+                totals.add(page["total"])
+                if not page["has_more"]:
+                    break
+                cursor = page["next_cursor"]
+            assert got == want, params
+            assert totals == {len(want)}, params
+    assert {"snapshot", "store"} <= set(sources)

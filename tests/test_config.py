@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -20,9 +21,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_settings_come_from_the_environment_with_flags_on_top():
-    env = {"PORT": "9001", "LIVECHAT_STORE": "sqlite", "AI_PROVIDER": "off", "HOST": "0.0.0.0"}
+    env = {"PORT": "9001", "LIVECHAT_STORE": "sqlite", "AI_PROVIDER": "off", "HOST": "::1"}
     s = Settings.from_env(env, port=9002, db="x.db")
-    assert (s.port, s.host, s.db, s.ai_provider) == (9002, "0.0.0.0", "x.db", "off")
+    assert (s.port, s.host, s.db, s.ai_provider) == (9002, "::1", "x.db", "off")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "chat.example.com"])
+def test_development_listens_on_loopback_unless_remote_is_allowed(host):
+    with pytest.raises(ConfigError, match=f"HOST={host} is not a loopback address"):
+        Settings.from_env({"HOST": host})
+    assert Settings.from_env({"HOST": host, "LIVECHAT_ALLOW_REMOTE": "true"}).host == host
+    assert Settings.from_env({"HOST": host}, allow_remote=True).allow_remote
+    for loopback in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert Settings.from_env({"HOST": loopback}).host == loopback
 
 
 @pytest.mark.parametrize(
@@ -41,17 +52,48 @@ def test_a_bad_value_stops_start_up_with_a_clear_message(env, message):
         Settings.from_env(env)
 
 
-def test_production_starts_only_with_its_secrets():
-    env = {
-        "LIVECHAT_ENV": "production",
-        "LIVECHAT_SECRET_KEY": "k" * 32,
-        "LIVECHAT_API_TOKEN": "t",
-        "WHATSAPP_APP_SECRET": "s",
-        "WHATSAPP_VERIFY_TOKEN": "v",
-    }
-    assert Settings.from_env(env).env == "production"
-    with pytest.raises(ConfigError, match="production needs LIVECHAT_API_TOKEN"):
-        Settings.from_env({k: v for k, v in env.items() if k != "LIVECHAT_API_TOKEN"})
+PRODUCTION = {
+    "LIVECHAT_ENV": "production",
+    "HOST": "0.0.0.0",
+    "LIVECHAT_SECRET_KEY": "k" * 32,
+    "WHATSAPP_APP_SECRET": "s" * 32,
+    "WHATSAPP_VERIFY_TOKEN": "v" * 32,
+}
+
+
+def test_production_starts_with_long_secrets_and_no_machine_token():
+    s = Settings.from_env(PRODUCTION)
+    assert (s.env, s.host, s.api_token) == ("production", "0.0.0.0", None)
+    assert Settings.from_env(PRODUCTION | {"LIVECHAT_API_TOKEN": "t" * 32}).api_token == "t" * 32
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"LIVECHAT_SECRET_KEY": None}, "production needs LIVECHAT_SECRET_KEY"),
+        ({"WHATSAPP_APP_SECRET": None}, "production needs WHATSAPP_APP_SECRET"),
+        ({"WHATSAPP_VERIFY_TOKEN": None}, "production needs WHATSAPP_VERIFY_TOKEN"),
+        ({"LIVECHAT_SECRET_KEY": "k"}, "LIVECHAT_SECRET_KEY must be at least 32 characters"),
+        ({"LIVECHAT_SECRET_KEY": "k" * 31}, "LIVECHAT_SECRET_KEY must be at least 32 characters"),
+        ({"WHATSAPP_APP_SECRET": "short"}, "WHATSAPP_APP_SECRET must be at least 32 characters"),
+        ({"WHATSAPP_VERIFY_TOKEN": "v" * 8}, "WHATSAPP_VERIFY_TOKEN must be at least 32"),
+        ({"LIVECHAT_API_TOKEN": "t"}, "LIVECHAT_API_TOKEN must be at least 32 characters"),
+        ({"FIRESTORE_EMULATOR_HOST": "127.0.0.1:8681"}, "FIRESTORE_EMULATOR_HOST is set"),
+        (
+            {"WHATSAPP_API_BASE": "http://graph.facebook.com/v21.0"},
+            "WHATSAPP_API_BASE must be an https:// URL in production",
+        ),
+        (
+            {"AI_PROVIDER": "openai", "AI_BASE_URL": "http://llm.internal/v1"},
+            "AI_BASE_URL must be an https:// URL in production",
+        ),
+        ({"LIVECHAT_DEMO": "true"}, "--demo is for development only"),
+    ],
+)
+def test_production_refuses_each_weak_setting_naming_it(change, message):
+    env = {k: v for k, v in (PRODUCTION | change).items() if v is not None}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.from_env(env)
 
 
 def test_settings_are_frozen():
@@ -95,7 +137,7 @@ def test_the_readme_configuration_table_is_what_the_code_reads():
     # Every setting an operator can change has a row; the rest are internal on purpose.
     configurable = {v.key for v in VARIABLES}
     internal = {f.name for f in fields(Settings)} - configurable
-    assert internal == {"ai_context_messages", "static_dir"}
+    assert internal == {"ai_context_messages", "static_dir", "demo_password"}
 
 
 def test_every_documented_variable_is_read_from_the_environment():
@@ -140,6 +182,11 @@ def test_every_documented_variable_is_read_from_the_environment():
         "LIVECHAT_SHUTDOWN_TIMEOUT": "4",
         "LIVECHAT_DEMO": "true",
         "LIVECHAT_DEMO_CONVERSATIONS": "12",
+        "LIVECHAT_ALLOW_REMOTE": "true",  # HOST is not loopback
+        "LIVECHAT_BODY_TIMEOUT": "3.5",
+        "LIVECHAT_SSE_MAX": "50",
+        "LIVECHAT_SSE_PER_SESSION": "3",
+        "LIVECHAT_PROXY_HOPS": "1",
     }
     assert set(env) == {v.name for v in VARIABLES}
     s = Settings.from_env(env)

@@ -27,8 +27,10 @@ from server import keys
 from server.app import create_app
 from server.models import now_ms
 from server.store import make_store
+from server.store.agents import AgentExists
 from server.store.base import InboundMessage
-from tests.conftest import APP_SECRET, AUTH, TOKEN
+from tests.accounts import PASSWORD
+from tests.conftest import APP_SECRET, AUTH
 from tests.fakes import FakeGraph
 
 pytestmark = pytest.mark.browser
@@ -67,17 +69,45 @@ class Served:
         return str(self.server.make_url("/"))
 
 
+# The agent each tab signs in as, unless a test signs in as someone else.
+AGENT_EMAIL = "reem@example.com"
+
+
 @pytest.fixture
 def serve(aiohttp_server, settings):
-    """Start the app from the factory on loopback (settings may be overridden); wait until warm."""
+    """Start the app from the factory on loopback (settings may be overridden); wait until
+    warm. open_tab signs in as Reem (the demo's, with demo data)."""
 
     async def start(port: int | None = None, **overrides: Any) -> Served:
+        if overrides.get("demo"):
+            # The demo team (Reem among them) signs in with the test password.
+            overrides.setdefault("demo_password", PASSWORD)
         app = create_app(replace(settings, **overrides).validated())
         server = await aiohttp_server(app, host="127.0.0.1", port=port)
         await asyncio.wait_for(app[keys.WARMER].loaded.wait(), 10)
         return Served(server, app)
 
     return start
+
+
+async def add_agent(served: Served, email: str, name: str, role: str = "agent"):
+    return await served.app[keys.ACCOUNTS].add_agent(email, name, role, PASSWORD)
+
+
+async def session_cookie(served: Served, email: str) -> str:
+    """Sign in over HTTP as the page would (Reem is added first when the team lacks her:
+    the demo has its own Reem); the session cookie's value."""
+    if email == AGENT_EMAIL:
+        try:
+            await add_agent(served, AGENT_EMAIL, "Reem")
+        except AgentExists:
+            pass  # the demo's Reem, or a restart on the same store
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            served.url + "api/auth/login", json={"email": email, "password": PASSWORD}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            return resp.cookies["livechat_session"].value
 
 
 @pytest.fixture
@@ -172,14 +202,22 @@ class Tab:
 
 
 async def open_tab(
-    browser: Browser, served: Served, viewport=DESKTOP, signed_in: bool = True
+    browser: Browser,
+    served: Served,
+    viewport=DESKTOP,
+    signed_in: bool = True,
+    email: str = AGENT_EMAIL,
 ) -> Tab:
-    """A fresh browser context on the dashboard, signed in through the session cookie."""
+    """A fresh browser context on the dashboard, signed in (as Reem unless `email` says)
+    with the session cookie a sign-in sets."""
     context = await browser.new_context(
         viewport=viewport, locale="en-GB", timezone_id="Asia/Riyadh"
     )
     if signed_in:
-        await context.add_cookies([{"name": "livechat_token", "value": TOKEN, "url": served.url}])
+        value = await session_cookie(served, email)
+        await context.add_cookies(
+            [{"name": "livechat_session", "value": value, "url": served.url, "httpOnly": True}]
+        )
     page = await context.new_page()
     tab = Tab(page)
     page.on("request", lambda r: tab.requests.append((time.monotonic(), r.method, r.url)))
@@ -257,7 +295,7 @@ async def test_first_page_load_more_and_keyboard(browser, serve, http):
     # Keyboard: from the search box, Tab reaches the tabs, then the first chat; Enter opens it.
     await page.locator("#search").focus()
     await page.keyboard.press("Tab")
-    assert await page.evaluate("document.activeElement.dataset.status") == "open"
+    assert await page.evaluate("document.activeElement.dataset.tab") == "open"
     await page.keyboard.press("Tab")
     await page.keyboard.press("ArrowDown")
     focused = page.locator("#chat-list li:nth-child(2) button")
@@ -269,9 +307,9 @@ async def test_first_page_load_more_and_keyboard(browser, serve, http):
     await expect(page.locator("#message-list .msg").first).to_be_visible()
 
     # Tabs and search ask the API and show what it answers.
-    await page.locator("#tabs [data-status=resolved]").click()
+    await page.locator("#tabs [data-tab=resolved]").click()
     await expect(page.locator("#chat-list li").first).to_have_attribute("data-status", "resolved")
-    await page.locator("#tabs [data-status=all]").click()
+    await page.locator("#tabs [data-tab=all]").click()
     await expect(page.locator("#total")).to_have_text("100 conversations")
     name = first["chats"][3]["user_name"]
     await page.locator("#search").fill(name)
@@ -280,31 +318,129 @@ async def test_first_page_load_more_and_keyboard(browser, serve, http):
     tab.assert_no_console_errors()
 
 
-async def test_sign_in_with_a_token_or_a_link_and_sign_out(browser, serve):
+async def test_agents_sign_in_and_out_with_their_own_accounts(browser, serve, http):
     served = await serve(demo=True, demo_conversations=5)
     tab = await open_tab(browser, served, signed_in=False)
     page = tab.page
     await expect(page.locator("#signin")).to_be_visible()
-    await page.locator("#token").fill("not-the-token")
-    await page.locator("#token").press("Enter")
-    await expect(page.locator("#signin-error")).to_have_text("That token is not valid.")
-    await page.locator("#token").fill(TOKEN)
+    await expect(page.locator("#email")).to_be_focused()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOTS / "signin.png"))
+
+    await page.locator("#email").fill(AGENT_EMAIL)
+    await page.locator("#password").fill("not her password")
+    await page.locator("#password").press("Enter")
+    await expect(page.locator("#signin-error")).to_have_text("The email or password is wrong.")
+    await page.locator("#password").fill(PASSWORD)
     await page.locator("#signin-form button[type=submit]").click()
     await expect(page.locator("#chat-list li").first).to_be_visible()
     await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    await expect(page.locator("#me")).to_have_text("Reem")
+    [cookie] = [c for c in await page.context.cookies() if c["name"] == "livechat_session"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
+    # The page's script cannot read the session (HttpOnly).
+    assert "livechat_session" not in await page.evaluate("document.cookie")
+    # A reload keeps the sign-in.
+    await page.reload()
+    await expect(page.locator("#me")).to_have_text("Reem")
 
     await page.locator("#signout").click()
     await expect(page.locator("#signin")).to_be_visible()
     await expect(page.locator("#app")).to_be_hidden()
+    await expect(page.locator("#signin-error")).to_have_text("You are signed out.")
+    # Signed out on the server: the cookie the browser held no longer opens anything.
+    async with http.get(
+        served.url + "api/auth/me", headers={"Cookie": f"livechat_session={cookie['value']}"}
+    ) as resp:
+        assert resp.status == 401
 
-    # A link with #token=... signs in, and the token leaves the address bar.
-    await page.goto(served.url + "#token=" + TOKEN)
+    # Another agent signs in on the same page and is named as themself.
+    await page.locator("#email").fill("admin@example.com")
+    await page.locator("#password").fill(PASSWORD)
+    await page.locator("#password").press("Enter")
+    await expect(page.locator("#me")).to_have_text("Demo Admin")
     await expect(page.locator("#chat-list li").first).to_be_visible()
-    assert "token" not in page.url
-    await page.reload()
-    await expect(page.locator("#chat-list li").first).to_be_visible()
-    # The only console error: the browser reporting the 401 that refused the wrong token.
+    # The only console errors: the browser reporting the 401s of the signed-out page.
     tab.assert_no_console_errors(allow=("status of 401",))
+
+
+async def test_agents_see_who_replied_assign_and_filter_mine_and_unassigned(browser, serve, http):
+    served = await serve(demo=True, demo_conversations=40)
+    first = await api_get(http, served, "/api/live-chat/unified-chats?limit=30&status=open")
+    chat = next(c for c in first["chats"] if c["assignee"] is None)
+    # The customer writes now: the 24-hour window is open for free text.
+    await post_webhook(http, served, inbound(chat["user_id"], "Anyone there?", chat["user_name"]))
+    reem = await open_tab(browser, served)
+    nouf = await open_tab(browser, served, email="nouf@example.com")
+    await expect(reem.page.locator("#me")).to_have_text("Reem")
+    await expect(nouf.page.locator("#me")).to_have_text("Nouf")
+
+    # Nouf watches the unassigned conversations: this one is among them.
+    await nouf.page.locator("#tabs [data-tab=unassigned]").click()
+    nouf_row = nouf.page.locator(f'#chat-list li[data-id="{chat["id"]}"]')
+    await expect(nouf_row).to_have_count(1)
+    unassigned = await api_get(
+        http, served, "/api/live-chat/unified-chats?limit=1&status=open&assignee=none"
+    )
+    await expect(nouf.page.locator("#total")).to_have_text(
+        f"{unassigned['total']} open unassigned conversations"
+    )
+
+    # Reem takes it.
+    page = reem.page
+    await open_chat(page, chat["id"])
+    await expect(page.locator("#assignee")).to_have_value("")
+    await page.locator("#take").click()
+    await expect(page.locator("#assignee")).to_have_value("a_demo_reem")
+    await expect(page.locator("#take")).to_be_hidden()
+    row = page.locator(f'#chat-list li[data-id="{chat["id"]}"]')
+    await expect(row.locator(".assignee-chip")).to_have_text("Reem")
+    # ...and it leaves Nouf's Unassigned list at once, from the event.
+    await expect(nouf_row).to_have_count(0)
+
+    # Her Mine tab has it, served by the API's assignee filter; Unassigned does not.
+    since = time.monotonic()
+    await page.locator("#tabs [data-tab=mine]").click()
+    mine = await api_get(
+        http, served, "/api/live-chat/unified-chats?limit=1&status=open&assignee=a_demo_reem"
+    )
+    await expect(page.locator("#total")).to_have_text(
+        f"{mine['total']} open conversations assigned to you"
+    )
+    await expect(row).to_have_count(1)
+    assert any("assignee=me" in r for r in reem.api_requests(since))
+    ids = await chat_ids(page)
+    assert len(ids) == min(30, mine["total"])
+    await page.locator("#tabs [data-tab=unassigned]").click()
+    await expect(page.locator("#total")).to_contain_text("unassigned")
+    await expect(row).to_have_count(0)
+    await page.locator("#tabs [data-tab=mine]").click()
+    await expect(row).to_have_count(1)
+
+    # Reem replies: both agents see that it was Reem who answered.
+    await page.locator("#composer-text").fill("Reem here: I will sort this out today.")
+    await page.locator("#composer-text").press("Enter")
+    mine_bubble = page.locator("#message-list .msg-agent", has_text="I will sort this out")
+    await expect(mine_bubble.locator(".author")).to_have_text("Agent · Reem")
+    await nouf.page.locator("#tabs [data-tab=all]").click()
+    await open_chat(nouf.page, chat["id"])
+    theirs = nouf.page.locator("#message-list .msg-agent", has_text="I will sort this out")
+    await expect(theirs.locator(".author")).to_have_text("Agent · Reem")
+    await expect(nouf.page.locator("#assignee")).to_have_value("a_demo_reem")
+
+    # Reem hands it to Nouf: it leaves Reem's Mine list and enters Nouf's.
+    await page.locator("#assignee").select_option("a_demo_nouf")
+    await expect(row).to_have_count(0)
+    await expect(nouf.page.locator("#assignee")).to_have_value("a_demo_nouf")
+    await nouf.page.locator("#tabs [data-tab=mine]").click()
+    await expect(nouf.page.locator(f'#chat-list li[data-id="{chat["id"]}"]')).to_have_count(1)
+    summary = await api_get(http, served, f"/api/live-chat/conversations/{chat['id']}")
+    assert summary["assignee"] == "a_demo_nouf"
+    messages = await api_get(http, served, f"/api/live-chat/conversations/{chat['id']}/messages")
+    [reply] = [m for m in messages["messages"] if "sort this out" in (m["text"] or "")]
+    assert reply["agent_id"] == "a_demo_reem"
+    reem.assert_no_console_errors()
+    nouf.assert_no_console_errors()
 
 
 async def test_webhook_appears_at_once_with_no_list_request(browser, serve, http):

@@ -207,7 +207,7 @@ async def test_an_update_arrives_as_one_event_with_its_id(start):
     assert broadcast[0]["type"] == "conversation_updated"
     assert broadcast[0]["event_id"] == fields["id"][0]
     assert broadcast[0]["conversation_id"] == cid
-    assert broadcast[0]["user_id"] == summary["user_id"]
+    assert summary["user_id"] not in str(broadcast[0])
     assert broadcast[0]["clients"] == 1
     assert broadcast[0]["duration_ms"] >= 0
     resp.close()

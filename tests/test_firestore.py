@@ -209,6 +209,16 @@ async def test_pages_past_the_listener_window_are_read_from_the_store_seamlessly
         got = await all_pages(client, limit=4, status=wanted)
         assert [c["id"] for c in got] == want
         assert all(c["status"] == wanted for c in got)
+    # So do the Mine and Unassigned filters (an agent's id, or none), with a status or not.
+    ordered = sorted(conversations, key=lambda c: (-c.last_activity, c.id))
+    assignees = {c.assignee for c in conversations}
+    assert None in assignees and len(assignees) > 1
+    for assignee in assignees:
+        for wanted in (None, "open"):
+            want = [c.id for c in ordered if c.assignee == assignee and wanted in (None, c.status)]
+            params = {"assignee": assignee or "none"} | ({"status": wanted} if wanted else {})
+            got = await all_pages(client, limit=3, **params)
+            assert [c["id"] for c in got] == want, params
     # An old conversation that gets a message moves into the window, another one leaves it.
     oldest = next(c for c in conversations if c.id == expected[-1])
     await client.app[keys.STORE].update_conversation(oldest.id, status="open")
@@ -656,6 +666,12 @@ async def test_a_listener_killed_ten_times_costs_no_reload_no_resync_and_no_chan
             assert (await post_webhook(b, webhook([m]))).status == 200
             sent.append(message_id_for_wamid(m["id"]))
             await wait_until(lambda f=feed: _replaced(store, f), within=30, interval=0.1)
+
+        async def replaced_ten_times() -> bool:
+            # The new listener streams a moment before catch_up logs the replacement.
+            return len([e for e in logs if e["event"] == "firestore.listener_replaced"]) >= 10
+
+        await wait_until(replaced_ten_times, within=10, interval=0.05)
     for mid in sent:
         if not any(is_message(mid)(e) for e in stream.events):
             await stream.until(is_message(mid), within=20)
@@ -720,7 +736,13 @@ async def test_deleting_an_old_conversation_removes_it_from_every_instance(make_
     b = await make_client(instance_id="b", **graph_settings(graph))
     assert b.app[keys.SNAPSHOT].get("c_old_one") is not None
     stream_b = await SseStream.open(b)
-    resp = await a.delete("/api/live-chat/conversations/c_old_one")
+    # Erasing a conversation is an admin's: through an admin's personal token.
+    admin = await a.app[keys.ACCOUNTS].add_agent("admin@example.com", "Admin", "admin", "x" * 12)
+    token, _ = await a.app[keys.ACCOUNTS].create_token(admin.id, "erasure")
+    assert (await a.delete("/api/live-chat/conversations/c_old_one")).status == 403
+    resp = await a.delete(
+        "/api/live-chat/conversations/c_old_one", headers={"Authorization": f"Bearer {token}"}
+    )
     assert resp.status == 200
     deleted = time.monotonic()
     await stream_b.until(

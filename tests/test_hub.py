@@ -265,7 +265,8 @@ async def test_broadcast_log_line_carries_its_fields():
     assert line["type"] == "new_message"
     assert line["event_id"] == event.id
     assert line["conversation_id"] == "c_1"
-    assert line["user_id"] == "u_1"
+    # The customer's WhatsApp id (their phone number) is not logged.
+    assert "user_id" not in line and "u_1" not in str(line)
     assert line["clients"] == 1
     assert line["duration_ms"] >= 0
     assert line["log_level"] == "info"

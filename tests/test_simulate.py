@@ -69,3 +69,29 @@ def test_every_generated_body_is_a_valid_webhook():
         "reaction",
         "unsupported",
     }
+
+
+async def test_it_never_follows_a_redirect(aiohttp_server, capsys):
+    from aiohttp import web
+
+    followed: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        followed.append(request.path)
+        return web.json_response({"ok": True})
+
+    target = web.Application()
+    target.router.add_post("/webhooks/whatsapp", elsewhere)
+    target_server = await aiohttp_server(target)
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(str(target_server.make_url("/webhooks/whatsapp")))
+
+    redirector = web.Application()
+    redirector.router.add_post("/webhooks/whatsapp", redirect)
+    server = await aiohttp_server(redirector)
+    url = str(server.make_url("/")).rstrip("/")
+    code = await asyncio.to_thread(main, ["--url", url, "--count", "3", "--rate", "50"])
+    assert code == 1  # a redirect is not an acceptance
+    assert "307: 3" in capsys.readouterr().out
+    assert followed == []

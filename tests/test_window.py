@@ -159,6 +159,48 @@ async def test_status_tabs_and_totals_are_exact_past_the_window(make_client, set
     assert old_open.id not in await walk(client, limit=50, status="open")
 
 
+async def test_mine_and_unassigned_tabs_are_exact_past_the_window(make_client, settings):
+    client, conversations = await seeded(make_client, settings, 250)
+    order = in_order(conversations)
+    by_id = {c.id: c for c in conversations}
+    assignees = {c.assignee for c in conversations}
+    assert None in assignees and len(assignees) > 1
+    for assignee in assignees:
+        for status in (None, "open", "resolved"):
+            want = [
+                cid
+                for cid in order
+                if by_id[cid].assignee == assignee and status in (None, by_id[cid].status)
+            ]
+            params = {"assignee": assignee or "none"} | ({"status": status} if status else {})
+            assert await walk(client, limit=6, **params) == want, params
+            assert (await page(client, **params))["total"] == len(want), params
+    # With a search by name too, past the window.
+    query = search.parse("sara")
+    want = [
+        cid
+        for cid in order
+        if by_id[cid].assignee is None
+        and search.matches_customer(
+            query, search.customer_key(by_id[cid].user_name, by_id[cid].phone)
+        )
+    ]
+    assert want
+    assert await walk(client, limit=3, assignee="none", q="sara") == want
+    assert (await page(client, assignee="none", q="sara"))["total"] == len(want)
+    # Unassigning a conversation far past the window moves it between the tabs at once.
+    old = next(by_id[cid] for cid in reversed(order) if by_id[cid].assignee is not None)
+    agent = old.assignee
+    theirs = (await page(client, assignee=agent))["total"]
+    nobodys = (await page(client, assignee="none"))["total"]
+    resp = await client.patch(f"/api/live-chat/conversations/{old.id}", json={"assignee": None})
+    assert resp.status == 200, await resp.text()
+    assert (await page(client, assignee=agent))["total"] == theirs - 1
+    assert (await page(client, assignee="none"))["total"] == nobodys + 1
+    assert old.id in await walk(client, limit=50, assignee="none")
+    assert old.id not in await walk(client, limit=50, assignee=agent)
+
+
 async def test_searching_names_and_numbers_crosses_the_window(make_client, settings):
     client, conversations = await seeded(make_client, settings, 250)
     order = in_order(conversations)

@@ -12,12 +12,33 @@ from server.chatlist import NotReady
 from server.handlers import replies
 from server.handlers.errors import BadRequest, json_error, read_json
 from server.models import CONVERSATION_STATUSES, dumps
+from server.snapshot import Assignee
 from server.store.base import UNSET, NotFound, Unset
 
 LIST_LIMIT: Final = (1, 100, 30)
 SEARCH_LIMIT: Final = (1, 50, 20)
 MESSAGES_LIMIT: Final = (1, 200, 50)
 MAX_QUERY: Final = 100
+# Our ids are about 22 characters (server/store/base.py new_id); anything far longer is
+# not one of ours.
+MAX_ID: Final = 64
+
+
+def parse_assignee(request: web.Request) -> Assignee:
+    """The `assignee` filter: `me`, `none`, an agent's id, or absent (no filter)."""
+    raw = request.query.get("assignee")
+    if raw is None or raw == "":
+        return UNSET
+    if raw == "none":
+        return None
+    if raw == "me":
+        agent_id = request[keys.PRINCIPAL].agent_id
+        if agent_id is None:
+            raise BadRequest("assignee=me needs an agent's sign-in or token", "invalid_assignee")
+        return agent_id
+    if len(raw) > MAX_ID:
+        raise BadRequest(f"assignee must be at most {MAX_ID} characters", "invalid_assignee")
+    return raw
 
 
 def parse_limit(request: web.Request, bounds: tuple[int, int, int]) -> int:
@@ -44,8 +65,9 @@ async def unified_chats(request: web.Request) -> web.Response:
     if status not in (*CONVERSATION_STATUSES, "all"):
         raise BadRequest("status must be open, resolved or all", "invalid_status")
     q = parse_query(request)
+    assignee = parse_assignee(request)
     number = request.query.get("number") or None
-    if number is not None and not (number.isascii() and number.isdigit()):
+    if number is not None and not (number.isascii() and number.isdigit() and len(number) <= 20):
         raise BadRequest("number must be a phone number id (digits)", "invalid_number")
     try:
         page = await request.app[keys.CHATLIST].page(
@@ -53,6 +75,7 @@ async def unified_chats(request: web.Request) -> web.Response:
             cursor=request.query.get("cursor") or None,
             status=None if status == "all" else status,
             q=q or None,
+            assignee=assignee,
             number=number,
         )
     except NotReady:
@@ -169,13 +192,25 @@ async def patch_conversation(request: web.Request) -> web.Response:
         changes["ai_enabled"] = body["ai_enabled"]
     assignee: str | Unset | None = UNSET
     if "assignee" in body:
-        if body["assignee"] is not None and not isinstance(body["assignee"], str):
-            raise BadRequest("assignee must be a string or null", "invalid_assignee")
-        assignee = body["assignee"]
+        assignee = await _assignee(request, body["assignee"])
     conversation = await request.app[keys.INBOX].update(
         request.match_info["id"], assignee=assignee, **changes
     )
     return json_bytes(dumps(conversation.to_json()))
+
+
+async def _assignee(request: web.Request, value: object) -> str | None:
+    """An assignee from a PATCH: null, or the id of an existing, enabled agent."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_ID:
+        raise BadRequest("assignee must be an agent's id or null", "invalid_assignee")
+    agent = await request.app[keys.ACCOUNTS].find_agent(value)
+    if agent is None:
+        raise BadRequest(f"no agent has the id {value!r}", "unknown_assignee")
+    if agent.disabled:
+        raise BadRequest("that agent is disabled", "unknown_assignee")
+    return agent.id
 
 
 async def list_templates(request: web.Request) -> web.Response:

@@ -157,13 +157,12 @@ def _code(status: int) -> str:
         return "error"
 
 
-async def read_json(request: web.Request, max_bytes: int = 64 * 1024) -> dict[str, Any]:
-    """The body as a JSON object, or BadRequest saying what is wrong with it."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise BadRequest(f"body is larger than {max_bytes} bytes", "body_too_large")
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or BadRequest saying what is wrong with it.
+
+    The body middleware has read it already, within the route's size and time limits.
+    """
     raw = await request.read()
-    if len(raw) > max_bytes:
-        raise BadRequest(f"body is larger than {max_bytes} bytes", "body_too_large")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:

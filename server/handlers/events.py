@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from http import HTTPStatus
 from typing import Any, Final
 
 import structlog
@@ -11,6 +12,7 @@ from aiohttp import hdrs, web
 from aiohttp_sse import EventSourceResponse, sse_response
 
 from server import keys
+from server.handlers.errors import json_error
 from server.hub import RETRY_MS
 
 log = structlog.get_logger(__name__)
@@ -44,10 +46,21 @@ async def events(request: web.Request) -> web.StreamResponse:
     """Stream events: replay what the client missed, then everything new, until it leaves."""
     started = time.perf_counter()
     hub = request.app[keys.HUB]
+    accounts = request.app[keys.ACCOUNTS]
+    principal = request[keys.PRINCIPAL]
     last_event_id = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
     transport = request.transport
     if transport is None or transport.is_closing():
         raise web.HTTPBadRequest(reason="the client has gone")
+    refusal = accounts.stream_refusal(principal)
+    if refusal is not None:
+        log.warning("sse.refused", reason=refusal, clients=hub.clients)
+        return json_error(
+            HTTPStatus.TOO_MANY_REQUESTS,
+            "too_many_streams",
+            refusal,
+            headers={"Retry-After": str(RETRY_MS // 1000)},
+        )
 
     async with sse_response(
         request,
@@ -59,6 +72,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     ) as resp:
         chunked = resp.headers.get(hdrs.TRANSFER_ENCODING, "").lower() == "chunked"
         client, backlog = hub.connect(last_event_id, transport, chunked=chunked)
+        # Ended at once when the sign-in loses its access (signed out, agent disabled).
+        accounts.add_stream(principal, client)
         streams = request.app[keys.STREAMS]
         streams.add(resp)
         loop = asyncio.get_running_loop()
@@ -109,6 +124,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             watcher.remove_done_callback(gone)
             watcher.cancel()
             hub.disconnect(client)
+            accounts.remove_stream(principal, client)
             streams.discard(resp)
             if hub.closed:
                 # Ending the stream writes its last chunk; a client that does not read

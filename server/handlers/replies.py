@@ -1,5 +1,8 @@
 """What an agent sends to a conversation, read from the request and checked: free text, a
-template, a reaction (JSON), or a file with an optional caption (multipart form)."""
+template, a reaction (JSON), or a file with an optional caption (multipart form).
+
+Whatever is sent is the signed-in agent's (the request's principal): a client never names
+the agent, and a body that tries (`agent_id`) is refused."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ MAX_CAPTION: Final = 1024
 MAX_FILE: Final = rules.MEDIA_LIMITS["document"]
 # Form fields other than the file are short.
 MAX_FIELD: Final = 8 * 1024
-JSON_FIELDS: Final = frozenset({"text", "agent_id", "reply_to", "template", "reaction"})
+JSON_FIELDS: Final = frozenset({"text", "reply_to", "template", "reaction"})
 
 
 async def post(request: web.Request, conversation_id: str) -> Saved:
@@ -34,7 +37,7 @@ async def post(request: web.Request, conversation_id: str) -> Saved:
     unknown = set(body) - JSON_FIELDS
     if unknown:
         raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}", "invalid_field")
-    agent_id = _opt_str(body, "agent_id", "invalid_agent")
+    agent_id = request[keys.PRINCIPAL].agent_id
     reply_to = _opt_str(body, "reply_to", "invalid_reply_to")
     try:
         if "reaction" in body:
@@ -88,7 +91,7 @@ def _opt_str(body: dict[str, Any], key: str, code: str) -> str | None:
 
 
 async def _attachment(request: web.Request, conversation_id: str) -> Saved:
-    """A multipart form: `file` (required), `caption`, `reply_to`, `agent_id`."""
+    """A multipart form: `file` (required), `caption`, `reply_to`."""
     reader = await request.multipart()
     fields: dict[str, str] = {}
     data: bytes | None = None
@@ -100,7 +103,7 @@ async def _attachment(request: web.Request, conversation_id: str) -> Saved:
             filename = part.filename
             mime_type = part.headers.get("Content-Type")
             data = await _read_part(part, MAX_FILE, "file")
-        elif part.name in ("caption", "reply_to", "agent_id"):
+        elif part.name in ("caption", "reply_to"):
             fields[part.name] = (await _read_part(part, MAX_FIELD, part.name)).decode(
                 "utf-8", "replace"
             )
@@ -120,7 +123,7 @@ async def _attachment(request: web.Request, conversation_id: str) -> Saved:
         filename,
         caption,
         reply_to=fields.get("reply_to") or None,
-        agent_id=fields.get("agent_id") or None,
+        agent_id=request[keys.PRINCIPAL].agent_id,
     )
 
 

@@ -234,6 +234,7 @@ class SnapshotEntry:
     phone: str
     phone_number_id: str | None
     body: bytes
+    assignee: str | None = None
 
     @classmethod
     def of(cls, c: Conversation) -> SnapshotEntry:
@@ -247,6 +248,7 @@ class SnapshotEntry:
             c.phone,
             c.phone_number_id,
             dumps(c.to_json()),
+            c.assignee,
         )
 
 
@@ -337,10 +339,12 @@ class ChatStore(Protocol):
         limit: int,
         status: str | None,
         number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """Like `page_after`, as the list serves them (prepared JSON where the store keeps
-        it), optionally only those written to one business number: the pages past the
-        snapshot's window."""
+        it), optionally only those written to one business number or assigned to one agent
+        (None: to nobody): the pages past the snapshot's window."""
 
     async def snapshot_entries(
         self, after: tuple[int, str] | None, limit: int
@@ -359,12 +363,19 @@ class ChatStore(Protocol):
         limit: int,
         status: str | None,
         number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """Conversations whose customer's name or number matches (server/search.py), after
         the keyset, in list order."""
 
     async def count_entries(
-        self, query: Query | None, status: str | None, number: str | None
+        self,
+        query: Query | None,
+        status: str | None,
+        number: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> int:
         """How many conversations `search_customers` (or, without a query, `list_entries`)
         finds in all."""

@@ -827,10 +827,18 @@ class FirestoreStore:
 
     # -- reads ------------------------------------------------------------------------
 
-    def _by_activity(self, status: str | None) -> Any:
+    def _filtered(self, status: str | None, assignee: str | Unset | None) -> Any:
         query = self._client.collection_group(CONVERSATIONS)
         if status is not None:
             query = query.where(filter=FieldFilter("status", "==", status))
+        if not isinstance(assignee, Unset):
+            # `== None` matches a null field (Firestore's IS NULL filter); unassigned
+            # conversations store `"assignee": null`.
+            query = query.where(filter=FieldFilter("assignee", "==", assignee))
+        return query
+
+    def _by_activity(self, status: str | None, assignee: str | Unset | None = UNSET) -> Any:
+        query = self._filtered(status, assignee)
         return query.order_by("last_activity", direction=firestore.Query.DESCENDING).order_by("id")
 
     async def load_window(self, limit: int | None) -> list[Conversation]:
@@ -863,10 +871,14 @@ class FirestoreStore:
         return _conversations(s.to_dict() for s in snaps)
 
     async def _query_after(
-        self, after: tuple[int, str] | None, limit: int, status: str | None
+        self,
+        after: tuple[int, str] | None,
+        limit: int,
+        status: str | None,
+        assignee: str | Unset | None = UNSET,
     ) -> list[Any]:
         """The documents of a keyset page (limit -1: no limit)."""
-        query = self._by_activity(status)
+        query = self._by_activity(status, assignee)
         if after is not None:
             query = query.start_after({"last_activity": after[0], "id": after[1]})
         if limit > 0:
@@ -905,14 +917,19 @@ class FirestoreStore:
         limit: int,
         status: str | None,
         number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """A keyset page past the window, as the list serves it (optionally only those
-        written to one business number: an equality on `phone_number_id` in list order)."""
-        if number is None:
+        written to one business number, or assigned to one agent: equalities on
+        `phone_number_id` and `assignee` in list order)."""
+        if number is None and isinstance(assignee, Unset):
             return [ListEntry.of(c) for c in await self.page_after(after, limit, status)]
         if limit == 0:
             return []
-        query = self._by_activity(status).where(filter=FieldFilter("phone_number_id", "==", number))
+        query = self._by_activity(status, assignee)
+        if number is not None:
+            query = query.where(filter=FieldFilter("phone_number_id", "==", number))
         if after is not None:
             query = query.start_after({"last_activity": after[0], "id": after[1]})
         async with self._guard("page"):
@@ -938,6 +955,8 @@ class FirestoreStore:
         limit: int,
         status: str | None,
         number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """Conversations whose customer matches: one `array-contains` query on the query's
         longest token in list order, each result checked against the whole query."""
@@ -946,7 +965,7 @@ class FirestoreStore:
             return []
         found: list[ListEntry] = []
         while len(found) < limit:
-            base = self._by_activity(status).where(
+            base = self._by_activity(status, assignee).where(
                 filter=FieldFilter(SEARCH_TOKENS, "array_contains", token)
             )
             if after is not None:
@@ -966,7 +985,12 @@ class FirestoreStore:
         return found
 
     async def count_entries(
-        self, query: Query | None, status: str | None, number: str | None
+        self,
+        query: Query | None,
+        status: str | None,
+        number: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> int:
         """How many conversations match (one aggregation): with a query, those carrying
         its token (for a query of several words, those matching its longest word)."""
@@ -980,6 +1004,8 @@ class FirestoreStore:
             base = base.where(filter=FieldFilter("status", "==", status))
         if number is not None:
             base = base.where(filter=FieldFilter("phone_number_id", "==", number))
+        if not isinstance(assignee, Unset):
+            base = base.where(filter=FieldFilter("assignee", "==", assignee))
         async with self._guard("count"):
             result = await base.count(alias="n").get()
         n = int(result[0][0].value)

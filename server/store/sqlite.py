@@ -282,10 +282,12 @@ class SqliteStore:
         limit: int,
         status: str | None,
         number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """A keyset page of the list's prepared rows, from a reader thread."""
         return await self._read(
-            lambda db: sqlite_index.entries_after(db, after, limit, status, number)
+            lambda db: sqlite_index.entries_after(db, after, limit, status, number, assignee)
         )
 
     async def search_customers(
@@ -295,17 +297,29 @@ class SqliteStore:
         limit: int,
         status: str | None,
         number: str | None = None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> list[ListEntry]:
         """Conversations whose customer's name or number matches, in list order."""
         return await self._read(
-            lambda db: sqlite_index.search_customers(db, query, after, limit, status, number)
+            lambda db: sqlite_index.search_customers(
+                db, query, after, limit, status, number, assignee
+            )
         )
 
     async def count_entries(
-        self, query: Query | None, status: str | None, number: str | None
+        self,
+        query: Query | None,
+        status: str | None,
+        number: str | None,
+        *,
+        assignee: str | Unset | None = UNSET,
     ) -> int:
-        """How many conversations match a name or number, a status, a business number."""
-        return await self._read(lambda db: sqlite_index.count_entries(db, query, status, number))
+        """How many conversations match a name or number, a status, a business number, an
+        assignee."""
+        return await self._read(
+            lambda db: sqlite_index.count_entries(db, query, status, number, assignee)
+        )
 
     async def search_messages(
         self, query: Query, before: int | None, limit: int

@@ -7,8 +7,8 @@ The store's write code knows nothing of them; the schema does:
   page past the snapshot's window is a keyset read of prepared bytes, like a page inside.
 - `conversation_counts`: conversations per status, so the list's `total` is a read of a
   few rows at any size (`count(*)` walks an index: 40 ms at a million).
-- indexes in list order by status and by the business number written to (the tabs and
-  the number filter past the window).
+- indexes in list order by status, by the business number written to and by assignee
+  (the tabs, the number filter, Mine and Unassigned past the window).
 - `message_search`: FTS5 over message text and media captions, folded by
   server/search.py (Arabic diacritics and letter variants, the article, case, accents),
   stemmed (porter) for English. Contentless: it holds the index, not the text again.
@@ -37,12 +37,12 @@ from server import search
 from server.models import dumps
 from server.search import Query
 from server.store import rules
-from server.store.base import ListEntry, MessageHit, SnapshotEntry
+from server.store.base import UNSET, ListEntry, MessageHit, SnapshotEntry, Unset
 
 log = structlog.get_logger(__name__)
 
-# PRAGMA user_version of a database whose read side is current.
-SCHEMA_VERSION: Final = 1
+# PRAGMA user_version of a database whose read side is current (2: the assignee's index).
+SCHEMA_VERSION: Final = 2
 
 TRIGGERS: Final = (
     "conversation_counts_insert",
@@ -64,6 +64,8 @@ CREATE INDEX IF NOT EXISTS conversations_by_status
     ON conversations (status, last_activity DESC, id);
 CREATE INDEX IF NOT EXISTS conversations_by_number
     ON conversations (json_extract(doc, '$.phone_number_id'), last_activity DESC, id);
+CREATE INDEX IF NOT EXISTS conversations_by_assignee
+    ON conversations (json_extract(doc, '$.assignee'), last_activity DESC, id);
 CREATE TABLE IF NOT EXISTS conversation_counts (
     status TEXT PRIMARY KEY,
     n INTEGER NOT NULL
@@ -223,8 +225,10 @@ _AFTER: Final = "c.last_activity <= ? AND (c.last_activity < ? OR c.id > ?)"
 _ENTRY: Final = "c.id, c.last_activity, coalesce(c.body, list_row(c.doc))"
 
 
-# The business number a conversation was written to (the expression of its index).
+# The business number a conversation was written to, and the agent it is assigned to (the
+# expressions of their indexes).
 _NUMBER: Final = "json_extract(c.doc, '$.phone_number_id') = ?"
+_ASSIGNEE: Final = "json_extract(c.doc, '$.assignee')"
 
 
 def _keyset(
@@ -233,6 +237,7 @@ def _keyset(
     where: list[str],
     args: list[Any],
     number: str | None = None,
+    assignee: str | Unset | None = UNSET,
 ) -> None:
     if after is not None:
         where.append(_AFTER)
@@ -243,6 +248,13 @@ def _keyset(
     if number is not None:
         where.append(_NUMBER)
         args.append(number)
+    if isinstance(assignee, Unset):
+        return
+    if assignee is None:
+        where.append(f"{_ASSIGNEE} IS NULL")
+    else:
+        where.append(f"{_ASSIGNEE} = ?")
+        args.append(assignee)
 
 
 def entries_after(
@@ -251,11 +263,12 @@ def entries_after(
     limit: int,
     status: str | None,
     number: str | None = None,
+    assignee: str | Unset | None = UNSET,
 ) -> list[ListEntry]:
     """A keyset page of prepared list rows (an index seek and `limit` rows)."""
     where: list[str] = []
     args: list[Any] = []
-    _keyset(after, status, where, args, number)
+    _keyset(after, status, where, args, number, assignee)
     sql = f"SELECT {_ENTRY} FROM conversations c"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -274,15 +287,18 @@ def snapshot_entries(
     sql = (
         "SELECT c.id, c.last_activity, c.status, c.doc ->> '$.updated_at',"
         " coalesce(c.doc ->> '$.user_name', ''), coalesce(c.doc ->> '$.phone', ''),"
-        " c.doc ->> '$.phone_number_id', coalesce(c.body, list_row(c.doc))"
+        " c.doc ->> '$.phone_number_id', coalesce(c.body, list_row(c.doc)),"
+        " c.doc ->> '$.assignee'"
         " FROM conversations c"
     )
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY c.last_activity DESC, c.id LIMIT ?"
     return [
-        SnapshotEntry(cid, at, status, int(updated or 0), name, phone, number, body)
-        for cid, at, status, updated, name, phone, number, body in conn.execute(sql, [*args, limit])
+        SnapshotEntry(cid, at, status, int(updated or 0), name, phone, number, body, assignee)
+        for cid, at, status, updated, name, phone, number, body, assignee in conn.execute(
+            sql, [*args, limit]
+        )
     ]
 
 
@@ -298,6 +314,7 @@ def search_customers(
     limit: int,
     status: str | None,
     number: str | None = None,
+    assignee: str | Unset | None = UNSET,
 ) -> list[ListEntry]:
     """Conversations whose customer matches, in list order after the keyset.
 
@@ -309,7 +326,7 @@ def search_customers(
         return []
     where = ["conversation_search MATCH ?"]
     args: list[Any] = [match]
-    _keyset(after, status, where, args, number)
+    _keyset(after, status, where, args, number, assignee)
     sql = (
         f"SELECT {_ENTRY} FROM conversation_search s"
         " CROSS JOIN conversations c ON c.rowid = s.rowid"
@@ -320,13 +337,17 @@ def search_customers(
 
 
 def count_entries(
-    conn: sqlite3.Connection, query: Query | None, status: str | None, number: str | None
+    conn: sqlite3.Connection,
+    query: Query | None,
+    status: str | None,
+    number: str | None,
+    assignee: str | Unset | None = UNSET,
 ) -> int:
     """How many conversations `search_customers` (or `entries_after`, without a query)
     finds in all."""
     where: list[str] = []
     args: list[Any] = []
-    _keyset(None, status, where, args, number)
+    _keyset(None, status, where, args, number, assignee)
     if query is None:
         sql = "SELECT count(*) FROM conversations c"
     else:

@@ -1,13 +1,15 @@
-// The HTTP API, as small async functions. The session cookie carries the auth.
+// The HTTP API, as small async functions. The session cookie (HttpOnly) carries the auth.
 
 const BASE = "/api/live-chat";
+const UNSAFE = new Set(["POST", "PATCH", "PUT", "DELETE"]);
 
 /** An API error with the server's code and message. */
 export class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, retryAfter = null) {
     super(message || `HTTP ${status}`);
     this.status = status;
     this.code = code;
+    this.retryAfter = retryAfter;
   }
 }
 
@@ -15,9 +17,10 @@ async function call(method, path, body) {
   const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
   if (body instanceof FormData) {
     init.body = body; // the browser writes the multipart boundary
-  } else if (body !== undefined) {
+  } else if (body !== undefined || UNSAFE.has(method)) {
+    // The server takes browser writes only as JSON from its own page.
     init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
+    init.body = JSON.stringify(body ?? {});
   }
   let response;
   try {
@@ -33,7 +36,8 @@ async function call(method, path, body) {
   }
   if (!response.ok) {
     const err = (data && data.error) || {};
-    throw new ApiError(response.status, err.code || "http_error", err.message);
+    const retry = Number(response.headers.get("Retry-After")) || null;
+    throw new ApiError(response.status, err.code || "http_error", err.message, retry);
   }
   return data;
 }
@@ -48,16 +52,13 @@ function query(params) {
 const conv = (id) => `${BASE}/conversations/${encodeURIComponent(id)}`;
 
 export const api = {
-  /** Resolves when signed in; rejects with a 401 ApiError when not. */
-  session: async () => {
-    const data = await call("GET", "/api/auth/session");
-    if (!data || !data.signed_in) throw new ApiError(401, "unauthorized", "Not signed in");
-    return data;
-  },
-  signIn: (token) => call("POST", "/api/auth/session", { token }),
-  signOut: () => call("DELETE", "/api/auth/session"),
-  chats: ({ status, q, number, cursor, limit = 30 }) =>
-    call("GET", `${BASE}/unified-chats${query({ limit, cursor, status, q, number })}`),
+  /** Who is signed in ({kind, agent}); rejects with a 401 ApiError when nobody is. */
+  me: () => call("GET", "/api/auth/me"),
+  signIn: (email, password) => call("POST", "/api/auth/login", { email, password }),
+  signOut: () => call("POST", "/api/auth/logout"),
+  agents: () => call("GET", "/api/agents"),
+  chats: ({ status, assignee, q, number, cursor, limit = 30 }) =>
+    call("GET", `${BASE}/unified-chats${query({ limit, cursor, status, assignee, q, number })}`),
   search: ({ q, cursor, limit = 20 }) => call("GET", `${BASE}/search${query({ q, cursor, limit })}`),
   conversation: (id) => call("GET", conv(id)),
   messages: (id, { before, limit = 50 } = {}) =>

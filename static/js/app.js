@@ -4,7 +4,7 @@
 import { api } from "./api.js";
 import { debounce, throttle } from "./debounce.js";
 import { h } from "./dom.js";
-import { countLabel, windowState } from "./format.js";
+import { agentName, countLabel, windowState } from "./format.js";
 import { connectEvents } from "./live.js";
 import {
   appendPage,
@@ -16,6 +16,8 @@ import {
   firstPage,
   patchChat,
   reconcileFirstPage,
+  TABS,
+  tabOf,
   upsertChat,
 } from "./state/chats.js";
 import { applyStatus, emptyThread, prependOlder, setLatestPage, upsertMessage } from "./state/messages.js";
@@ -43,14 +45,16 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   signin: $("signin"),
   signinForm: $("signin-form"),
-  token: $("token"),
+  email: $("email"),
+  password: $("password"),
   signinError: $("signin-error"),
   app: $("app"),
   conn: $("conn"),
+  me: $("me"),
   signout: $("signout"),
   inbox: $("inbox"),
   search: $("search"),
-  tabs: [...document.querySelectorAll("#tabs [data-status]")],
+  tabs: [...document.querySelectorAll("#tabs [data-tab]")],
   total: $("total"),
   listScroll: $("list-scroll"),
   results: $("results"),
@@ -69,6 +73,8 @@ const ui = {
   convoSub: $("convo-sub"),
   aiSwitch: $("ai-switch"),
   resolve: $("resolve"),
+  assignee: $("assignee"),
+  take: $("take"),
   messages: $("messages"),
   olderStatus: $("older-status"),
   messageList: $("message-list"),
@@ -93,7 +99,10 @@ const ui = {
 };
 
 const state = {
-  list: emptyList({ status: "open", q: "" }),
+  me: null, // the signed-in agent
+  team: [], // every agent, for assigning and for naming who replied
+  names: new Map(), // agent id -> name (a new Map whenever the team changes)
+  list: emptyList({ ...TABS.open, q: "" }),
   listLoading: false,
   listSeq: 0, // a newer list request makes older answers moot
   thread: emptyThread(null),
@@ -161,20 +170,48 @@ function drawResults() {
 
 function drawList() {
   const { list } = state;
-  chatList.render(list.chats, { activeId: state.activeId });
-  ui.chatList.dataset.filter = list.filter.status;
-  ui.total.textContent = state.listLoading && list.pages === 0 ? "Loading…" : countLabel(list.total, list.filter.status);
+  const tab = tabOf(list.filter);
+  chatList.render(list.chats, { activeId: state.activeId, names: state.names });
+  ui.chatList.dataset.filter = tab || list.filter.status;
+  ui.total.textContent =
+    state.listLoading && list.pages === 0
+      ? "Loading…"
+      : countLabel(list.total, list.filter.status, list.filter.assignee);
   ui.loadMore.hidden = !list.hasMore;
   ui.loadMore.disabled = state.listLoading;
   ui.loadMore.textContent = state.listLoading && list.pages > 0 ? "Loading…" : "Load more";
   const empty = list.pages > 0 && list.chats.length === 0;
   ui.listEmpty.hidden = !empty;
   ui.listEmpty.textContent = list.filter.q ? `No conversations match “${list.filter.q}”.` : "No conversations here yet.";
-  for (const tab of ui.tabs) {
-    const selected = tab.dataset.status === list.filter.status;
-    tab.setAttribute("aria-selected", String(selected));
-    tab.tabIndex = selected ? 0 : -1;
+  for (const button of ui.tabs) {
+    const selected = button.dataset.tab === tab;
+    button.setAttribute("aria-selected", String(selected));
+    button.tabIndex = selected ? 0 : -1;
   }
+}
+
+// The assignee picker is rebuilt only when the team or the conversation's assignee changes,
+// never under an agent's open dropdown for an unrelated redraw.
+let assigneeKey = null;
+function drawAssignee(chat) {
+  const me = state.me;
+  const key = `${chat.id}|${chat.assignee}|${state.team.length}|${[...state.names.values()].join(",")}`;
+  ui.take.hidden = !me || chat.assignee === me.id;
+  if (key === assigneeKey) return;
+  assigneeKey = key;
+  const options = [h("option", { value: "" }, "Unassigned")];
+  const enabled = state.team.filter((a) => !a.disabled);
+  if (me) options.push(h("option", { value: me.id }, `Me · ${me.name}`));
+  for (const agent of enabled.sort((a, b) => a.name.localeCompare(b.name))) {
+    if (!me || agent.id !== me.id) options.push(h("option", { value: agent.id }, agent.name));
+  }
+  if (chat.assignee && !options.some((o) => o.value === chat.assignee)) {
+    // Assigned to someone who cannot be picked (disabled, or not on this page's list yet).
+    const name = agentName(chat.assignee, state.names) || "another agent";
+    options.push(h("option", { value: chat.assignee, disabled: true }, name));
+  }
+  ui.assignee.replaceChildren(...options);
+  ui.assignee.value = chat.assignee || "";
 }
 
 function drawConversation() {
@@ -193,12 +230,13 @@ function drawConversation() {
   ui.resolve.textContent = chat.status === "resolved" ? "Reopen" : "Resolve";
   ui.resolve.dataset.action = chat.status === "resolved" ? "reopen" : "resolve";
   drawComposer(chat);
+  drawAssignee(chat);
 
   const box = ui.messages;
   const before = { height: box.scrollHeight, top: box.scrollTop };
   const nearBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 120;
   const firstId = ui.messageList.querySelector(".msg")?.dataset.id;
-  thread.render(state.thread.messages, { customerName: chat.user_name });
+  thread.render(state.thread.messages, { customerName: chat.user_name, names: state.names });
   ui.olderStatus.textContent = !state.thread.loaded
     ? "Loading messages…"
     : state.olderLoading
@@ -279,7 +317,7 @@ async function loadList() {
   state.listLoading = true;
   draw();
   try {
-    const page = await api.chats({ status: filter.status, q: filter.q, number: filter.number, limit: PAGE_SIZE });
+    const page = await api.chats({ ...listQuery(filter), limit: PAGE_SIZE });
     if (seq !== state.listSeq) return;
     // Events that arrived while the page was on its way are kept (merged by id).
     state.list = firstPage(filter, { ...page, chats: [...state.list.chats, ...page.chats] });
@@ -302,7 +340,7 @@ async function loadMore() {
   state.listLoading = true;
   draw();
   try {
-    const page = await api.chats({ status: list.filter.status, q: list.filter.q, number: list.filter.number, cursor: list.nextCursor, limit: PAGE_SIZE });
+    const page = await api.chats({ ...listQuery(list.filter), cursor: list.nextCursor, limit: PAGE_SIZE });
     if (seq === state.listSeq) state.list = appendPage(state.list, page);
   } catch (e) {
     handleError(e, "More conversations could not be loaded");
@@ -321,7 +359,7 @@ const reconcile = throttle(async () => {
   const seq = state.listSeq;
   const { filter } = state.list;
   try {
-    const page = await api.chats({ status: filter.status, q: filter.q, number: filter.number, limit: PAGE_SIZE });
+    const page = await api.chats({ ...listQuery(filter), limit: PAGE_SIZE });
     if (seq === state.listSeq) state.list = reconcileFirstPage(state.list, page);
     draw();
   } catch (e) {
@@ -329,10 +367,17 @@ const reconcile = throttle(async () => {
   }
 }, RECONCILE_MS);
 
+/** The list request's parameters for a filter. */
+function listQuery(filter) {
+  return { status: filter.status, assignee: filter.assignee, q: filter.q, number: filter.number };
+}
+
 function setFilter(changes) {
   const filter = { ...state.list.filter, ...changes };
   filter.q = (filter.q || "").trim();
-  const same = ["status", "q", "number"].every((k) => (filter[k] || "") === (state.list.filter[k] || ""));
+  const same = ["status", "assignee", "q", "number"].every(
+    (k) => (filter[k] || "") === (state.list.filter[k] || ""),
+  );
   if (same) return;
   const newQuery = filter.q !== state.list.filter.q;
   state.list = emptyList(filter);
@@ -453,8 +498,27 @@ async function loadOlder() {
 function applySummary(summary) {
   state.list = upsertChat(state.list, summary, { kind: "update" });
   if (summary.id === state.activeId) state.activeChat = summary;
+  if (summary.assignee && !state.names.has(summary.assignee)) loadTeamSoon();
   draw();
 }
+
+// ---------- the team ----------
+
+async function loadTeam() {
+  try {
+    const { agents } = await api.agents();
+    state.team = agents;
+    state.names = new Map(agents.map((a) => [a.id, a.name]));
+    const me = state.me && agents.find((a) => a.id === state.me.id);
+    if (me) state.me = me;
+    draw();
+  } catch (e) {
+    handleError(e);
+  }
+}
+
+// An assignee or a reply's author this page cannot name yet: an agent added since it loaded.
+const loadTeamSoon = throttle(() => loadTeam(), RECONCILE_MS);
 
 async function markRead(id) {
   state.list = patchChat(state.list, id, { unread_count: 0 });
@@ -600,6 +664,7 @@ function onEvent(name, data) {
       const isNew = name === "new_conversation";
       state.list = applyNewMessage(state.list, data, { isNew });
       const conversation = data.conversation;
+      if (data.message && data.message.agent_id && !state.names.has(data.message.agent_id)) loadTeamSoon();
       if (conversation && conversation.id === state.activeId) {
         state.activeChat = conversation;
         state.thread = upsertMessage(state.thread, data.message);
@@ -658,7 +723,7 @@ function listen() {
     onState: setConnection,
     onClosed: async () => {
       try {
-        await api.session();
+        await api.me();
         return true;
       } catch (e) {
         if (e.status === 401) {
@@ -686,25 +751,36 @@ function signedOut(message = "") {
   events = null;
   reconcile.cancel();
   markReadSoon.cancel();
+  loadTeamSoon.cancel();
   clearInterval(clockTimer);
-  state.list = emptyList(state.list.filter);
+  state.me = null;
+  state.team = [];
+  state.names = new Map();
+  state.list = emptyList({ ...TABS.open, q: "" });
   state.results = emptyResults("");
   state.activeId = null;
   state.activeChat = null;
   state.thread = emptyThread(null);
+  assigneeKey = null;
   thread.clear();
   ui.app.hidden = true;
   ui.signin.hidden = false;
   ui.signinError.textContent = message;
-  ui.token.value = "";
-  ui.token.focus();
+  ui.password.value = "";
+  (ui.email.value ? ui.password : ui.email).focus();
 }
 
-function start() {
+function start(principal) {
+  state.me = principal.agent;
+  ui.me.textContent = state.me ? state.me.name : "";
+  ui.me.title = state.me ? state.me.email : "";
+  state.list = emptyList({ ...TABS.open, me: state.me ? state.me.id : null, q: "" });
+  ui.search.value = "";
   ui.signin.hidden = true;
   ui.app.hidden = false;
   setView("list");
   listen();
+  loadTeam();
   loadList();
   clearInterval(clockTimer);
   clockTimer = setInterval(() => {
@@ -727,30 +803,17 @@ async function loadNumbers() {
   }
 }
 
-async function signIn(token) {
-  await api.signIn(token.trim());
-  start();
-}
-
-// A link with #token=... signs in once; the token then leaves the address bar.
-// True when the fragment held a token (signed in, or the form says why not).
-async function signInFromLink() {
-  const token = new URLSearchParams(location.hash.slice(1)).get("token");
-  if (!token) return false;
-  history.replaceState(null, "", location.pathname + location.search);
-  try {
-    await signIn(token);
-  } catch (e) {
-    signedOut("That link's token is not valid. Paste a token to sign in.");
-  }
-  return true;
+function signInError(e) {
+  if (e.status === 401) return "The email or password is wrong.";
+  if (e.status === 403 && e.code === "account_disabled") return "This account is disabled. Ask an admin.";
+  if (e.status === 429) return `Too many attempts. Try again in ${e.retryAfter || 60} seconds.`;
+  if (e.status === 0) return "The server cannot be reached.";
+  return e.message || "Signing in failed.";
 }
 
 async function boot() {
-  if (await signInFromLink()) return;
   try {
-    await api.session();
-    start();
+    start(await api.me());
   } catch (e) {
     signedOut(e.status === 401 ? "" : "The server cannot be reached. Try again in a moment.");
   }
@@ -760,19 +823,23 @@ async function boot() {
 
 ui.signinForm.addEventListener("submit", async (e) => {
   e.preventDefault();
-  const token = ui.token.value;
-  if (!token.trim()) return;
+  const email = ui.email.value.trim();
+  const password = ui.password.value;
+  if (!email || !password) return;
   ui.signinError.textContent = "";
   try {
-    await signIn(token);
+    start(await api.signIn(email, password));
   } catch (err) {
-    ui.signinError.textContent = err.status === 401 ? "That token is not valid." : "The server cannot be reached.";
+    ui.signinError.textContent = signInError(err);
+    ui.password.select();
   }
 });
 
 ui.signout.addEventListener("click", async () => {
   try {
     await api.signOut();
+  } catch {
+    // Signed out already (or the server is away): the page signs out either way.
   } finally {
     signedOut("You are signed out.");
   }
@@ -790,7 +857,7 @@ ui.search.addEventListener("keydown", (e) => {
 });
 
 for (const tab of ui.tabs) {
-  tab.addEventListener("click", () => setFilter({ status: tab.dataset.status }));
+  tab.addEventListener("click", () => setFilter(TABS[tab.dataset.tab]));
   tab.addEventListener("keydown", (e) => {
     if (e.key !== "ArrowLeft" && e.key !== "ArrowRight") return;
     const i = ui.tabs.indexOf(tab);
@@ -832,6 +899,15 @@ ui.aiSwitch.addEventListener("click", () => {
 ui.resolve.addEventListener("click", () => {
   const status = ui.resolve.dataset.action === "reopen" ? "open" : "resolved";
   updateConversation({ status }, "The conversation could not be updated");
+});
+async function assign(agentId) {
+  await updateConversation({ assignee: agentId }, "The conversation could not be assigned");
+  assigneeKey = null; // show what the server holds, also when it refused
+  draw();
+}
+ui.assignee.addEventListener("change", () => assign(ui.assignee.value || null));
+ui.take.addEventListener("click", () => {
+  if (state.me) assign(state.me.id);
 });
 
 function autosize() {
@@ -900,8 +976,6 @@ document.addEventListener("click", (e) => {
 document.addEventListener("keydown", (e) => {
   if (e.key === "Escape" && !ui.reactMenu.hidden) closeReactMenu();
 });
-
-window.addEventListener("hashchange", () => signInFromLink());
 
 document.addEventListener("visibilitychange", () => {
   const chat = state.activeChat;

@@ -108,11 +108,20 @@ export function speakerLabel(sender) {
   return SPEAKER_LABELS[speaker(sender)];
 }
 
-/** A bubble's author line: "AI assistant", "Agent · reem", the customer's name. */
-export function authorLabel(message, customerName) {
+/** An agent's name from the team list (a Map of id to name); null when unknown. */
+export function agentName(agentId, names) {
+  return (agentId && names && names.get(agentId)) || null;
+}
+
+/** A bubble's author line: "AI assistant", "Agent · Reem", the customer's name. `names` maps
+ * agent ids to names: a reply shows who sent it, never a raw id. */
+export function authorLabel(message, customerName, names = null) {
   const who = speaker(message.sender);
   if (who === "ai") return "AI assistant";
-  if (who === "agent") return message.agent_id ? `Agent · ${message.agent_id}` : "Agent";
+  if (who === "agent") {
+    const name = agentName(message.agent_id, names);
+    return name ? `Agent · ${name}` : "Agent";
+  }
   if (who === "system") return "System";
   return customerName || "Customer";
 }
@@ -217,11 +226,14 @@ export function windowOpen(lastInboundAt, now = Date.now()) {
   return !Number.isNaN(t) && now - t < WINDOW_MS;
 }
 
-/** "300 conversations", "1 conversation". */
-export function countLabel(n, status) {
+/** "300 conversations", "1 open conversation", "4 open conversations assigned to you". */
+export function countLabel(n, status, assignee = null) {
   const noun = n === 1 ? "conversation" : "conversations";
   const which = status === "all" ? "" : ` ${status}`;
-  return `${n.toLocaleString("en-US")}${which} ${noun}`;
+  const count = n.toLocaleString("en-US");
+  if (assignee === "me") return `${count}${which} ${noun} assigned to you`;
+  if (assignee === "none") return `${count}${which} unassigned ${noun}`;
+  return `${count}${which} ${noun}`;
 }
 
 /** "1h 12m", "42m", "under a minute": what is left of a span. */

@@ -11,6 +11,8 @@ import {
   matchesFilter,
   patchChat,
   reconcileFirstPage,
+  TABS,
+  tabOf,
   upsertChat,
 } from "../../static/js/state/chats.js";
 
@@ -184,7 +186,40 @@ test("patchChat changes one chat in place; the state is never mutated", () => {
   assert.equal(JSON.stringify(s), before);
   assert.equal(t.chats[4].id, "c004");
   assert.equal(patchChat(s, "nope", {}), s);
-  assert.deepEqual(emptyList().filter, { status: "open", q: "" });
+  assert.deepEqual(emptyList().filter, { status: "open", assignee: null, me: null, q: "", number: null });
+});
+
+test("Mine and Unassigned: the filter follows the server's assignee rule", () => {
+  const mine = { ...TABS.mine, me: "a_reem", q: "" };
+  const unassigned = { ...TABS.unassigned, me: "a_reem", q: "" };
+  const ours = chat("c1", 0, { assignee: "a_reem" });
+  const theirs = chat("c2", 0, { assignee: "a_nouf" });
+  const nobodys = chat("c3", 0, { assignee: null });
+  assert.deepEqual([ours, theirs, nobodys].map((c) => matchesFilter(c, mine)), [true, false, false]);
+  assert.deepEqual([ours, theirs, nobodys].map((c) => matchesFilter(c, unassigned)), [false, false, true]);
+  // Mine lists open conversations only; without a signed-in agent it lists nothing.
+  assert.ok(!matchesFilter({ ...ours, status: "resolved" }, mine));
+  assert.ok(!matchesFilter(ours, { ...mine, me: null }));
+  assert.equal(tabOf(mine), "mine");
+  assert.equal(tabOf({ status: "all", assignee: null }), "all");
+  assert.equal(tabOf({ status: "resolved", assignee: "me" }), null);
+});
+
+test("assigning a chat away moves it out of Mine, and one assigned to me moves in", () => {
+  const filter = { ...TABS.mine, me: "a_reem", q: "" };
+  const s = firstPage(filter, {
+    chats: [chat("c1", 5, { assignee: "a_reem" }), chat("c2", 3, { assignee: "a_reem" })],
+    has_more: false,
+    total: 2,
+  });
+  const away = upsertChat(s, chat("c1", 5, { assignee: "a_nouf" }), { kind: "update" });
+  assert.deepEqual(away.chats.map((c) => c.id), ["c2"]);
+  assert.equal(away.total, 1);
+  const back = upsertChat(away, chat("c9", 4, { assignee: "a_reem" }), { kind: "update" });
+  assert.deepEqual(back.chats.map((c) => c.id), ["c9", "c2"]);
+  assert.equal(back.total, 2);
+  const unassigned = upsertChat(back, chat("c9", 4, { assignee: null }), { kind: "update" });
+  assert.deepEqual(unassigned.chats.map((c) => c.id), ["c2"]);
 });
 
 test("a deleted conversation leaves the list and the total", async () => {

@@ -32,7 +32,11 @@ test("who spoke last", () => {
   assert.equal(speakerLabel("user"), "Customer");
   assert.equal(speakerLabel("ai"), "AI");
   assert.equal(speakerLabel("agent"), "Agent");
-  assert.equal(authorLabel({ sender: "agent", agent_id: "reem" }), "Agent · reem");
+  const names = new Map([["a_reem", "Reem"]]);
+  assert.equal(authorLabel({ sender: "agent", agent_id: "a_reem" }, "Sara", names), "Agent · Reem");
+  // An id the page cannot name is never shown raw.
+  assert.equal(authorLabel({ sender: "agent", agent_id: "a_gone" }, "Sara", names), "Agent");
+  assert.equal(authorLabel({ sender: "agent", agent_id: null }, "Sara", names), "Agent");
   assert.equal(authorLabel({ sender: "ai" }), "AI assistant");
   assert.equal(authorLabel({ sender: "user" }, "Sara"), "Sara");
 });
@@ -87,4 +91,6 @@ test("the 24-hour window and counts", () => {
   assert.equal(windowOpen(null, NOW), false);
   assert.equal(countLabel(300, "open"), "300 open conversations");
   assert.equal(countLabel(1, "all"), "1 conversation");
+  assert.equal(countLabel(4, "open", "me"), "4 open conversations assigned to you");
+  assert.equal(countLabel(1, "open", "none"), "1 open unassigned conversation");
 });

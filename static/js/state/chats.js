@@ -7,10 +7,39 @@ import { mergeStatus } from "./messages.js";
 
 export const STATUSES = ["open", "resolved", "all"];
 
-/** An empty list for a filter ({status: open|resolved|all, q}). */
+/**
+ * The list's tabs, each a filter: a status, and for Mine and Unassigned an assignee
+ * ("me": the signed-in agent, "none": nobody), as the API takes them.
+ */
+export const TABS = {
+  open: { status: "open", assignee: null },
+  mine: { status: "open", assignee: "me" },
+  unassigned: { status: "open", assignee: "none" },
+  resolved: { status: "resolved", assignee: null },
+  all: { status: "all", assignee: null },
+};
+
+/** The tab a filter is (null when none matches). */
+export function tabOf(filter) {
+  for (const [name, tab] of Object.entries(TABS)) {
+    if (tab.status === filter.status && tab.assignee === (filter.assignee ?? null)) return name;
+  }
+  return null;
+}
+
+/**
+ * An empty list for a filter: {status: open|resolved|all, assignee: null|"me"|"none",
+ * me: the signed-in agent's id (what "me" means), q, number: a business number or null}.
+ */
 export function emptyList(filter = { status: "open", q: "" }) {
   return {
-    filter: { status: filter.status || "open", q: (filter.q || "").trim() },
+    filter: {
+      status: filter.status || "open",
+      assignee: filter.assignee ?? null,
+      me: filter.me ?? null,
+      q: (filter.q || "").trim(),
+      number: filter.number || null,
+    },
     chats: [],
     nextCursor: null,
     hasMore: false,
@@ -30,9 +59,12 @@ export function compareChats(a, b) {
   return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
 }
 
-/** Whether a chat belongs in the list under `filter` (the server's rules: status, name/phone). */
+/** Whether a chat belongs in the list under `filter` (the server's rules: status, assignee,
+ * name/phone). */
 export function matchesFilter(chat, filter) {
   if (filter.status && filter.status !== "all" && chat.status !== filter.status) return false;
+  if (filter.assignee === "me" && (!filter.me || chat.assignee !== filter.me)) return false;
+  if (filter.assignee === "none" && chat.assignee) return false;
   const q = (filter.q || "").trim();
   if (!q) return true;
   return matchesCustomer(parse(q), customerKey(chat.user_name, chat.phone));

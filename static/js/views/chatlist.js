@@ -2,6 +2,7 @@
 
 import { h, icon } from "../dom.js";
 import {
+  agentName,
   closingUnanswered,
   formatRemaining,
   hueFor,
@@ -30,8 +31,9 @@ function tickMark(status) {
   return el;
 }
 
-function chatItem(chat, { active, now, onOpen }) {
+function chatItem(chat, { active, now, onOpen, names }) {
   const last = chat.last_message;
+  const assignee = chat.assignee ? agentName(chat.assignee, names) || "Assigned" : null;
   const who = last ? speaker(last.sender) : null;
   const unread = active ? 0 : chat.unread_count || 0;
   const button = h(
@@ -52,6 +54,7 @@ function chatItem(chat, { active, now, onOpen }) {
         { class: "chat-top" },
         h("span", { class: "chat-name", dir: "auto" }, chat.user_name || chat.phone),
         h("span", { class: `status status-${chat.status}` }, chat.status === "resolved" ? "Resolved" : "Open"),
+        assignee ? h("span", { class: "assignee-chip", title: `Assigned to ${assignee}`, dir: "auto" }, assignee) : null,
         h("time", { class: "chat-time", datetime: chat.last_activity }, relativeTime(chat.last_activity, now)),
       ),
       h(
@@ -79,25 +82,26 @@ function chatItem(chat, { active, now, onOpen }) {
   );
 }
 
-/** The list view over a <ul>; render(chats, {activeId, now}) reconciles the DOM. */
+/** The list view over a <ul>; render(chats, {activeId, names, now}) reconciles the DOM.
+ * `names` maps agent ids to names, for the assignee of each chat. */
 export function createChatList(ul, { onOpen }) {
   const items = new Map(); // id -> {el, chat, active}
 
-  function render(chats, { activeId, now = Date.now() }) {
+  function render(chats, { activeId, names = null, now = Date.now() }) {
     const seen = new Set();
     let cursor = ul.firstElementChild;
     for (const chat of chats) {
       seen.add(chat.id);
       const active = chat.id === activeId;
       let item = items.get(chat.id);
-      if (!item || item.chat !== chat || item.active !== active) {
-        const el = chatItem(chat, { active, now, onOpen });
+      if (!item || item.chat !== chat || item.active !== active || item.names !== names) {
+        const el = chatItem(chat, { active, now, onOpen, names });
         const hadFocus = item && item.el.contains(document.activeElement);
         if (item) {
           if (cursor === item.el) cursor = el;
           item.el.replaceWith(el);
         }
-        item = { el, chat, active };
+        item = { el, chat, active, names };
         items.set(chat.id, item);
         if (hadFocus) el.querySelector("button").focus();
       }

@@ -77,7 +77,7 @@ function actions(message) {
   );
 }
 
-function bubble(message, { showAuthor, customerName, quote, reactions }) {
+function bubble(message, { showAuthor, customerName, names, quote, reactions }) {
   const who = speaker(message.sender);
   const failed = isFailure(message.status);
   const body = [];
@@ -87,7 +87,7 @@ function bubble(message, { showAuthor, customerName, quote, reactions }) {
         "div",
         { class: "author", dir: "auto" },
         who === "ai" ? icon("bot", "icon author-icon") : null,
-        authorLabel(message, customerName),
+        authorLabel(message, customerName, names),
       ),
     );
   }
@@ -136,14 +136,15 @@ function bubble(message, { showAuthor, customerName, quote, reactions }) {
 
 let zoom = null;
 
-/** The thread view over an <ol>; render(messages, {customerName}) reconciles the DOM.
- * `onZoom(src, label)` opens a photo larger. */
+/** The thread view over an <ol>; render(messages, {customerName, names}) reconciles the
+ * DOM. `names` maps agent ids to names (a new Map redraws the author lines); `onZoom(src,
+ * label)` opens a photo larger. */
 export function createThread(ol, { onZoom } = {}) {
   zoom = onZoom || null;
   const bubbles = new Map(); // id -> {el, message, showAuthor, decor}
   const days = new Map(); // dayKey -> {el, label}
 
-  function render(all, { customerName, now = Date.now() }) {
+  function render(all, { customerName, names = null, now = Date.now() }) {
     const wanted = [];
     let prevDay = null;
     let prev = null;
@@ -175,11 +176,12 @@ export function createThread(ol, { onZoom } = {}) {
         item.message !== m ||
         item.showAuthor !== showAuthor ||
         item.customerName !== customerName ||
+        item.names !== names ||
         item.decor !== decor
       ) {
-        const el = bubble(m, { showAuthor, customerName, quote, reactions: mine });
+        const el = bubble(m, { showAuthor, customerName, names, quote, reactions: mine });
         if (item) item.el.replaceWith(el);
-        item = { el, message: m, showAuthor, customerName, decor };
+        item = { el, message: m, showAuthor, customerName, names, decor };
         bubbles.set(m.id, item);
       }
       wanted.push(item.el);
